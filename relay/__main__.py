@@ -1,0 +1,3 @@
+from relay.cli.main import console_main
+
+console_main()

@@ -1,0 +1,74 @@
+"""The `fastrelay` command: a root with one sub-command module per noun.
+
+Every FastrelayError surfaces as `error: <message>` on one line and exit status 1;
+usage errors exit 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from relay import __version__
+from relay.cli import demo, lab, probe
+from relay.errors import FastrelayError
+
+app = typer.Typer(
+    name="fastrelay",
+    help="Media-over-QUIC relay with an eBPF fast path on TC.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,
+    # Boxes and colours for people at a terminal; plain click output for pipes and logs.
+    rich_markup_mode="rich" if sys.stdout.isatty() else None,
+)
+app.add_typer(lab.app, name="lab", rich_help_panel="Lab")
+app.command("probe", rich_help_panel="Machine")(probe.probe)
+app.command("demo", rich_help_panel="Lab")(demo.demo)
+
+_debug = False
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"fastrelay {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="fastrelay", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except FastrelayError as exc:
+        if _debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, not a user mistake: still one line unless --debug
+        if _debug:
+            raise
+        print(f"error: internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(main())
