@@ -22,6 +22,7 @@ SETUP_HINT = "run hw/setup.sh as root"
 
 # https://www.kernel.org/doc/html/latest/userspace-api/ebpf/syscall.html (enum bpf_cmd)
 BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
@@ -198,6 +199,14 @@ def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
     except FileNotFoundError:
         return None
     return v.raw
+
+
+def map_update(map_fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
+    """Write one element of a map by fd (flags 0 = BPF_ANY); per-CPU maps: a value per CPU."""
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value, len(value))
+    _bpf(BPF_MAP_UPDATE_ELEM, _MapElemAttr(map_fd=map_fd, key=ctypes.addressof(k),
+                                           value=ctypes.addressof(v), flags=flags))
 
 
 def possible_cpus() -> int:
