@@ -21,8 +21,8 @@ die() { echo "setup: error: $*" >&2; exit 1; }
 
 # --- Debian packages ------------------------------------------------------------------
 # python3-bpfcc: bcc (compiles and loads the eBPF programs); iproute2/ethtool: lab and
-# probe; python3-venv: the project's environment.
-apt_packages=(python3-bpfcc python3-venv iproute2 ethtool)
+# probe; iputils-ping: reachability checks in the lab; python3-venv: the project's environment.
+apt_packages=(python3-bpfcc python3-venv iproute2 ethtool iputils-ping)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -84,7 +84,7 @@ def run_active(default_module: Any) -> ActiveResult:
     bcc = bpfload.import_bcc()
     result = ActiveResult(namespace=scratch_namespace_name())
     xdp_fn = default_module.load_func(XDP_PROBE_FUNCTION.encode(), bcc.BPF.XDP)
-    tc_fn = bpfload.load_sched_cls(default_module, b"probe_sched_cls")
+    tc_fn = bpfload.load_sched_cls(default_module, "probe_sched_cls")
     netns.create(result.namespace)
     try:
         with IPRoute(netns=result.namespace) as ipr:

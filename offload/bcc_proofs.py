@@ -13,7 +13,6 @@ import re
 import struct
 import sys
 import tempfile
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -140,7 +139,7 @@ def _errno_text(exc: Exception) -> str:
 
 def _check_function(spec: ProofSpec, module: Any) -> Proof:
     # bcc 0.26 wants bytes for function names (str works but warns on every call)
-    fn = bpfload.load_sched_cls(module, spec.function.encode())
+    fn = bpfload.load_sched_cls(module, spec.function)
     if spec.feature == "atomics":
         runs = [bpfload.prog_test_run(fn.fd, _TEST_FRAME).retval for _ in range(2)]
         if runs != [0, 1]:
@@ -157,10 +156,7 @@ def _prove_unit(unit: str, specs: list[ProofSpec]) -> tuple[dict[str, Proof], An
     proofs: dict[str, Proof] = {}
     with _captured_fd2() as log:
         try:
-            with warnings.catch_warnings():
-                # bcc 0.26 warns that the source text is str, not bytes: noise, not news
-                warnings.simplefilter("ignore", DeprecationWarning)
-                module = bpfload.compile_program(SOURCE, cflags=UNITS[unit])
+            module = bpfload.compile_program(SOURCE, cflags=UNITS[unit])
         except FastrelayError as exc:
             reason = compile_error_line(log()) or str(exc)
             return {s.feature: Proof(False, f"bcc cannot compile it: {reason}") for s in specs}, None

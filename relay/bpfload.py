@@ -61,7 +61,7 @@ def compile_source(text: str, *, cflags: Iterable[str] = (), what: str = "eBPF p
         )
     flags = [f"-I{BPF_DIR}", *cflags]
     try:
-        return bcc.BPF(text=text, cflags=flags)
+        return bcc.BPF(text=text.encode(), cflags=flags)
     except Exception as exc:  # bcc raises bare Exception for compile and load failures
         raise FastrelayError(f"cannot compile {what}: {str(exc).splitlines()[0]}") from None
 
@@ -78,7 +78,7 @@ def load_sched_cls(bpf: Any, function: str) -> Any:
     """Load one function of a compiled module as a TC (SCHED_CLS) program."""
     bcc = import_bcc()
     try:
-        return bpf.load_func(function, bcc.BPF.SCHED_CLS)
+        return bpf.load_func(function.encode(), bcc.BPF.SCHED_CLS)
     except Exception as exc:
         raise FastrelayError(f"the kernel refused eBPF program {function}: {exc}") from None
 
@@ -195,7 +195,8 @@ def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
     k = ctypes.create_string_buffer(key, len(key))
     v = ctypes.create_string_buffer(value_size)
     try:
-        _bpf(BPF_MAP_LOOKUP_ELEM, _MapElemAttr(map_fd=map_fd, key=ctypes.addressof(k), value=ctypes.addressof(v)))
+        _bpf(BPF_MAP_LOOKUP_ELEM,
+             _MapElemAttr(map_fd=map_fd, key=ctypes.addressof(k), value=ctypes.addressof(v)))
     except FileNotFoundError:
         return None
     return v.raw

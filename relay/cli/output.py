@@ -14,8 +14,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# Rich would cut tables to 80 columns in a pipe or log; give those the room a wide terminal has.
+_PIPE_WIDTH = 160
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else _PIPE_WIDTH)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True,
+                 width=None if sys.stderr.isatty() else _PIPE_WIDTH)
 
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Write machine-readable JSON to stdout instead of a table.")

@@ -1,0 +1,94 @@
+"""The CLI's contract: help and version, exit codes, one-line errors, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay import __version__
+from relay.cli import main as cli_main
+from relay.errors import FastrelayError
+from tests.conftest import run_cli
+
+NOBODY = 65534
+
+
+def as_nobody(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `fastrelay ARGS` as an unprivileged user, to see what a non-root user sees."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp", "LANG": "C.UTF-8"}
+    argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+            sys.executable, "-m", "relay", *args]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd="/tmp")
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_cli(["--help"], capsys).stdout
+    for command in ("probe", "lab", "demo"):
+        assert command in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["--version"], capsys).stdout.strip() == f"fastrelay {__version__}"
+
+
+def test_no_arguments_shows_help_and_usage_exit(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli([], capsys, exit_code=2)
+    assert "Usage: fastrelay" in result.stdout + result.stderr
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    run_cli(["no-such-command"], capsys, exit_code=2, stderr=r"No such command 'no-such-command'")
+
+
+def test_fastrelay_error_is_one_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_probe() -> None:
+        raise FastrelayError("interface 'nope0' does not exist; list them with `ip link`")
+
+    monkeypatch.setattr(cli_main, "app", _app_with("probe", failing_probe))
+    result = run_cli(["probe"], capsys, exit_code=1)
+    assert result.stderr == "error: interface 'nope0' does not exist; list them with `ip link`\n"
+
+
+def test_unexpected_exception_is_one_line_unless_debug(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def buggy_probe() -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(cli_main, "app", _app_with("probe", buggy_probe))
+    result = run_cli(["probe"], capsys, exit_code=1)
+    assert result.stderr.count("\n") == 1
+    assert "internal error (KeyError" in result.stderr and "--debug" in result.stderr
+    with pytest.raises(KeyError):
+        cli_main.main(["--debug", "probe"])
+
+
+def _app_with(name: str, function):  # type: ignore[no-untyped-def]
+    import typer
+
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.callback()(cli_main.root)
+    app.command(name)(function)
+    return app
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "fastrelay"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == f"fastrelay {__version__}"
+
+
+@pytest.mark.root
+def test_unprivileged_lab_up_is_one_line() -> None:
+    result = as_nobody(["lab", "up"])
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "root" in result.stderr
+    assert "Traceback" not in result.stderr
