@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from offload import sysfs
 from offload.active import ActiveResult, run_active
@@ -393,11 +393,23 @@ def verdicts(features: list[Feature], interfaces: list[Interface], nfp: NfpInfo)
 # --- entry points --------------------------------------------------------------------
 
 
-def run_probe(root: Path = Path("/"), *, active: bool = False) -> ProbeReport:
-    """Probe the machine (root "/") or a recorded tree; read-only unless `active`."""
+def run_probe(root: Path = Path("/"), *, active: bool = False,
+              only_interfaces: Sequence[str] = ()) -> ProbeReport:
+    """Probe the machine (root "/") or a recorded tree; read-only unless `active`.
+
+    `only_interfaces` limits the per-interface part, and so the `nic` verdict, to those
+    interfaces (the ones a relay would run on); each must exist.
+    """
     root = Path(root)
     if not root.is_dir():
         raise NotFoundError(f"probe root {root} does not exist or is not a directory")
+    found = sysfs.list_interfaces(root)
+    names = [i.name for i in found]
+    unknown = [n for n in only_interfaces if n not in names]
+    if unknown:
+        where = "this machine" if root.resolve() == Path("/") else f"recorded tree {root}"
+        raise NotFoundError(f"interface '{unknown[0]}' does not exist on {where} "
+                            f"(interfaces: {', '.join(names) or 'none'})")
     live = root.resolve() == Path("/")
     if live:
         require_root("fastrelay probe")
@@ -407,8 +419,8 @@ def run_probe(root: Path = Path("/"), *, active: bool = False) -> ProbeReport:
     release = sysfs.kernel_release(root)
     version = sysfs.kernel_version_tuple(release)
     config = sysfs.kernel_config(root, release)
-    names = {s for spec in FEATURE_SPECS for s in spec.kernel.symbols} | set(CRYPTO_KFUNCS)
-    syms = sysfs.kallsyms(root, names)
+    symbols = {s for spec in FEATURE_SPECS for s in spec.kernel.symbols} | set(CRYPTO_KFUNCS)
+    syms = sysfs.kallsyms(root, symbols)
 
     bcc = run_bcc_proofs() if live else BccProofs(not_probed("recorded tree"), None)
     active_result = run_active(bcc.default_module) if active else None
@@ -424,7 +436,8 @@ def run_probe(root: Path = Path("/"), *, active: bool = False) -> ProbeReport:
         kallsyms_readable=syms.readable,
     )
     features = build_features(root, syms, config, version, bcc.proofs, active_result, not live)
-    interfaces = [build_interface(root, n, live=live) for n in sysfs.list_interfaces(root)]
+    interfaces = [build_interface(root, i, live=live) for i in found
+                  if not only_interfaces or i.name in only_interfaces]
     nfp = build_nfp(root, interfaces)
     return ProbeReport(
         root=str(root),

@@ -257,3 +257,18 @@ def test_cli_live_active_proves_xdp_modes_on_a_scratch_veth(capsys: pytest.Captu
     after_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True,
                                  timeout=10).stdout
     assert after_links == before_links
+
+
+def test_missing_interface_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(["probe", "--root", str(NFP), "--interface", "nope0"], capsys, exit_code=1)
+    assert result.stderr.count("\n") == 1
+    assert "error: interface 'nope0' does not exist on recorded tree" in result.stderr
+    assert "enp4s0np0" in result.stderr  # names the interfaces that do exist
+
+
+def test_interface_option_limits_the_report_and_the_nic_verdict() -> None:
+    report = run_probe(NFP, only_interfaces=["eno1"])
+    assert [i.name for i in report.interfaces] == ["eno1"]
+    assert not report.nfp.interfaces  # the NFP ports were not asked about
+    nic = report.backend("nic")
+    assert not nic.usable and any("eno1" in reason for reason in nic.reasons)

@@ -25,6 +25,11 @@ RootOption = Annotated[
     typer.Option("--root", help="Read procfs/sysfs/ethtool facts from a recorded tree instead "
                                 "of this machine (bcc proofs are then not run)."),
 ]
+InterfaceOption = Annotated[
+    list[str] | None,
+    typer.Option("--interface", "-i", metavar="IF",
+                 help="Report only this interface (repeatable); the nic verdict then covers only these."),
+]
 ActiveOption = Annotated[
     bool,
     typer.Option("--active", help="Prove XDP modes and clsact/cls_bpf by attaching trivial "
@@ -110,11 +115,12 @@ def probe(
     require: RequireOption = None,
     root: RootOption = Path("/"),
     active: ActiveOption = False,
+    interface: InterfaceOption = None,
 ) -> None:
     """Report what this machine's kernel, bcc and NICs can offload, and a verdict per crypto backend."""
     if require is not None:
         check_backend_name(require)  # a typo fails before the probe spends its ~2 s
-    report = run_probe(root, active=active)
+    report = run_probe(root, active=active, only_interfaces=interface or ())
     if require is not None:
         require_backend(require, report)
     if as_json:
