@@ -17,21 +17,23 @@ import pytest
 pytest.importorskip("moq")
 
 from relay.interop.moq_rs import (  # noqa: E402
-    HEADER_SIZE,
     MAX_OBJECTS_PER_GROUP,
+    check_plan,
+    negotiated_versions,
+)
+from relay.media import (  # noqa: E402
+    HEADER_SIZE,
     DelayStats,
-    ObjectHeader,
     PayloadError,
     TrackVerifier,
-    check_plan,
     decode_object,
     encode_object,
     filler,
     group_sizes,
     iter_plan,
-    negotiated_versions,
     percentile,
 )
+from relay.media import PayloadHeader as ObjectHeader  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
