@@ -1,0 +1,92 @@
+"""The crypto backend interface: who protects 1-RTT packets, and what it needs to know.
+
+A backend decides how a connection's 1-RTT packets are protected on the wire. Userspace
+and the fast path always exchange 1-RTT packets in one plaintext layout (no header
+protection, payload in clear, then `tag_size` bytes of tag slot), so the fast path is the
+same for every backend. An offloading backend receives, per connection and direction,
+the key material of the current and the next key phase when keys are installed, on every
+key update (local or remote) and on teardown.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from aioquic.tls import CipherSuite
+
+#: RFC 9001 §5.3: every QUIC v1 AEAD appends a 16-byte tag.
+AEAD_TAG_SIZE = 16
+
+
+class Direction(enum.Enum):
+    SEND = "send"
+    RECV = "recv"
+
+
+class KeyTrigger(enum.Enum):
+    """Why key material is being handed to the backend (aioquic's setup-callback triggers)."""
+
+    INSTALL = "tls"
+    LOCAL_UPDATE = "local_update"
+    REMOTE_UPDATE = "remote_update"
+
+
+@dataclass(frozen=True)
+class PhaseKeys:
+    """Packet-protection keys of one key phase (RFC 9001 §5.1, §6)."""
+
+    key_phase: int
+    secret: bytes
+    key: bytes
+    iv: bytes
+
+
+@dataclass(frozen=True)
+class KeyMaterial:
+    """What a backend needs to protect or unprotect one direction of one connection."""
+
+    connection: int
+    direction: Direction
+    trigger: KeyTrigger
+    cipher_suite: CipherSuite
+    version: int
+    #: The header-protection key never changes with key updates (RFC 9001 §6).
+    hp_key: bytes
+    current: PhaseKeys
+    next: PhaseKeys
+
+
+class CryptoBackend(ABC):
+    """One way of protecting 1-RTT packets; selected by `--crypto`."""
+
+    name: ClassVar[str]
+    #: True when 1-RTT protection happens below userspace (kernel shim or NIC): aioquic
+    #: then emits the plaintext layout and exports keys.
+    offloads_1rtt: ClassVar[bool]
+    #: Bytes after the payload in the plaintext layout the fast path sees.
+    tag_size: ClassVar[int]
+
+    @property
+    @abstractmethod
+    def cipher_suites(self) -> tuple[CipherSuite, ...]:
+        """The suites this backend can protect, in the relay's order of preference."""
+
+    def check(self) -> None:
+        """Raise MissingCapabilityError, with the probe's reason, when this backend cannot run here."""
+        from offload.probe import require_backend
+
+        require_backend(self.name)
+
+    @property
+    def verification_token(self) -> bytes | None:
+        """The per-boot secret the shim or driver writes into the tag slot of a verified packet."""
+        return None
+
+    def install(self, material: KeyMaterial) -> None:
+        """Keys for one direction were installed or updated; called before the first packet needing them."""
+
+    def teardown(self, connection: int, direction: Direction) -> None:
+        """The connection's keys for that direction are gone; the kernel must stop using them."""

@@ -1,0 +1,1 @@
+"""The aioquic adaptation: subclasses that let a crypto backend and the fast path share a connection."""

@@ -1,0 +1,190 @@
+"""1-RTT packet protection handed to a crypto backend (aioquic 1.7.2 `quic/crypto.py`, subclassed).
+
+Two modes replace aioquic's 1-RTT `CryptoPair`; Initial and Handshake pairs are never touched:
+- null (`none` backend, once both peers sent `disable_1rtt_encryption`): no header
+  protection, no payload protection, no tag;
+- pass-through (offloading backends): emit the plaintext layout (no header protection,
+  payload in clear, a 16-byte tag slot the shim or NIC fills), export every key change to
+  the backend, and accept a packet in plaintext layout only when its tag slot holds the
+  backend's verification token. Any other packet goes through aioquic's real AEAD, so a
+  forged plaintext packet cannot inject frames and a packet that reached userspace before
+  the kernel had keys still decrypts.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from collections.abc import Callable
+
+from aioquic._crypto import CryptoError
+from aioquic.quic.crypto import (
+    CryptoContext,
+    CryptoPair,
+    KeyUnavailableError,
+    NoCallback,
+    derive_key_iv_hp,
+)
+from aioquic.quic.packet import QuicProtocolVersion, decode_packet_number
+from aioquic.tls import cipher_suite_hash, hkdf_expand_label
+
+from crypto_backends.base import (
+    AEAD_TAG_SIZE,
+    CryptoBackend,
+    Direction,
+    KeyMaterial,
+    KeyTrigger,
+    PhaseKeys,
+)
+
+Callback = Callable[[str], None]
+
+
+class OneRttMode(enum.Enum):
+    STANDARD = "standard"
+    NULL = "null"
+    PASS_THROUGH = "pass-through"
+
+
+def next_phase_secret(context: CryptoContext) -> bytes:
+    """RFC 9001 §6.1: the next key phase's secret, `HKDF-Expand-Label(secret, "quic ku")`."""
+    assert context.cipher_suite is not None and context.secret is not None
+    algorithm = cipher_suite_hash(context.cipher_suite)
+    label = b"quicv2 ku" if context.version == QuicProtocolVersion.VERSION_2 else b"quic ku"
+    return hkdf_expand_label(algorithm, context.secret, label, b"", algorithm.digest_size)
+
+
+def phase_keys(context: CryptoContext, secret: bytes, key_phase: int) -> PhaseKeys:
+    assert context.cipher_suite is not None and context.version is not None
+    key, iv, _ = derive_key_iv_hp(cipher_suite=context.cipher_suite, secret=secret,
+                                  version=context.version)
+    return PhaseKeys(key_phase=key_phase, secret=secret, key=key, iv=iv)
+
+
+class OneRttCryptoPair(CryptoPair):
+    """aioquic's 1-RTT crypto pair with protection delegated according to the backend."""
+
+    def __init__(
+        self,
+        *,
+        backend: CryptoBackend,
+        connection: int,
+        recv_setup_cb: Callback = NoCallback,
+        recv_teardown_cb: Callback = NoCallback,
+        send_setup_cb: Callback = NoCallback,
+        send_teardown_cb: Callback = NoCallback,
+    ) -> None:
+        self._backend = backend
+        self._connection = connection
+        self._hp_keys: dict[Direction, bytes] = {}
+        super().__init__(
+            recv_setup_cb=self._chain_setup(Direction.RECV, recv_setup_cb),
+            recv_teardown_cb=self._chain_teardown(Direction.RECV, recv_teardown_cb),
+            send_setup_cb=self._chain_setup(Direction.SEND, send_setup_cb),
+            send_teardown_cb=self._chain_teardown(Direction.SEND, send_teardown_cb),
+        )
+        if backend.offloads_1rtt:
+            self.mode = OneRttMode.PASS_THROUGH
+        else:
+            # Null protection starts only once the peer agreed (see enable_null).
+            self.mode = OneRttMode.STANDARD
+        self.plaintext_accepted = 0
+        self.token_mismatches = 0
+
+    # --- negotiation ----------------------------------------------------------------
+
+    def enable_null(self) -> None:
+        """Both peers sent disable_1rtt_encryption: from now on 1-RTT packets carry no protection."""
+        self.mode = OneRttMode.NULL
+        self.aead_tag_size = 0
+
+    # --- key export -----------------------------------------------------------------
+
+    def _chain_setup(self, direction: Direction, qlog_cb: Callback) -> Callback:
+        def setup(trigger: str) -> None:
+            qlog_cb(trigger)
+            if self._backend.offloads_1rtt:
+                self._backend.install(self._key_material(direction, KeyTrigger(trigger)))
+
+        return setup
+
+    def _chain_teardown(self, direction: Direction, qlog_cb: Callback) -> Callback:
+        def teardown(trigger: str) -> None:
+            qlog_cb(trigger)
+            if self._backend.offloads_1rtt:
+                self._hp_keys.pop(direction, None)
+                self._backend.teardown(self._connection, direction)
+
+        return teardown
+
+    def _key_material(self, direction: Direction, trigger: KeyTrigger) -> KeyMaterial:
+        context = self.recv if direction is Direction.RECV else self.send
+        assert context.cipher_suite is not None and context.secret is not None
+        assert context.version is not None
+        if trigger is KeyTrigger.INSTALL:
+            # Header protection keys never rotate (RFC 9001 §6): keep the first ones.
+            _, _, self._hp_keys[direction] = derive_key_iv_hp(
+                cipher_suite=context.cipher_suite, secret=context.secret, version=context.version)
+        current = phase_keys(context, context.secret, context.key_phase)
+        following = phase_keys(context, next_phase_secret(context), context.key_phase ^ 1)
+        return KeyMaterial(
+            connection=self._connection,
+            direction=direction,
+            trigger=trigger,
+            cipher_suite=context.cipher_suite,
+            version=context.version,
+            hp_key=self._hp_keys[direction],
+            current=current,
+            next=following,
+        )
+
+    # --- packet protection ----------------------------------------------------------
+
+    def encrypt_packet(self, plain_header: bytes, plain_payload: bytes, packet_number: int) -> bytes:
+        if self.mode is OneRttMode.STANDARD:
+            return super().encrypt_packet(plain_header, plain_payload, packet_number)
+        if self._update_key_requested:
+            self._update_key("local_update")
+        if not self.send.is_valid():
+            raise KeyUnavailableError("Encryption key is not available")
+        if self.mode is OneRttMode.NULL:
+            return plain_header + plain_payload
+        # The shim or NIC protects the header and writes the real tag into this slot.
+        return plain_header + plain_payload + bytes(AEAD_TAG_SIZE)
+
+    def decrypt_packet(
+        self, packet: bytes, encrypted_offset: int, expected_packet_number: int
+    ) -> tuple[bytes, bytes, int]:
+        if self.mode is OneRttMode.NULL:
+            return self._accept_plaintext(packet, encrypted_offset, expected_packet_number, 0)
+        if self.mode is OneRttMode.PASS_THROUGH and self._carries_token(packet):
+            return self._accept_plaintext(packet, encrypted_offset, expected_packet_number,
+                                          AEAD_TAG_SIZE)
+        return super().decrypt_packet(packet, encrypted_offset, expected_packet_number)
+
+    def _carries_token(self, packet: bytes) -> bool:
+        token = self._backend.verification_token
+        if token is None or len(packet) < AEAD_TAG_SIZE:
+            return False
+        if hmac.compare_digest(packet[-AEAD_TAG_SIZE:], token):
+            return True
+        self.token_mismatches += 1
+        return False
+
+    def _accept_plaintext(self, packet: bytes, encrypted_offset: int, expected_packet_number: int,
+                          tag_size: int) -> tuple[bytes, bytes, int]:
+        if not self.recv.is_valid():
+            raise KeyUnavailableError("Decryption key is not available")
+        first_byte = packet[0]
+        pn_length = (first_byte & 0x03) + 1
+        header_length = encrypted_offset + pn_length
+        if len(packet) < header_length + tag_size:
+            raise CryptoError("Packet is shorter than its header and tag")
+        truncated = int.from_bytes(packet[encrypted_offset:header_length], "big")
+        packet_number = decode_packet_number(truncated, pn_length * 8, expected_packet_number)
+        payload = packet[header_length:len(packet) - tag_size]
+        # A short header's key-phase bit is in the clear here; a flip means the peer updated.
+        if (first_byte & 0x04) >> 2 != self.recv.key_phase:
+            self._update_key("remote_update")
+        self.plaintext_accepted += 1
+        return packet[:header_length], payload, packet_number

@@ -1,0 +1,202 @@
+"""1-RTT protection by backend, on in-memory aioquic connections (no sockets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, StreamDataReceived
+from aioquic.quic.packet import QuicErrorCode
+from aioquic.tls import CipherSuite, Epoch
+
+from crypto_backends import NoneBackend
+from crypto_backends.base import Direction, KeyTrigger
+from crypto_backends.none import DISABLE_1RTT_ENCRYPTION
+from relay.quic.connection import encode_transport_parameter, has_transport_parameter
+from relay.quic.crypto import OneRttMode
+from tests.quic_harness import KernelEmulator, Pair, client_and_server, short_header_offset
+
+MARKER = b"fastrelay-object-payload-marker"
+
+
+def received(events: list, stream_id: int) -> bytes:
+    return b"".join(e.data for e in events if isinstance(e, StreamDataReceived) and e.stream_id == stream_id)
+
+
+def handshake(pair: Pair) -> None:
+    pair.pump()
+    assert any(isinstance(e, HandshakeCompleted) for e in pair.client_events)
+    assert any(isinstance(e, HandshakeCompleted) for e in pair.server_events)
+
+
+def send_both_ways(pair: Pair, payload: bytes) -> None:
+    stream = pair.client.get_next_available_stream_id(is_unidirectional=True)
+    pair.client.send_stream_data(stream, payload, end_stream=True)
+    back = pair.server.get_next_available_stream_id(is_unidirectional=True)
+    pair.server.send_stream_data(back, payload, end_stream=True)
+    pair.pump()
+    assert received(pair.server_events, stream) == payload
+    assert received(pair.client_events, back) == payload
+
+
+def one_rtt(conn: QuicConnection) -> CryptoPair:
+    return conn._cryptos[Epoch.ONE_RTT]
+
+
+def one_rtt_packets(wire: list[bytes]) -> list[bytes]:
+    return [d[o:] for d in wire if (o := short_header_offset(d)) is not None]
+
+
+# --- transport parameter helpers ---------------------------------------------------------
+
+def test_transport_parameter_round_trip() -> None:
+    encoded = encode_transport_parameter(DISABLE_1RTT_ENCRYPTION)
+    assert encoded == bytes.fromhex("8000baad00")  # 4-byte varint id, zero length
+    other = encode_transport_parameter(0x04, b"\x44\x00")
+    assert has_transport_parameter(other + encoded, DISABLE_1RTT_ENCRYPTION)
+    assert not has_transport_parameter(other, DISABLE_1RTT_ENCRYPTION)
+    assert not has_transport_parameter(b"\x80\x00", DISABLE_1RTT_ENCRYPTION)  # truncated
+
+
+# --- none -------------------------------------------------------------------------------
+
+def test_none_on_both_sides_sends_1rtt_in_clear(tmp_path: Path) -> None:
+    with client_and_server(tmp_path, client_backend=NoneBackend(), server_backend=NoneBackend()) as pair:
+        handshake(pair)
+        assert pair.client.one_rtt_mode is OneRttMode.NULL
+        assert pair.server.one_rtt_mode is OneRttMode.NULL
+        send_both_ways(pair, MARKER * 40)
+        for wire in (pair.wire_to_server, pair.wire_to_client):
+            clear = [p for p in one_rtt_packets(wire) if MARKER in p]
+            assert clear, "the object payload must be visible on the wire"
+        # draft-banks: no tag either; a lone ACK-only 1-RTT packet is header + frames only
+        assert all(not p.endswith(bytes(16)) or MARKER in p for p in one_rtt_packets(pair.wire_to_server))
+
+
+def test_none_survives_key_updates_from_both_sides(tmp_path: Path) -> None:
+    with client_and_server(tmp_path, client_backend=NoneBackend(), server_backend=NoneBackend()) as pair:
+        handshake(pair)
+        send_both_ways(pair, b"before")
+        pair.client.request_key_update()
+        send_both_ways(pair, b"after client update")
+        assert one_rtt(pair.client).key_phase == one_rtt(pair.server).key_phase == 1
+        pair.server.request_key_update()
+        send_both_ways(pair, b"after server update")
+        assert one_rtt(pair.client).key_phase == one_rtt(pair.server).key_phase == 0
+        assert not any(isinstance(e, ConnectionTerminated) for e in pair.client_events + pair.server_events)
+
+
+def test_standard_quic_without_backend_hides_the_payload(tmp_path: Path) -> None:
+    with client_and_server(tmp_path) as pair:
+        handshake(pair)
+        assert pair.client.one_rtt_mode is OneRttMode.STANDARD
+        send_both_ways(pair, MARKER * 40)
+        assert not any(MARKER in d for d in pair.wire_to_server + pair.wire_to_client)
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_none_against_a_peer_without_the_parameter_is_a_clear_error(tmp_path: Path, side: str) -> None:
+    kwargs = ({"client_backend": NoneBackend(), "stock_server": True} if side == "client"
+              else {"server_backend": NoneBackend(), "stock_client": True})
+    with client_and_server(tmp_path, **kwargs) as pair:
+        pair.pump()
+        ours = pair.client_events if side == "client" else pair.server_events
+        theirs = pair.server_events if side == "client" else pair.client_events
+        for events in (ours, theirs):
+            closed = [e for e in events if isinstance(e, ConnectionTerminated)]
+            assert closed, f"{side}: connection must fail"
+            assert closed[0].error_code == QuicErrorCode.TRANSPORT_PARAMETER_ERROR
+            assert "disable_1rtt_encryption" in closed[0].reason_phrase
+        assert not any(isinstance(e, StreamDataReceived) for e in ours + theirs)
+
+
+# --- pass-through with an emulated kernel -------------------------------------------------
+
+def emulated_relay(tmp_path: Path, emulator: KernelEmulator):  # type: ignore[no-untyped-def]
+    """Relay = server in pass-through mode behind the emulated kernel; client = stock aioquic."""
+    ctx = client_and_server(tmp_path, server_backend=emulator, stock_client=True)
+    pair = ctx.__enter__()
+    pair.to_server = emulator.ingress
+    pair.to_client = emulator.egress
+    return ctx, pair
+
+
+def test_pass_through_exports_keys_and_the_stock_peer_gets_exact_bytes(tmp_path: Path) -> None:
+    emulator = KernelEmulator()
+    ctx, pair = emulated_relay(tmp_path, emulator)
+    try:
+        handshake(pair)
+        assert pair.server.one_rtt_mode is OneRttMode.PASS_THROUGH
+        first = [(m.direction, m.trigger) for m in emulator.installs][:2]
+        assert first == [(Direction.SEND, KeyTrigger.INSTALL), (Direction.RECV, KeyTrigger.INSTALL)]
+        assert all(m.cipher_suite == CipherSuite.CHACHA20_POLY1305_SHA256 for m in emulator.installs)
+        payload = bytes(range(256)) * 30
+        send_both_ways(pair, payload)
+        assert one_rtt(pair.server).plaintext_accepted > 0
+        assert not any(MARKER in d for d in pair.wire_to_client)
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("who", ["relay", "peer"])
+def test_pass_through_key_update(tmp_path: Path, who: str) -> None:
+    emulator = KernelEmulator()
+    ctx, pair = emulated_relay(tmp_path, emulator)
+    try:
+        handshake(pair)
+        send_both_ways(pair, b"phase zero")
+        (pair.server if who == "relay" else pair.client).request_key_update()
+        send_both_ways(pair, b"phase one" * 100)
+        assert one_rtt(pair.server).key_phase == one_rtt(pair.client).key_phase == 1
+        trigger = KeyTrigger.LOCAL_UPDATE if who == "relay" else KeyTrigger.REMOTE_UPDATE
+        updates = [m for m in emulator.installs if m.trigger is trigger]
+        assert {m.direction for m in updates} == {Direction.SEND, Direction.RECV}
+        assert all(m.current.key_phase == 1 and m.next.key_phase == 0 for m in updates)
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_forged_plaintext_packet_cannot_inject_frames(tmp_path: Path) -> None:
+    emulator = KernelEmulator()
+    ctx, pair = emulated_relay(tmp_path, emulator)
+    try:
+        handshake(pair)
+        send_both_ways(pair, b"warm up")
+        # A forger who knows the relay's CID sends a plaintext-layout STREAM frame with a
+        # zero tag slot (or a wrong token): it must not be accepted.
+        accepted_before = one_rtt(pair.server).plaintext_accepted
+        dcid = pair.server.host_cid
+        stream_frame = bytes([0x0B, 0x06]) + bytes([len(MARKER)]) + MARKER  # STREAM, id 6, len, fin
+        for tag in (bytes(16), b"\x01" * 16):
+            forged = bytes([0x40 | 0x01]) + dcid + (0x7FFF).to_bytes(2, "big") + stream_frame + tag
+            pair.server.receive_datagram(forged, ("1.2.3.4", 1234), now=pair.now)
+        pair.pump()
+        assert one_rtt(pair.server).plaintext_accepted == accepted_before
+        assert received(pair.server_events, 6) == b""
+        assert one_rtt(pair.server).token_mismatches >= 2
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_packet_that_arrives_before_the_kernel_has_keys_still_decrypts(tmp_path: Path) -> None:
+    emulator = KernelEmulator()
+    ctx, pair = emulated_relay(tmp_path, emulator)
+    try:
+        handshake(pair)
+        # The 'kernel' hands every peer packet up as it came (no receive keys, as before the
+        # first export): aioquic's real AEAD must take them, with the same keys.
+        pair.to_server = None
+        accepted_before = one_rtt(pair.server).plaintext_accepted
+        send_both_ways(pair, b"encrypted all the way up")
+        assert one_rtt(pair.server).plaintext_accepted == accepted_before
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_egress_without_keys_fails_closed(tmp_path: Path) -> None:
+    emulator = KernelEmulator()
+    datagram = bytes([0x41]) + bytes(8) + b"\x00\x01" + MARKER + bytes(16)
+    assert emulator.egress(datagram) is None
+    assert emulator.rejected == 1
