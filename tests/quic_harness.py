@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from aioquic._crypto import AEAD, CryptoError, HeaderProtection
 from aioquic.quic.configuration import QuicConfiguration
@@ -62,7 +62,8 @@ def certificate_files(tmp: Path) -> tuple[Path, Path]:
 
 @dataclass
 class Pair:
-    client: QuicConnection
+    client: Any  # aioquic's or qh3's QuicConnection: the same sans-I/O surface
+
     server: QuicConnection
     now: float = 0.0
     client_events: list[QuicEvent] = field(default_factory=list)
@@ -119,17 +120,30 @@ def client_and_server(
     server_backend: CryptoBackend | None = None,
     stock_client: bool = False,
     stock_server: bool = False,
+    qh3_client: bool = False,
     client_suites: list[CipherSuite] | None = None,
 ) -> Iterator[Pair]:
-    """A handshaken client/server pair; `stock_*` uses unmodified aioquic on that side."""
+    """A client/server pair; `stock_*` uses unmodified aioquic on that side, `qh3_client`
+    an unmodified qh3 (Rust core, an implementation nobody here wrote) as the client."""
     cert, key = certificate_files(tmp)
     client_config = QuicConfiguration(is_client=True, alpn_protocols=ALPN, verify_mode=0)
     if client_suites is not None:
         client_config.cipher_suites = client_suites
     server_config = QuicConfiguration(is_client=False, alpn_protocols=ALPN)
     server_config.load_cert_chain(cert, key)
-    client = (QuicConnection(configuration=client_config) if stock_client
-              else FastrelayQuicConnection(configuration=client_config, crypto_backend=client_backend))
+    client: Any
+    if qh3_client:
+        import ssl
+
+        from qh3.quic.configuration import QuicConfiguration as Qh3Configuration
+        from qh3.quic.connection import QuicConnection as Qh3Connection
+
+        client = Qh3Connection(configuration=Qh3Configuration(
+            is_client=True, alpn_protocols=ALPN, verify_mode=ssl.CERT_NONE, cipher_suites=client_suites))
+    elif stock_client:
+        client = QuicConnection(configuration=client_config)
+    else:
+        client = FastrelayQuicConnection(configuration=client_config, crypto_backend=client_backend)
     server_kwargs = {"configuration": server_config,
                      "original_destination_connection_id": client.original_destination_connection_id}
     server = (QuicConnection(**server_kwargs) if stock_server

@@ -21,14 +21,19 @@ from tests.quic_harness import KernelEmulator, Pair, client_and_server, short_he
 MARKER = b"fastrelay-object-payload-marker"
 
 
+def is_event(event: object, kind: type) -> bool:
+    # qh3's events are its own classes with aioquic's names and fields
+    return type(event).__name__ == kind.__name__
+
+
 def received(events: list, stream_id: int) -> bytes:
-    return b"".join(e.data for e in events if isinstance(e, StreamDataReceived) and e.stream_id == stream_id)
+    return b"".join(e.data for e in events if is_event(e, StreamDataReceived) and e.stream_id == stream_id)
 
 
 def handshake(pair: Pair) -> None:
     pair.pump()
-    assert any(isinstance(e, HandshakeCompleted) for e in pair.client_events)
-    assert any(isinstance(e, HandshakeCompleted) for e in pair.server_events)
+    assert any(is_event(e, HandshakeCompleted) for e in pair.client_events)
+    assert any(is_event(e, HandshakeCompleted) for e in pair.server_events)
 
 
 def send_both_ways(pair: Pair, payload: bytes) -> None:
@@ -114,18 +119,23 @@ def test_none_against_a_peer_without_the_parameter_is_a_clear_error(tmp_path: Pa
 
 # --- pass-through with an emulated kernel -------------------------------------------------
 
-def emulated_relay(tmp_path: Path, emulator: KernelEmulator):  # type: ignore[no-untyped-def]
-    """Relay = server in pass-through mode behind the emulated kernel; client = stock aioquic."""
-    ctx = client_and_server(tmp_path, server_backend=emulator, stock_client=True)
+PEERS = ["aioquic", "qh3"]
+
+
+def emulated_relay(tmp_path: Path, emulator: KernelEmulator, peer: str = "aioquic"):  # type: ignore[no-untyped-def]
+    """Relay = server in pass-through mode behind the emulated kernel; client = unmodified peer."""
+    ctx = client_and_server(tmp_path, server_backend=emulator, stock_client=peer == "aioquic",
+                            qh3_client=peer == "qh3")
     pair = ctx.__enter__()
     pair.to_server = emulator.ingress
     pair.to_client = emulator.egress
     return ctx, pair
 
 
-def test_pass_through_exports_keys_and_the_stock_peer_gets_exact_bytes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("peer", PEERS)
+def test_pass_through_exports_keys_and_the_stock_peer_gets_exact_bytes(tmp_path: Path, peer: str) -> None:
     emulator = KernelEmulator()
-    ctx, pair = emulated_relay(tmp_path, emulator)
+    ctx, pair = emulated_relay(tmp_path, emulator, peer)
     try:
         handshake(pair)
         assert pair.server.one_rtt_mode is OneRttMode.PASS_THROUGH
@@ -140,16 +150,19 @@ def test_pass_through_exports_keys_and_the_stock_peer_gets_exact_bytes(tmp_path:
         ctx.__exit__(None, None, None)
 
 
+@pytest.mark.parametrize("peer", PEERS)
 @pytest.mark.parametrize("who", ["relay", "peer"])
-def test_pass_through_key_update(tmp_path: Path, who: str) -> None:
+def test_pass_through_key_update(tmp_path: Path, who: str, peer: str) -> None:
     emulator = KernelEmulator()
-    ctx, pair = emulated_relay(tmp_path, emulator)
+    ctx, pair = emulated_relay(tmp_path, emulator, peer)
     try:
         handshake(pair)
         send_both_ways(pair, b"phase zero")
         (pair.server if who == "relay" else pair.client).request_key_update()
         send_both_ways(pair, b"phase one" * 100)
-        assert one_rtt(pair.server).key_phase == one_rtt(pair.client).key_phase == 1
+        assert one_rtt(pair.server).key_phase == 1
+        if peer == "aioquic":  # qh3 keeps its phase in Rust; its delivery above shows it followed
+            assert one_rtt(pair.client).key_phase == 1
         trigger = KeyTrigger.LOCAL_UPDATE if who == "relay" else KeyTrigger.REMOTE_UPDATE
         updates = [m for m in emulator.installs if m.trigger is trigger]
         assert {m.direction for m in updates} == {Direction.SEND, Direction.RECV}
