@@ -88,9 +88,14 @@ def _check_no_extensions_if_missing(status: int, extensions: bytes) -> None:
         raise ProtocolViolation("Object with status DOES_NOT_EXIST carries extension headers")
 
 
-def _check_object_fields(payload: bytes, status: int) -> None:
+def _check_object_fields(payload: bytes, status: int, extensions: bytes) -> None:
+    # Refuse what the decoders (ours and the peer's) would close the session for.
+    if status not in _OBJECT_STATUSES:
+        raise ValueError(f"Invalid object status {status:#x}")
     if status != ObjectStatus.NORMAL and payload:
         raise ValueError(f"Object with status {status:#x} must have an empty payload")
+    if status == ObjectStatus.DOES_NOT_EXIST and extensions:
+        raise ValueError("Object with status DOES_NOT_EXIST carries extension headers")
 
 
 # -- subgroup streams (section 10.4.2) -------------------------------------------------------
@@ -213,7 +218,7 @@ class SubgroupObject:
     """Sent only when the payload is empty; non-NORMAL requires an empty payload."""
 
     def __post_init__(self) -> None:
-        _check_object_fields(self.payload, self.status)
+        _check_object_fields(self.payload, self.status, self.extensions)
 
 
 def encode_subgroup_object(obj: SubgroupObject, *, previous_object_id: int | None,
@@ -294,7 +299,7 @@ class FetchObject:
     status: int = ObjectStatus.NORMAL
 
     def __post_init__(self) -> None:
-        _check_object_fields(self.payload, self.status)
+        _check_object_fields(self.payload, self.status, self.extensions)
 
 
 def encode_fetch_object(obj: FetchObject) -> bytes:
@@ -535,6 +540,7 @@ class ObjectDatagram:
             raise ValueError(f"Status datagram type {t:#x} carries no payload")
         if not t & DATAGRAM_STATUS_BIT and self.status != ObjectStatus.NORMAL:
             raise ValueError(f"Payload datagram type {t:#x} carries no status")
+        _check_object_fields(self.payload, self.status, self.extensions)
 
     @classmethod
     def new(cls, track_alias: int, group_id: int, object_id: int, publisher_priority: int,
