@@ -147,6 +147,9 @@ class _GroupState:
     next_object: int = 0
     objects_in_group: int | None = None
     ended: bool = False
+    gaps: int = 0
+    skipped: bool = False
+    """A subgroup of this group was skipped on purpose (an explicit signal from the relay)."""
 
 
 @dataclass
@@ -181,6 +184,11 @@ class SubscribeSummary:
     timings_ms: dict[str, float] = field(default_factory=dict)
     connection: dict[str, int | None] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    skipped: int = 0
+    """Objects missing from groups the relay said it skipped (not counted as lost)."""
+    skipped_subgroups: int = 0
+    timestamp_mismatches: int = 0
+    """Objects whose timestamp extension disagreed with the payload's send time."""
 
 
 class TrackVerifier:
@@ -192,12 +200,13 @@ class TrackVerifier:
         self.delays_us: list[int] = []
         self.objects = 0
         self.bytes = 0
-        self.gaps = 0
         self.out_of_order = 0
         self.groups_out_of_order = 0
         self.duplicates = 0
         self.integrity_failures = 0
         self.group_errors = 0
+        self.skipped_subgroups = 0
+        self.timestamp_mismatches = 0
         self.errors: list[str] = []
 
     def on_group(self, group: int) -> None:
@@ -207,7 +216,11 @@ class TrackVerifier:
         self._max_group = group if self._max_group is None else max(self._max_group, group)
         self._groups.setdefault(group, _GroupState())
 
-    def on_object(self, group: int, payload: bytes, recv_ns: int) -> None:
+    def on_object(self, group: int, payload: bytes, recv_ns: int,
+                  send_ns: int | None = None) -> None:
+        """`send_ns` (e.g. from a timestamp extension header) is used for the delay when it
+        agrees with the payload's own send time within a second; otherwise the payload's is,
+        and the disagreement is counted (moq-rs 0.5.1 rewrites extension 0x10 when relaying)."""
         self.bytes += len(payload)
         try:
             header = decode_object(payload)
@@ -225,11 +238,28 @@ class TrackVerifier:
         if header.object < state.next_object:
             self.out_of_order += 1
         elif header.object > state.next_object:
-            self.gaps += 1
+            state.gaps += 1
         state.next_object = max(state.next_object, header.object + 1)
         state.seen.add(header.object)
         self.objects += 1
-        self.delays_us.append((recv_ns - header.send_ns) // 1000)
+        sent = header.send_ns
+        if send_ns is not None:
+            if abs(send_ns - header.send_ns) <= 1_000_000_000:
+                sent = send_ns
+            else:
+                self.timestamp_mismatches += 1
+        self.delays_us.append((recv_ns - sent) // 1000)
+
+    @property
+    def gaps(self) -> int:
+        """Jumps ahead within groups, except in groups with a skipped subgroup."""
+        return sum(s.gaps for s in self._groups.values() if not s.skipped)
+
+    def on_subgroup_skipped(self, group: int, subgroup: int) -> None:
+        """The relay said it skipped (the rest of) this subgroup: what is missing from the
+        group is reported as skipped, not lost."""
+        self.skipped_subgroups += 1
+        self._groups.setdefault(group, _GroupState()).skipped = True
 
     def on_group_end(self, group: int) -> None:
         self._groups.setdefault(group, _GroupState()).ended = True
@@ -247,9 +277,10 @@ class TrackVerifier:
                        if s.objects_in_group is not None and len(s.seen) == s.objects_in_group)
         # A group still open when the subscriber stopped (duration, signal) is not lossy yet;
         # one whose stream ended short, or any group once the track ended, is.
-        tail_lost = sum(max(0, s.objects_in_group - len(s.seen))
-                        for s in self._groups.values()
-                        if s.objects_in_group is not None and (s.ended or track_ended))
+        owed = {g: max(0, s.objects_in_group - len(s.seen)) for g, s in self._groups.items()
+                if s.objects_in_group is not None and (s.ended or s.skipped or track_ended)}
+        skipped = sum(n for g, n in owed.items() if self._groups[g].skipped)
+        tail_lost = sum(n for g, n in owed.items() if not self._groups[g].skipped)
         groups_open = sum(1 for s in self._groups.values() if not s.ended)
         missing_groups = 0
         if self._groups:
@@ -260,10 +291,10 @@ class TrackVerifier:
             missing_groups = max(missing_groups, expect_groups - len(self._groups))
         lost = tail_lost
         if expect_objects is not None:
-            lost = max(lost, expect_objects - self.objects)
+            lost = max(lost, expect_objects - self.objects - skipped)
         ok = (self.objects > 0 and lost == 0 and missing_groups == 0 and self.gaps == 0
               and self.out_of_order == 0 and self.duplicates == 0
-              and self.integrity_failures == 0 and self.group_errors == 0
+              and self.integrity_failures == 0 and self.group_errors == 0 and skipped == 0
               and (expect_objects is None or self.objects == expect_objects))
         return SubscribeSummary(
             event="summary", role="subscribe", ok=ok, objects=self.objects, bytes=self.bytes,
@@ -273,7 +304,9 @@ class TrackVerifier:
             groups_out_of_order=self.groups_out_of_order, duplicates=self.duplicates,
             integrity_failures=self.integrity_failures, group_errors=self.group_errors,
             delay=DelayStats.from_samples(self.delays_us), track_ended=track_ended,
-            reason=reason, errors=list(self.errors))
+            reason=reason, errors=list(self.errors), skipped=skipped,
+            skipped_subgroups=self.skipped_subgroups,
+            timestamp_mismatches=self.timestamp_mismatches)
 
     def _fail(self, message: str) -> None:
         self.integrity_failures += 1
