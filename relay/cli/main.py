@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from relay import __version__
+from relay import __version__, publisher, subscriber
 from relay.cli import demo, lab, probe
 from relay.errors import FastrelayError
 
@@ -28,6 +28,8 @@ app = typer.Typer(
 app.add_typer(lab.app, name="lab", rich_help_panel="Lab")
 app.command("probe", rich_help_panel="Machine")(probe.probe)
 app.command("demo", rich_help_panel="Lab")(demo.demo)
+app.command("publish", rich_help_panel="MoQ")(publisher.publish_command)
+app.command("subscribe", rich_help_panel="MoQ")(subscriber.subscribe_command)
 
 _debug = False
 

@@ -1,0 +1,456 @@
+"""aioquic adapter for MoqtSession: raw QUIC, ALPN `moq-00` only, DATAGRAM on.
+
+- `FastrelayQuicConnection`: aioquic's QuicConnection plus one hook, stream priority (below).
+- `MoqtProtocol`: a QuicConnectionProtocol that feeds stream data, resets and datagrams into
+  its MoqtSession and writes the session's transmits back; session events go to a callback
+  (the relay) or to `protocol.events` (the endpoints).
+- `connect(url, ...)` (client) and `serve(host, port, cert, key, session_handler)` (server).
+- `generate_certificate` / `certificate_fingerprint`: self-signed certificates for tests and
+  demos, pinned by SHA-256 (`TlsOptions.fingerprint`), or verified by a CA file, or not at all
+  (`insecure`, tests only).
+
+Stream priority. aioquic 1.7.2 serves streams round-robin from `QuicConnection._streams_queue`
+(`connection.py:3745-3795`): every packet walks the list in order, and after each packet the
+streams that sent move to the end. MoQ wants the subscriber priority, then the publisher
+priority, to decide which stream's data goes first (draft-14 section 7). The hook: the subclass
+turns `_streams_queue` into a property whose setter keeps the list stably sorted by
+`(subscriber priority, publisher priority)`, lower first. aioquic reassigns the list after every
+packet (the `finally` at `:3790`), so the order holds packet by packet, and the stable sort keeps
+aioquic's round-robin among streams of equal priority. Streams without a priority (the control
+stream, peer-initiated streams) sort first. Streams are appended unsorted on creation
+(`:1730`, `:1771`); the next reassignment sorts them, and `_write_application` is entered with a
+fresh sort too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer
+from aioquic.quic import events as quic_events
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.packet import (
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from aioquic.quic.stream import QuicStream
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from .constants import ALPN, SessionErrorCode
+from .session import (
+    ConnectionClose,
+    DatagramWrite,
+    Event,
+    MoqtSession,
+    SessionClosed,
+    SessionConfig,
+    SessionReady,
+    StopSending,
+    StreamReset,
+    StreamWrite,
+)
+
+DEFAULT_PORT = 443
+# Large enough for any object datagram that fits a 1500-byte path; the peer's own limit is
+# checked before each send (aioquic does not, notes/aioquic.md section 11).
+MAX_DATAGRAM_FRAME_SIZE = 65535
+IDLE_TIMEOUT = 30.0
+# Per-datagram overhead to subtract from the path MTU: short header (1 + 20 CID + 4 PN),
+# DATAGRAM frame type + length (1 + 2), AEAD tag 16.
+_DATAGRAM_OVERHEAD = 1 + 20 + 4 + 3 + 16
+
+PriorityKey = tuple[int, int]
+_UNPRIORITISED: PriorityKey = (-1, -1)  # control stream and peer streams go first
+
+
+class MoqtConnectError(Exception):
+    """Connecting or setting up the MoQ session failed; the message says why."""
+
+
+class FastrelayQuicConnection(QuicConnection):
+    """QuicConnection whose stream service order follows MoQ priorities (see module doc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # aioquic assigns _streams_queue inside __init__: the priority table must exist first.
+        self.stream_priority: Callable[[int], PriorityKey | None] = lambda stream_id: None
+        super().__init__(*args, **kwargs)
+
+    def _priority_key(self, stream: QuicStream) -> PriorityKey:
+        key = self.stream_priority(stream.stream_id)
+        return _UNPRIORITISED if key is None else key
+
+    @property  # type: ignore[override]
+    def _streams_queue(self) -> list[QuicStream]:
+        return self._fr_streams_queue
+
+    @_streams_queue.setter
+    def _streams_queue(self, value: list[QuicStream]) -> None:
+        self._fr_streams_queue = sorted(value, key=self._priority_key)
+
+    def _write_application(self, *args: Any, **kwargs: Any) -> None:
+        self._fr_streams_queue.sort(key=self._priority_key)
+        super()._write_application(*args, **kwargs)
+
+
+class MoqtProtocol(QuicConnectionProtocol):
+    """Glues one QUIC connection to one MoqtSession."""
+
+    def __init__(self, quic: QuicConnection, session: MoqtSession, *,
+                 on_event: Callable[[MoqtProtocol, Event], None] | None = None,
+                 fingerprint: str | None = None) -> None:
+        super().__init__(quic)
+        self.session = session
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.ready: asyncio.Future[SessionReady] = self._loop.create_future()
+        self.closed_event: SessionClosed | None = None
+        self.datagrams_dropped = 0
+        self._on_event = on_event
+        self._fingerprint = fingerprint
+        self._session_timer: asyncio.TimerHandle | None = None
+        if isinstance(quic, FastrelayQuicConnection):
+            quic.stream_priority = session.stream_priorities.get
+
+    # -- QUIC -> session -----------------------------------------------------------------------
+
+    def quic_event_received(self, event: quic_events.QuicEvent) -> None:
+        now = self._loop.time()
+        session = self.session
+        if isinstance(event, quic_events.StreamDataReceived):
+            session.stream_data_received(event.stream_id, event.data, event.end_stream, now)
+        elif isinstance(event, quic_events.DatagramFrameReceived):
+            session.datagram_received(event.data, now)
+        elif isinstance(event, quic_events.StreamReset):
+            session.stream_reset(event.stream_id, event.error_code, now)
+        elif isinstance(event, quic_events.HandshakeCompleted):
+            if not self._pin_ok():
+                return
+            session.connection_made(now)
+        elif isinstance(event, quic_events.ConnectionTerminated):
+            session.connection_lost(event.error_code, event.reason_phrase, now)
+        self._drain()
+
+    def _pin_ok(self) -> bool:
+        if self._fingerprint is None:
+            return True
+        certificate = self._quic.tls._peer_certificate
+        actual = certificate.fingerprint(hashes.SHA256()).hex() if certificate else ""
+        if actual == normalise_fingerprint(self._fingerprint):
+            return True
+        reason = f"certificate fingerprint mismatch (server has {actual or 'none'})"
+        self.session.close(SessionErrorCode.UNAUTHORIZED, reason)
+        return False
+
+    # -- session -> QUIC and the owner ---------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send what the session queued (call after issuing commands)."""
+        self._drain()
+
+    def _drain(self) -> None:
+        # The owner's callback may issue commands (accept_subscribe, ...) that queue more
+        # transmits: loop until the session has nothing left, then send once.
+        while True:
+            transmits = self.session.transmits()
+            for t in transmits:
+                self._apply(t)
+            event = self.session.next_event()
+            if event is None and not transmits:
+                break
+            if event is not None:
+                self._deliver(event)
+        self.transmit()
+        self._arm_session_timer()
+
+    def _apply(self, t: object) -> None:
+        quic = self._quic
+        if isinstance(t, StreamWrite):
+            quic.send_stream_data(t.stream_id, t.data, t.end_stream)
+        elif isinstance(t, DatagramWrite):
+            limit = quic._remote_max_datagram_frame_size
+            if limit is None or len(t.data) > min(limit, self.max_datagram_payload()):
+                self.datagrams_dropped += 1  # too big for the path: dropped, as the draft says
+            else:
+                quic.send_datagram_frame(t.data)
+        elif isinstance(t, StreamReset):
+            quic.reset_stream(t.stream_id, t.error_code)
+        elif isinstance(t, StopSending):
+            quic.stop_stream(t.stream_id, t.error_code)
+        elif isinstance(t, ConnectionClose):
+            quic.close(error_code=t.error_code, reason_phrase=t.reason_phrase)
+
+    def _deliver(self, event: Event) -> None:
+        if isinstance(event, SessionReady) and not self.ready.done():
+            self.ready.set_result(event)
+        elif isinstance(event, SessionClosed):
+            self.closed_event = event
+            if not self.ready.done():
+                self.ready.set_exception(MoqtConnectError(
+                    f"MoQ session closed during setup: {describe_close(event)}"))
+        if self._on_event is not None:
+            self._on_event(self, event)
+        else:
+            self.events.put_nowait(event)
+
+    def max_datagram_payload(self) -> int:
+        return self._quic._max_datagram_size - _DATAGRAM_OVERHEAD
+
+    def _arm_session_timer(self) -> None:
+        at = self.session.get_timer()
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+            self._session_timer = None
+        if at is not None:
+            self._session_timer = self._loop.call_at(at, self._on_session_timer)
+
+    def _on_session_timer(self) -> None:
+        self._session_timer = None
+        self.session.handle_timer(self._loop.time())
+        self._drain()
+
+    async def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next session event, or None after `timeout` seconds."""
+        try:
+            return await asyncio.wait_for(self.events.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    def close_session(self, error_code: int = SessionErrorCode.NO_ERROR,
+                      reason_phrase: str = "") -> None:
+        self.session.close(error_code, reason_phrase)
+        self._drain()
+
+
+def describe_close(event: SessionClosed) -> str:
+    try:
+        name = SessionErrorCode(event.error_code).name
+    except ValueError:
+        name = f"code {event.error_code:#x}"
+    who = "peer" if event.by_peer else "we"
+    return f"{who} closed with {name}" + (f": {event.reason_phrase}" if event.reason_phrase
+                                          else "")
+
+
+# -- TLS and certificates --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """How a client checks the server: a CA file, a SHA-256 pin, or nothing (tests only)."""
+
+    insecure: bool = False
+    fingerprint: str | None = None
+    cafile: str | None = None
+
+
+def normalise_fingerprint(text: str) -> str:
+    return text.replace(":", "").strip().lower()
+
+
+def certificate_fingerprint(cert_pem: bytes) -> str:
+    """SHA-256 of the certificate's DER encoding, lower-case hex (what pins compare)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def generate_certificate(hostnames: list[str], *, days: int = 14) -> tuple[bytes, bytes, str]:
+    """A self-signed ECDSA P-256 certificate: (cert PEM, key PEM, SHA-256 fingerprint hex).
+
+    Short-lived (14 days by default), as browsers' serverCertificateHashes demand; ECDSA keeps
+    the handshake small."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
+    alt_names: list[x509.GeneralName] = []
+    for host in hostnames:
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            alt_names.append(x509.DNSName(host))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert_pem, key_pem, cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _configuration(is_client: bool) -> QuicConfiguration:
+    return QuicConfiguration(is_client=is_client, alpn_protocols=[ALPN],
+                             max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
+                             idle_timeout=IDLE_TIMEOUT)
+
+
+# -- client ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MoqtUrl:
+    host: str
+    port: int
+    path: str
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_url(url: str) -> MoqtUrl:
+    """moqt://host[:port]/path (raw QUIC; draft-14 has no default port, 443 is used)."""
+    parts = urlsplit(url)
+    if parts.scheme != "moqt" or not parts.hostname:
+        raise ValueError(f"{url!r} is not a moqt://host:port/path URL")
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return MoqtUrl(parts.hostname, parts.port or DEFAULT_PORT, path)
+
+
+@asynccontextmanager
+async def connect(url: str, *, tls: TlsOptions = TlsOptions(), timeout: float = 5.0,
+                  session_config: SessionConfig | None = None,
+                  on_event: Callable[[MoqtProtocol, Event], None] | None = None,
+                  ) -> AsyncIterator[MoqtProtocol]:
+    """A MoQ session to `url`, set up (SERVER_SETUP received) within `timeout` seconds."""
+    target = parse_url(url)
+    loop = asyncio.get_running_loop()
+    config = _configuration(is_client=True)
+    config.server_name = target.host
+    if tls.insecure or tls.fingerprint:
+        config.verify_mode = ssl.CERT_NONE  # the pin is checked after the handshake
+    if tls.cafile:
+        config.load_verify_locations(cafile=tls.cafile)
+    infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_DGRAM)
+    family, _, _, _, addr = infos[0]
+    session = MoqtSession(session_config or SessionConfig(
+        is_client=True, path=target.path, authority=target.authority))
+    quic = FastrelayQuicConnection(configuration=config)
+    local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: MoqtProtocol(quic, session, on_event=on_event, fingerprint=tls.fingerprint),
+        local_addr=local)
+    protocol = cast(MoqtProtocol, protocol)
+    try:
+        protocol.connect(addr[:2])
+        try:
+            await asyncio.wait_for(asyncio.shield(protocol.ready), timeout)
+        except asyncio.TimeoutError:
+            raise MoqtConnectError(f"no MoQ session with {url} within {timeout:g} s; is the "
+                                   "server up?") from None
+        yield protocol
+    finally:
+        protocol.close_session()
+        try:
+            await asyncio.wait_for(protocol.wait_closed(), 1.0)
+        except asyncio.TimeoutError:
+            pass
+        transport.close()
+
+
+# -- server ------------------------------------------------------------------------------------
+
+SessionHandler = Callable[[MoqtProtocol], None]
+
+
+class MoqtServer(QuicServer):
+    """aioquic's QuicServer, creating FastrelayQuicConnections and MoqtProtocols.
+
+    aioquic builds `QuicConnection` by name inside `QuicServer.datagram_received`
+    (`asyncio/server.py:187`), so connection creation is redone here (without Retry); demux by
+    connection id and the CID bookkeeping callbacks are the parent's."""
+
+    def __init__(self, *, configuration: QuicConfiguration, session_handler: SessionHandler,
+                 session_config: SessionConfig,
+                 on_event: Callable[[MoqtProtocol, Event], None] | None) -> None:
+        super().__init__(configuration=configuration)
+        self._session_handler = session_handler
+        self._session_config = session_config
+        self._on_event = on_event
+        self.protocols: list[MoqtProtocol] = []
+
+    def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
+        data = cast(bytes, data)
+        try:
+            header = pull_quic_header(Buffer(data=data),
+                                      host_cid_length=self._configuration.connection_id_length)
+        except ValueError:
+            return
+        if (header.packet_type != QuicPacketType.VERSION_NEGOTIATION
+                and header.version is not None
+                and header.version not in self._configuration.supported_versions):
+            self._transport.sendto(encode_quic_version_negotiation(
+                source_cid=header.destination_cid, destination_cid=header.source_cid,
+                supported_versions=self._configuration.supported_versions), addr)
+            return
+        protocol = self._protocols.get(header.destination_cid)
+        if protocol is None and len(data) >= SMALLEST_MAX_DATAGRAM_SIZE and \
+                header.packet_type == QuicPacketType.INITIAL:
+            connection = FastrelayQuicConnection(
+                configuration=self._configuration,
+                original_destination_connection_id=header.destination_cid)
+            protocol = MoqtProtocol(connection, MoqtSession(self._session_config),
+                                    on_event=self._on_event)
+            protocol.connection_made(self._transport)
+            protocol._connection_id_issued_handler = partial(self._connection_id_issued,
+                                                             protocol=protocol)
+            protocol._connection_id_retired_handler = partial(self._connection_id_retired,
+                                                              protocol=protocol)
+            protocol._connection_terminated_handler = partial(self._connection_terminated,
+                                                              protocol=protocol)
+            self._protocols[header.destination_cid] = protocol
+            self._protocols[connection.host_cid] = protocol
+            self.protocols.append(protocol)
+            self._session_handler(protocol)
+        if protocol is not None:
+            protocol.datagram_received(data, addr)
+
+    def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
+        super()._connection_terminated(protocol)
+        if protocol in self.protocols:
+            self.protocols.remove(protocol)
+
+
+async def serve(host: str, port: int, cert: str | os.PathLike[str],
+                key: str | os.PathLike[str], session_handler: SessionHandler, *,
+                session_config: SessionConfig | None = None,
+                on_event: Callable[[MoqtProtocol, Event], None] | None = None) -> MoqtServer:
+    """Listen for MoQ sessions; `session_handler(protocol)` runs for each new connection.
+
+    Events reach `on_event(protocol, event)` if given, else each `protocol.events` queue.
+    Close with `server.close()`."""
+    config = _configuration(is_client=False)
+    config.load_cert_chain(cert, key)
+    loop = asyncio.get_running_loop()
+    _, server = await loop.create_datagram_endpoint(
+        lambda: MoqtServer(configuration=config, session_handler=session_handler,
+                           session_config=session_config or SessionConfig(is_client=False),
+                           on_event=on_event),
+        local_addr=(host, port))
+    return cast(MoqtServer, server)
+
+
+def server_address(server: MoqtServer) -> tuple[str, int]:
+    sockname = server._transport.get_extra_info("sockname")
+    return sockname[0], sockname[1]

@@ -1,0 +1,299 @@
+"""fastrelay publish / subscribe on loopback, the aioquic adapter and its priority hook.
+
+- In memory: FastrelayQuicConnection serves streams by MoQ priority.
+- Loopback, no relay of ours yet: fastrelay publish -> moq-rs's own server as relay (run via
+  relay/interop/moq_rs.py server; our clients offer only `moq-00`, which forces draft-14) ->
+  two fastrelay subscribers and one moq-rs subscriber, all verifying the same payloads.
+Every process is ended by PID in `finally`; child output goes to files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import StreamDataReceived
+
+from relay.moqt.constants import MOQT_VERSION_DRAFT_14
+from relay.moqt.quic import (
+    FastrelayQuicConnection,
+    TlsOptions,
+    certificate_fingerprint,
+    connect,
+    generate_certificate,
+    parse_url,
+    serve,
+    server_address,
+)
+from relay.moqt.session import ObjectReceived, SubscribeAccepted, SubscribeRequested
+
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+NAMESPACE = "demo/cam"
+TRACK = "video"
+OBJECTS = 150
+GROUP_LENGTH = 15
+SIZE = 800
+RATE = 300
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    cert, key, fingerprint = generate_certificate(["localhost", LOOPBACK])
+    folder = tmp_path_factory.mktemp("cert")
+    (folder / "cert.pem").write_bytes(cert)
+    (folder / "key.pem").write_bytes(key)
+    return folder / "cert.pem", folder / "key.pem", fingerprint
+
+
+# -- certificates and URLs ---------------------------------------------------------------------
+
+
+def test_certificate_fingerprint(certificate: tuple[Path, Path, str]) -> None:
+    cert, _, fingerprint = certificate
+    assert len(fingerprint) == 64
+    assert certificate_fingerprint(cert.read_bytes()) == fingerprint
+
+
+def test_parse_url() -> None:
+    url = parse_url("moqt://[::1]:4443/relay?x=1")
+    assert (url.host, url.port, url.path, url.authority) == ("::1", 4443, "/relay?x=1",
+                                                            "[::1]:4443")
+    assert parse_url("moqt://relay.example").port == 443
+    with pytest.raises(ValueError, match="is not a moqt://host:port/path URL"):
+        parse_url("https://x/y")
+
+
+# -- the priority hook, in memory --------------------------------------------------------------
+
+
+def _handshake(client: QuicConnection, server: QuicConnection) -> None:
+    client.connect((LOOPBACK, 1), now=0.0)
+    for _ in range(10):
+        moved = 0
+        for src, dst in ((client, server), (server, client)):
+            for data, _ in src.datagrams_to_send(now=0.0):
+                dst.receive_datagram(data, (LOOPBACK, 1), now=0.0)
+                moved += 1
+        if not moved:
+            break
+    while client.next_event() is not None:
+        pass
+    while server.next_event() is not None:
+        pass
+
+
+def _first_flight_streams(cls: type[QuicConnection], cert: tuple[Path, Path, str],
+                          prioritise: bool) -> list[int]:
+    """Stream ids of the data the server receives in the client's first flight."""
+    server_config = QuicConfiguration(is_client=False, alpn_protocols=["moq-00"])
+    server_config.load_cert_chain(cert[0], cert[1])
+    client_config = QuicConfiguration(is_client=True, alpn_protocols=["moq-00"])
+    client_config.verify_mode = 0
+    client = cls(configuration=client_config)
+    server = QuicConnection(configuration=server_config,
+                            original_destination_connection_id=client.original_destination_connection_id)
+    _handshake(client, server)
+    low, high = 2, 6  # created in this order: aioquic alone would serve `low` first
+    priorities = {low: (255, 255), high: (0, 0)}
+    if prioritise:
+        assert isinstance(client, FastrelayQuicConnection)
+        client.stream_priority = priorities.get
+    client.send_stream_data(low, b"L" * 40_000)
+    client.send_stream_data(high, b"H" * 40_000)
+    order = []
+    for data, _ in client.datagrams_to_send(now=0.1):  # one congestion window
+        server.receive_datagram(data, (LOOPBACK, 1), now=0.1)
+        while (event := server.next_event()) is not None:
+            if isinstance(event, StreamDataReceived) and event.data:
+                order.append(event.stream_id)
+    return order
+
+
+def test_priority_hook_serves_high_priority_first(certificate: tuple[Path, Path, str]) -> None:
+    order = _first_flight_streams(FastrelayQuicConnection, certificate, prioritise=True)
+    assert order and set(order) == {6}, order  # the first flight is all high-priority data
+    # Control: stock aioquic serves in creation order and round-robin.
+    stock = _first_flight_streams(QuicConnection, certificate, prioritise=False)
+    assert stock[0] == 2 and 2 in stock
+
+
+# -- adapter over loopback, both ends ours -----------------------------------------------------
+
+
+def test_adapter_loopback_session(certificate: tuple[Path, Path, str]) -> None:
+    cert, key, fingerprint = certificate
+
+    async def scenario() -> list[bytes]:
+        def on_event(protocol, event) -> None:  # type: ignore[no-untyped-def]
+            if isinstance(event, SubscribeRequested):
+                protocol.session.accept_subscribe(event.request_id, 3)
+                sender = protocol.session.open_subgroup(event.request_id, 0, 0, 0)
+                sender.write(0, b"one")
+                sender.write(1, b"two", end_stream=True)
+                protocol.session.send_datagram(event.request_id, 1, 0, 0, b"dgram")
+
+        server = await serve(LOOPBACK, 0, cert, key, lambda p: None, on_event=on_event)
+        try:
+            _, port = server_address(server)
+            async with connect(f"moqt://{LOOPBACK}:{port}/t",
+                               tls=TlsOptions(fingerprint=fingerprint)) as client:
+                assert client.session.version == MOQT_VERSION_DRAFT_14
+                client.session.subscribe((b"a",), b"t")
+                client.flush()
+                payloads: list[bytes] = []
+                deadline = time.monotonic() + 5
+                while len(payloads) < 3 and time.monotonic() < deadline:
+                    event = await client.next_event(timeout=1)
+                    if isinstance(event, SubscribeAccepted):
+                        assert event.track_alias == 3
+                    elif isinstance(event, ObjectReceived):
+                        payloads.append(event.payload)
+                return payloads
+        finally:
+            server.close()
+
+    assert sorted(asyncio.run(asyncio.wait_for(scenario(), 15))) == [b"dgram", b"one", b"two"]
+
+
+def test_wrong_fingerprint_one_line_error(certificate: tuple[Path, Path, str],
+                                          tmp_path: Path) -> None:
+    cert, key, _ = certificate
+
+    async def scenario() -> str:
+        server = await serve(LOOPBACK, 0, cert, key, lambda p: None)
+        try:
+            _, port = server_address(server)
+            try:
+                async with connect(f"moqt://{LOOPBACK}:{port}/t",
+                                   tls=TlsOptions(fingerprint="00" * 32), timeout=3):
+                    return "connected"
+            except Exception as exc:
+                return str(exc)
+        finally:
+            server.close()
+
+    message = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert message.startswith("MoQ session closed during setup: we closed with UNAUTHORIZED: "
+                              "certificate fingerprint mismatch (server has "), message
+
+
+# -- through moq-rs's server as the relay -------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["NO_COLOR"] = "1"
+    env.pop("RUST_LOG", None)
+    return env
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _first_line(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if "\n" in text:
+            return text.splitlines()[0]
+        assert proc.poll() is None, f"{proc.args!r} exited with {proc.returncode}"
+        time.sleep(0.05)
+    raise AssertionError(f"no line from {proc.args!r} within {timeout} s")
+
+
+def _json(path: Path) -> dict[str, object]:
+    text = path.read_text().strip()
+    assert text, f"{path.name} is empty; stderr: {path.with_suffix('.err').read_text()}"
+    if text.startswith("{\n"):  # fastrelay --json: one indented object
+        return json.loads(text)
+    return json.loads(text.splitlines()[-1])  # moq-rs driver: JSON lines, summary last
+
+
+@pytest.fixture
+def moq_rs_relay(tmp_path: Path) -> Iterator[dict[str, object]]:
+    pytest.importorskip("moq")
+    out = tmp_path / "relay.out"
+    with open(out, "w") as stdout, open(tmp_path / "relay.err", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay.interop.moq_rs", "server", "--bind", f"{LOOPBACK}:0",
+             "--duration", "60"], cwd=REPO, env=_env(), stdout=stdout, stderr=stderr)
+    try:
+        listening = json.loads(_first_line(out, proc, timeout=10))
+        assert listening["event"] == "listening"
+        yield listening
+    finally:
+        _stop(proc)
+
+
+def test_publish_through_moq_rs_relay_to_fastrelay_and_moq_rs_subscribers(
+        moq_rs_relay: dict[str, object], tmp_path: Path) -> None:
+    fingerprint = moq_rs_relay["fingerprints"][0]  # type: ignore[index]
+    url = f"moqt://{moq_rs_relay['bind']}/fastrelay"
+    common = ["--url", url, "--namespace", NAMESPACE, "--track", TRACK,
+              "--fingerprint", str(fingerprint)]
+    children: list[subprocess.Popen[bytes]] = []
+
+    def spawn(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        with open(tmp_path / f"{name}.out", "w") as out, \
+                open(tmp_path / f"{name}.err", "w") as err:
+            proc = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=out, stderr=err)
+        children.append(proc)
+        return proc
+
+    fastrelay = [sys.executable, "-m", "relay"]
+    try:
+        # moq-rs accepts only subgroup 0 with consecutive object ids: --layout single.
+        pub = spawn("pub", [*fastrelay, "publish", *common, "--objects", str(OBJECTS),
+                            "--group-length", str(GROUP_LENGTH), "--object-size", str(SIZE),
+                            "--rate", str(RATE), "--layout", "single",
+                            "--wait-subscriber", "15", "--start-delay", "1.0", "--json"])
+        subs = [spawn(f"sub{i}", [*fastrelay, "subscribe", *common, "--expect-objects",
+                                  str(OBJECTS), "--duration", "20", "--json"]) for i in (1, 2)]
+        rs_sub = spawn("rs_sub", [sys.executable, "-m", "relay.interop.moq_rs", "subscribe",
+                                  "--url", url, "--broadcast", NAMESPACE, "--track", TRACK,
+                                  "--tls-fingerprint", str(fingerprint), "--expect-objects",
+                                  str(OBJECTS), "--duration", "20", "--log-level", "warn"])
+        deadline = time.monotonic() + 30
+        for proc in [pub, *subs, rs_sub]:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        for proc in children:
+            _stop(proc)
+
+    published = _json(tmp_path / "pub.out")
+    assert pub.returncode == 0, published
+    assert published["objects"] == OBJECTS
+    assert published["connection"]["version"] == MOQT_VERSION_DRAFT_14  # type: ignore[index]
+    for name, proc in (("sub1", subs[0]), ("sub2", subs[1]), ("rs_sub", rs_sub)):
+        summary = _json(tmp_path / f"{name}.out")
+        assert proc.returncode == 0, (name, summary)
+        assert summary["ok"] is True, summary
+        assert (summary["objects"], summary["bytes"]) == (OBJECTS, OBJECTS * SIZE), summary
+        assert (summary["lost"], summary["gaps"], summary["out_of_order"],
+                summary["duplicates"], summary["integrity_failures"],
+                summary["group_errors"]) == (0, 0, 0, 0, 0, 0), summary
+        assert summary["groups_complete"] == OBJECTS // GROUP_LENGTH
+        delay = summary["delay"]
+        assert isinstance(delay, dict)
+        assert 0 < delay["p50_us"] <= delay["p99_us"] < 1_000_000, delay
+        print(f"{name}: delay p50 {delay['p50_us']} us, p99 {delay['p99_us']} us")
+        if name != "rs_sub":
+            # fastrelay spoke draft-14 (the only version its ALPN `moq-00` allows).
+            assert summary["connection"]["version"] == MOQT_VERSION_DRAFT_14  # type: ignore
