@@ -24,10 +24,12 @@ from relay.moqt.constants import (
 from relay.moqt.data import (
     FetchHeader,
     FetchObject,
+    ObjectDatagram,
     SubgroupHeader,
     SubgroupObject,
     encode_extension_headers,
     encode_fetch_stream,
+    encode_object_datagram,
     encode_subgroup_stream,
 )
 from relay.moqt.messages import (
@@ -36,10 +38,12 @@ from relay.moqt.messages import (
     Location,
     MaxRequestId,
     Publish,
+    PublishDone,
     PublishError,
     RequestsBlocked,
     ServerSetup,
     Subscribe,
+    SubscribeError,
     SubscribeNamespace,
     SubscribeNamespaceError,
     SubscribeOk,
@@ -364,15 +368,49 @@ class TestRequests:
         fid = server.fetch(joining_request_id=rid, joining_start=1)
         pipe.pump()
         events(client)
-        client._answer(fid, client._incoming[fid])  # the cache glue will own this path
-        client._send_control(FetchOk(fid, GroupOrder.ASCENDING, False, Location(0, 1)))
-        data = encode_fetch_stream(FetchHeader(fid), [FetchObject(0, 0, 0, 5, b"cached")])
-        client._write_stream(2 + 4 * 10, data, True)
+        objects = encode_fetch_stream(FetchHeader(fid), [FetchObject(0, 0, 0, 5, b"cached")])
+        header_length = len(encode_fetch_stream(FetchHeader(fid), []))
+        stream_id = client.accept_fetch(FetchOk(fid, GroupOrder.ASCENDING, False, Location(0, 1)),
+                                        objects[header_length:])
+        assert stream_id is not None
         pipe.pump()
         evs = events(server)
         assert of_type(evs, FetchAnswered)[0].error_code is None
         (obj,) = of_type(evs, ObjectReceived)
         assert (obj.request_id, obj.track_alias, obj.payload) == (fid, None, b"cached")
+        assert of_type(evs, SubgroupStreamClosed)[0].header == FetchHeader(fid)
+
+    def test_send_messages_built_by_the_relay_core(self) -> None:
+        client, server, pipe = pair()
+        events(client), events(server)
+        rid = server.subscribe(NS, TRACK)
+        pipe.pump()
+        events(client)
+        client.send(SubscribeOk(rid, 11, 0, GroupOrder.ASCENDING))
+        client.send(PublishDone(rid, PublishDoneStatusCode.TRACK_ENDED, 4, "done"))
+        pipe.pump()
+        evs = events(server)
+        assert of_type(evs, SubscribeAccepted)[0].track_alias == 11
+        assert of_type(evs, PublishDoneReceived) == [PublishDoneReceived(rid, 2, 4, "done")]
+        with pytest.raises(KeyError, match="No pending SUBSCRIBE with request ID 99"):
+            client.send(SubscribeError(99, 0, "x"))
+        with pytest.raises(ValueError, match="Use the Subscribe command"):
+            client.send(Subscribe(0, NS, TRACK, 0, GroupOrder.ASCENDING, True,
+                                  FilterType.LARGEST_OBJECT))
+
+    def test_forward_raw_stream_with_reserved_id(self) -> None:
+        client, server, pipe, rid = subscribed()
+        upstream = encode_subgroup_stream(SubgroupHeader.new(7, 3, 0, extensions=True),
+                                          [SubgroupObject(0, b"a", TS_EXT),
+                                           SubgroupObject(1, b"b")])
+        header = SubgroupHeader.new(7, 3, 64, extensions=True)
+        sender = client.open_subgroup(rid, 0, 0, 0, header=header, stream_id=2 + 4 * 5)
+        assert sender.stream_id == 22 and client.stream_priorities[22] == (128, 64)
+        sender.write_raw(upstream[len(encode_subgroup_stream(header, [])):], end_stream=True)
+        pipe.pump()
+        objs = of_type(events(server), ObjectReceived)
+        assert [(o.stream_id, o.payload, o.header.extensions) for o in objs] == [
+            (22, b"a", TS_EXT), (22, b"b", b"")]
 
     def test_publish_and_track_status_not_supported(self) -> None:
         client, server, pipe = pair()
@@ -528,28 +566,35 @@ class TestData:
         events(client), events(server)
         rid = server.subscribe(NS, TRACK)
         pipe.pump()
-        events(client)
-        # moq-rs: data goes out right after SUBSCRIBE; our SUBSCRIBE_OK is still in flight.
-        client._publications[rid].track_alias = 9
-        s = client.open_subgroup(rid, 0, 0, 0)
-        s.write(0, b"early", end_stream=True)
-        client.send_datagram(rid, 1, 0, 0, b"dgram")
-        for t in client.transmits():
-            if isinstance(t, StreamWrite):
-                server.stream_data_received(t.stream_id, t.data, t.end_stream, 0.1)
-            else:
-                server.datagram_received(t.data, 0.1)
+        # moq-rs sends data right after SUBSCRIBE: it overtakes the SUBSCRIBE_OK.
+        stream = encode_subgroup_stream(SubgroupHeader.new(9, 0, 0),
+                                        [SubgroupObject(0, b"early")])
+        server.stream_data_received(2, stream, True, 0.1)
+        server.datagram_received(encode_object_datagram(ObjectDatagram.new(9, 1, 0, 0, b"dg")),
+                                 0.1)
         assert events(server) == []
         assert server.get_timer() == pytest.approx(1.1)
-        client._incoming.pop(rid)
-        client._send_control(SubscribeOk(rid, 9, 0, GroupOrder.ASCENDING))
-        pipe.pump()
+        server.stream_data_received(0, encode_message(
+            SubscribeOk(rid, 9, 0, GroupOrder.ASCENDING)), False, 0.2)
         evs = events(server)
         assert [type(e).__name__ for e in evs] == [
             "SubscribeAccepted", "SubgroupStreamOpened", "ObjectReceived",
             "SubgroupStreamClosed", "ObjectReceived"]
-        assert [o.payload for o in of_type(evs, ObjectReceived)] == [b"early", b"dgram"]
+        assert [o.payload for o in of_type(evs, ObjectReceived)] == [b"early", b"dg"]
         assert server.get_timer() is None
+
+    def test_reset_before_subscribe_ok_is_held(self) -> None:
+        client, server, pipe = pair()
+        events(client), events(server)
+        rid = server.subscribe(NS, TRACK)
+        pipe.pump()
+        header = SubgroupHeader.new(9, 0, 1)
+        server.stream_data_received(2, encode_subgroup_stream(header, []), False, 0.1)
+        server.stream_reset(2, SKIPPED_SUBGROUP_RESET_CODE, 0.1)
+        server.stream_data_received(0, encode_message(
+            SubscribeOk(rid, 9, 0, GroupOrder.ASCENDING)), False, 0.2)
+        (closed,) = of_type(events(server), SubgroupStreamClosed)
+        assert (closed.header, closed.reset_code) == (header, SKIPPED_SUBGROUP_RESET_CODE)
 
     def test_held_data_expires(self) -> None:
         client, server, pipe = pair()

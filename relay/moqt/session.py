@@ -57,6 +57,7 @@ from .data import (
     SubgroupObject,
     SubgroupStreamWriter,
     decode_object_datagram,
+    encode_fetch_header,
     encode_object_datagram,
 )
 from .errors import MoqtError, ProtocolViolation, VersionNegotiationFailed
@@ -468,6 +469,16 @@ class SubgroupSender:
             self._close()
         return True
 
+    def write_raw(self, data: bytes, end_stream: bool = False) -> bool:
+        """Queue bytes already encoded as objects of this stream (a relay forwarding a
+        publisher's stream verbatim after the header); False once the stream is closed."""
+        if self.closed:
+            return False
+        self._session._write_stream(self.stream_id, data, end_stream)
+        if end_stream:
+            self._close()
+        return True
+
     def finish(self) -> None:
         if not self.closed:
             self._session._write_stream(self.stream_id, b"", True)
@@ -653,30 +664,41 @@ class MoqtSession:
         self._publications.pop(request_id, None)
         self._send_control(SubscribeError(request_id, error_code, reason_phrase))
 
-    def publish_done(self, request_id: int, status_code: int, reason_phrase: str = "") -> None:
-        """End a publication; Stream Count = the subgroup streams we opened for it."""
+    def publish_done(self, request_id: int, status_code: int, reason_phrase: str = "", *,
+                     stream_count: int | None = None) -> None:
+        """End a publication; Stream Count defaults to the subgroup streams opened for it."""
         publication = self._publications.pop(request_id, None)
         if publication is None:
             raise KeyError(f"No publication with request ID {request_id}")
         publication.ended = True
-        self._send_control(PublishDone(request_id, status_code, publication.streams_opened,
-                                       reason_phrase))
+        count = publication.streams_opened if stream_count is None else stream_count
+        self._send_control(PublishDone(request_id, status_code, count, reason_phrase))
 
     def publication_alias(self, request_id: int) -> int | None:
         publication = self._publications.get(request_id)
         return publication.track_alias if publication else None
 
-    def open_subgroup(self, request_id: int, group_id: int, subgroup_id: int,
+    def open_subgroup(self, request_id: int, group_id: int, subgroup_id: int | None,
                       publisher_priority: int, *, extensions: bool = True,
-                      end_of_group: bool = False) -> SubgroupSender:
-        """Open a subgroup stream on an accepted publication and write its header."""
+                      end_of_group: bool = False, stream_id: int | None = None,
+                      header: SubgroupHeader | None = None) -> SubgroupSender:
+        """Open a subgroup stream on an accepted publication and write its header.
+
+        A relay passes the forwarded `header` whole (its alias must be this publication's)
+        and may pass a `stream_id` it reserved (e.g. from the fast path's allocator)."""
         publication = self._publications.get(request_id)
         if publication is None or publication.track_alias is None:
             raise KeyError(f"No accepted subscription with request ID {request_id}")
-        header = SubgroupHeader.new(publication.track_alias, group_id, publisher_priority,
-                                    subgroup_id, extensions=extensions,
-                                    end_of_group=end_of_group)
-        stream_id = self._uni_stream_ids()
+        if header is None:
+            header = SubgroupHeader.new(publication.track_alias, group_id, publisher_priority,
+                                        subgroup_id, extensions=extensions,
+                                        end_of_group=end_of_group)
+        elif header.track_alias != publication.track_alias:
+            raise ValueError(f"Header alias {header.track_alias} is not this subscription's "
+                             f"{publication.track_alias}")
+        publisher_priority = header.publisher_priority
+        if stream_id is None:
+            stream_id = self._uni_stream_ids()
         self.stream_priorities[stream_id] = (publication.subscriber_priority, publisher_priority)
         sender = SubgroupSender(self, publication, stream_id, header)
         publication.senders[stream_id] = sender
@@ -761,6 +783,49 @@ class MoqtSession:
         self._outgoing.pop(request_id, None)
         self._fetches.discard(request_id)
         self._send_control(FetchCancel(request_id))
+
+    def accept_fetch(self, msg: FetchOk, objects: bytes = b"") -> int | None:
+        """FETCH_OK, then (if `objects`, already encoded) a fetch stream ending in FIN.
+        Returns the fetch stream's id."""
+        self._answer(msg.request_id, _Kind.FETCH)
+        self._send_control(msg)
+        if not objects:
+            return None
+        stream_id = self._uni_stream_ids()
+        self._write_stream(stream_id, encode_fetch_header(FetchHeader(msg.request_id)) + objects,
+                           True)
+        return stream_id
+
+    def send(self, msg: Message) -> None:
+        """Send a message built elsewhere (the relay core), with the same bookkeeping as the
+        typed command for it; anything without bookkeeping goes out as it is."""
+        if isinstance(msg, SubscribeOk):
+            self.accept_subscribe(msg.request_id, msg.track_alias, expires=msg.expires,
+                                  group_order=msg.group_order,
+                                  largest_location=msg.largest_location,
+                                  parameters=msg.parameters)
+        elif isinstance(msg, SubscribeError):
+            self.reject_subscribe(msg.request_id, msg.error_code, msg.reason_phrase)
+        elif isinstance(msg, PublishDone):
+            self.publish_done(msg.request_id, msg.status_code, msg.reason_phrase,
+                              stream_count=msg.stream_count)
+        elif isinstance(msg, FetchOk):
+            self.accept_fetch(msg)
+        elif isinstance(msg, FetchError):
+            self.reject_fetch(msg.request_id, msg.error_code, msg.reason_phrase)
+        elif isinstance(msg, PublishNamespaceOk):
+            self.accept_publish_namespace(msg.request_id)
+        elif isinstance(msg, PublishNamespaceError):
+            self.reject_publish_namespace(msg.request_id, msg.error_code, msg.reason_phrase)
+        elif isinstance(msg, SubscribeNamespaceOk):
+            self.accept_subscribe_namespace(msg.request_id)
+        elif isinstance(msg, SubscribeNamespaceError):
+            self.reject_subscribe_namespace(msg.request_id, msg.error_code, msg.reason_phrase)
+        elif isinstance(msg, (Subscribe, Fetch, PublishNamespace, SubscribeNamespace)):
+            raise ValueError(f"Use the {type(msg).__name__} command: it allocates the "
+                             "request ID")
+        else:
+            self._send_control(msg)
 
     def reject_fetch(self, request_id: int, error_code: int = FetchErrorCode.NOT_SUPPORTED,
                      reason_phrase: str = "") -> None:
