@@ -72,25 +72,49 @@ class Pair:
     to_client: Transform | None = None
     wire_to_server: list[bytes] = field(default_factory=list)
     wire_to_client: list[bytes] = field(default_factory=list)
+    #: Called once per round; returns how many datagrams it injected (the emulated kernel).
+    tick: Callable[[], int] | None = None
+    #: Called before the server takes any input (the relay drains its ring buffer there).
+    before_server_input: Callable[[], None] | None = None
+    #: Wire datagrams (already transformed) waiting to reach the client.
+    injected_to_client: list[bytes] = field(default_factory=list)
+    rounds_run: int = 0
 
-    def pump(self, rounds: int = 50) -> None:
-        """Exchange datagrams until neither side has anything to send (bounded)."""
+    def pump(self, rounds: int = 50, max_time: float | None = None) -> None:
+        """Exchange datagrams until neither side has anything to send (bounded in rounds and,
+        with `max_time`, in simulated time)."""
         for _ in range(rounds):
-            moved = self._move(self.client, self.server, self.to_server, self.wire_to_server,
-                               CLIENT_ADDR)
+            self.rounds_run += 1
+            moved = self.tick() if self.tick is not None else 0
+            moved += self._deliver_injected()  # the kernel's packets leave in wire-PN order
+            moved += self._move(self.client, self.server, self.to_server, self.wire_to_server,
+                                CLIENT_ADDR)
             moved += self._move(self.server, self.client, self.to_client, self.wire_to_client,
                                 SERVER_ADDR)
+            moved += self._deliver_injected()
             self._drain_events()
             if not moved:
                 timer = min((t for t in (self.client.get_timer(), self.server.get_timer())
                              if t is not None), default=None)
                 if timer is None or timer - self.now > 1.0:
                     return
+                if max_time is not None and timer > max_time:
+                    return
                 self.now = max(self.now, timer)
                 for conn in (self.client, self.server):
                     t = conn.get_timer()
                     if t is not None and t <= self.now:
+                        if conn is self.server and self.before_server_input is not None:
+                            self.before_server_input()
                         conn.handle_timer(now=self.now)
+
+    def _deliver_injected(self) -> int:
+        count = len(self.injected_to_client)
+        for data in self.injected_to_client:
+            self.wire_to_client.append(data)
+            self.client.receive_datagram(data, SERVER_ADDR, now=self.now)
+        self.injected_to_client.clear()
+        return count
 
     def _move(self, sender: QuicConnection, receiver: QuicConnection, transform: Transform | None,
               wire: list[bytes], addr: tuple[str, int]) -> int:
@@ -103,6 +127,8 @@ class Pair:
                     continue
                 data = transformed
             wire.append(data)
+            if receiver is self.server and self.before_server_input is not None:
+                self.before_server_input()
             receiver.receive_datagram(data, addr, now=self.now)
         return count
 
@@ -122,6 +148,7 @@ def client_and_server(
     stock_server: bool = False,
     qh3_client: bool = False,
     client_suites: list[CipherSuite] | None = None,
+    extra_server_kwargs: dict[str, Any] | None = None,
 ) -> Iterator[Pair]:
     """A client/server pair; `stock_*` uses unmodified aioquic on that side, `qh3_client`
     an unmodified qh3 (Rust core, an implementation nobody here wrote) as the client."""
@@ -147,7 +174,8 @@ def client_and_server(
     server_kwargs = {"configuration": server_config,
                      "original_destination_connection_id": client.original_destination_connection_id}
     server = (QuicConnection(**server_kwargs) if stock_server
-              else FastrelayQuicConnection(crypto_backend=server_backend, **server_kwargs))
+              else FastrelayQuicConnection(crypto_backend=server_backend, **server_kwargs,
+                                           **(extra_server_kwargs or {})))
     pair = Pair(client=client, server=server)
     client.connect(SERVER_ADDR, now=pair.now)
     yield pair
@@ -270,3 +298,281 @@ class KernelEmulator(CryptoBackend):
             return None  # fail closed: never handed up as if decrypted
         state.largest_pn = max(state.largest_pn, pn)
         return datagram[:offset] + plain_header + payload + self._token
+
+
+# --- the fast path's part, emulated -----------------------------------------------------
+
+def _varint(buf: Any) -> int:
+    return buf.pull_uint_var()
+
+
+@dataclass(frozen=True)
+class StreamFrameSeen:
+    """A STREAM frame found in a 1-RTT packet's plaintext."""
+
+    wire_pn: int
+    stream_id: int
+    offset: int
+    length: int
+    fin: bool
+
+
+def stream_frames(payload: bytes) -> list[tuple[int, int, int, bool]]:
+    """(stream id, offset, length, fin) of every STREAM frame in a 1-RTT payload (RFC 9000 §19)."""
+    from aioquic.buffer import Buffer
+    from aioquic.quic.packet import pull_ack_frame
+
+    buf = Buffer(data=payload)
+    found = []
+    while not buf.eof():
+        frame_type = _varint(buf)
+        if frame_type in (0x00, 0x01, 0x1E):  # PADDING, PING, HANDSHAKE_DONE
+            continue
+        if frame_type in (0x02, 0x03):  # ACK
+            pull_ack_frame(buf)
+            if frame_type == 0x03:
+                for _ in range(3):
+                    _varint(buf)
+        elif frame_type == 0x04:  # RESET_STREAM
+            for _ in range(3):
+                _varint(buf)
+        elif frame_type in (0x05, 0x11, 0x15):  # STOP_SENDING, MAX_STREAM_DATA, STREAM_DATA_BLOCKED
+            _varint(buf)
+            _varint(buf)
+        elif frame_type == 0x06:  # CRYPTO
+            _varint(buf)
+            buf.pull_bytes(_varint(buf))
+        elif frame_type == 0x07:  # NEW_TOKEN
+            buf.pull_bytes(_varint(buf))
+        elif 0x08 <= frame_type <= 0x0F:  # STREAM
+            stream_id = _varint(buf)
+            offset = _varint(buf) if frame_type & 0x04 else 0
+            length = _varint(buf) if frame_type & 0x02 else len(payload) - buf.tell()
+            buf.pull_bytes(length)
+            found.append((stream_id, offset, length, bool(frame_type & 0x01)))
+        elif frame_type in (0x10, 0x12, 0x13, 0x14, 0x16, 0x17, 0x19):
+            _varint(buf)
+        elif frame_type == 0x18:  # NEW_CONNECTION_ID
+            _varint(buf)
+            _varint(buf)
+            buf.pull_bytes(buf.pull_uint8())
+            buf.pull_bytes(16)
+        elif frame_type in (0x1A, 0x1B):  # PATH_CHALLENGE / PATH_RESPONSE
+            buf.pull_bytes(8)
+        elif frame_type in (0x1C, 0x1D):  # CONNECTION_CLOSE
+            _varint(buf)
+            if frame_type == 0x1C:
+                _varint(buf)
+            buf.pull_bytes(_varint(buf))
+        elif frame_type == 0x30:  # DATAGRAM without length
+            buf.seek(len(payload))
+        elif frame_type == 0x31:
+            buf.pull_bytes(_varint(buf))
+        else:
+            raise ValueError(f"Unknown frame type 0x{frame_type:x}")
+    return found
+
+
+def encode_stream_frame(stream_id: int, offset: int, data: bytes, fin: bool) -> bytes:
+    from aioquic.buffer import Buffer
+
+    buf = Buffer(capacity=32 + len(data))
+    buf.push_uint_var(0x08 | 0x04 | 0x02 | (0x01 if fin else 0))
+    buf.push_uint_var(stream_id)
+    buf.push_uint_var(offset)
+    buf.push_uint_var(len(data))
+    buf.push_bytes(data)
+    return buf.data
+
+
+@dataclass
+class _PublisherStream:
+    stream_id: int  # in the subscriber's space
+    data: bytes
+    offset: int = 0
+
+
+class FastPathEmulator:
+    """The TC egress/ingress programs of one subscriber connection, in-process.
+
+    - Owns the relay→peer 1-RTT packet-number space: renumbers every packet the relay
+      built and reports {built PN, wire PN, size, time, key phase} (`WireNumber`).
+    - Injects forwarded packets built from fake publisher streams (STREAM frames on the
+      subscriber's stream id from offset 0, id taken from the shared allocator), reports
+      them (`ForwardedPacket`) and lets the relay shadow-write the bytes.
+    - Protects/unprotects 1-RTT packets with the exported keys (`KernelEmulator`), across
+      key updates.
+    - Drops a fraction of packets in each direction, after numbering (wire loss), from a
+      seeded RNG.
+    - Records go to the relay in batches, before it takes input (the ring-buffer drain);
+      `shuffle_records` delivers each batch out of order; `shadow="after"` applies the
+      publisher-side data only after the relay processed the next datagram (ACK first).
+    """
+
+    def __init__(self, pair: Pair, keys: KernelEmulator, allocator: Any, *, seed: int = 1,
+                 loss_to_peer: float = 0.0, loss_to_relay: float = 0.0, chunk: int = 1000,
+                 packets_per_round: int = 4, shuffle_records: bool = False,
+                 shadow: str = "before") -> None:
+        import random
+
+        self.pair = pair
+        self.relay: FastrelayQuicConnection = pair.server
+        self.keys = keys
+        self.allocator = allocator
+        self.rng = random.Random(seed)
+        self.loss_to_peer = loss_to_peer
+        self.loss_to_relay = loss_to_relay
+        self.chunk = chunk
+        self.packets_per_round = packets_per_round
+        self.shuffle_records = shuffle_records
+        self.shadow = shadow
+        self.next_wire_pn = 0
+        self.peer_cid: bytes | None = None
+        self.events: list[Any] = []
+        self._records: list[Callable[[], None]] = []
+        self._shadow_later: list[Callable[[], None]] = []
+        self._shadow_ready: list[Callable[[], None]] = []
+        self._streams: list[_PublisherStream] = []
+        # what happened, for assertions
+        self.forwarded: dict[int, Any] = {}  # wire pn -> ForwardedPacket
+        self.dropped_forwarded: list[int] = []
+        self.dropped_userspace = 0
+        self.dropped_to_relay = 0
+        self.userspace_frames: list[StreamFrameSeen] = []
+        self.peer_key_phases: list[int] = []
+        self.relay_key_phases: list[int] = []
+        self.relay.listener = self._on_event
+        self.relay._after_call()  # report what is known already (peer CID)
+        pair.to_client = self.egress
+        pair.to_server = self.ingress
+        pair.tick = self.tick
+        pair.before_server_input = self.drain
+
+    # --- events from the relay (what the controller would write into maps) -------------
+
+    def _on_event(self, event: Any) -> None:
+        from relay.quic.fastpath import PeerConnectionIdChanged
+
+        self.events.append(event)
+        if isinstance(event, PeerConnectionIdChanged):
+            self.peer_cid = event.new
+
+    # --- the ring buffer ----------------------------------------------------------------
+
+    def drain(self) -> None:
+        # The relay reads each publisher stream in order: shadow writes are never reordered.
+        if self.shadow == "before":
+            writes, self._shadow_later = self._shadow_later, []
+            for write in writes:
+                write()
+        records, self._records = self._records, []
+        if self.shuffle_records:
+            self.rng.shuffle(records)
+        for record in records:
+            record()
+        # shadow="after": data registered in an earlier drain arrives now, after the relay
+        # processed at least one datagram (ACKs of those ranges park and are replayed here).
+        ready, self._shadow_ready = self._shadow_ready, self._shadow_later
+        self._shadow_later = []
+        for write in ready:
+            write()
+
+    # --- egress: relay → peer ------------------------------------------------------------
+
+    def _send_phase(self) -> int:
+        return self.keys.keys[Direction.SEND].material.current.key_phase
+
+    def egress(self, datagram: bytes) -> bytes | None:
+        from relay.quic.fastpath import WireNumber
+
+        offset = short_header_offset(datagram)
+        if offset is None:
+            return datagram
+        packet = datagram[offset:]
+        pn_offset = 1 + CID_LENGTH
+        built_pn = int.from_bytes(packet[pn_offset:pn_offset + 2], "big")
+        wire_pn = self._number()
+        key_phase = (packet[0] & 0x04) >> 2
+        self.relay_key_phases.append(key_phase)
+        packet = packet[:pn_offset] + (wire_pn & 0xFFFF).to_bytes(2, "big") + packet[pn_offset + 2:]
+        for sid, off, length, fin in stream_frames(packet[pn_offset + 2:-AEAD_TAG_SIZE]):
+            self.userspace_frames.append(StreamFrameSeen(wire_pn, sid, off, length, fin))
+        now = self.pair.now
+        self._records.append(lambda: self.relay.on_wire_number(
+            WireNumber(built_pn, wire_pn, len(packet), now, key_phase)))
+        protected = self.keys.egress(datagram[:offset] + packet)
+        if protected is not None and self.rng.random() < self.loss_to_peer:
+            self.dropped_userspace += 1
+            return None
+        return protected
+
+    def _number(self) -> int:
+        pn = self.next_wire_pn
+        self.next_wire_pn += 1
+        return pn
+
+    # --- ingress: peer → relay ------------------------------------------------------------
+
+    def ingress(self, datagram: bytes) -> bytes | None:
+        if short_header_offset(datagram) is not None and self.rng.random() < self.loss_to_relay:
+            self.dropped_to_relay += 1
+            return None
+        plain = self.keys.ingress(datagram)
+        if plain is not None and (offset := short_header_offset(plain)) is not None:
+            self.peer_key_phases.append((plain[offset] & 0x04) >> 2)
+        return plain
+
+    # --- forwarding -----------------------------------------------------------------------
+
+    def publish(self, data: bytes) -> int:
+        """A whole publisher stream to forward; returns its id on the subscriber's connection."""
+        stream_id = self.allocator.reserve(1)[0]
+        self._streams.append(_PublisherStream(stream_id, data))
+        return stream_id
+
+    @property
+    def forwarding(self) -> bool:
+        return bool(self._streams)
+
+    def tick(self) -> int:
+        sent = 0
+        while self._streams and sent < self.packets_per_round:
+            if self.relay.congestion_snapshot().available < self.chunk + 64:
+                break  # the kernel respects the exported congestion allowance
+            stream = self._streams[0]
+            piece = stream.data[stream.offset:stream.offset + self.chunk]
+            fin = stream.offset + len(piece) == len(stream.data)
+            self._forward(stream, piece, fin)
+            stream.offset += len(piece)
+            if fin:
+                self._streams.pop(0)
+            sent += 1
+        return sent
+
+    def _forward(self, stream: _PublisherStream, piece: bytes, fin: bool) -> None:
+        from relay.quic.fastpath import ForwardedFrame, ForwardedPacket
+
+        assert self.peer_cid is not None, "no peer CID reported yet"
+        wire_pn = self._number()
+        key_phase = self._send_phase()
+        header = (bytes([0x40 | (key_phase << 2) | 0x01]) + self.peer_cid
+                  + (wire_pn & 0xFFFF).to_bytes(2, "big"))
+        packet = header + encode_stream_frame(stream.stream_id, stream.offset, piece, fin) \
+            + bytes(AEAD_TAG_SIZE)
+        record = ForwardedPacket(wire_pn, len(packet), self.pair.now,
+                                 (ForwardedFrame(stream.stream_id, stream.offset, len(piece), fin),),
+                                 key_phase)
+        self.forwarded[wire_pn] = record
+        offset = stream.offset
+
+        def shadow() -> None:
+            self.relay.shadow_write(stream.stream_id, piece, offset=offset, end_stream=fin)
+
+        self._shadow_later.append(shadow)
+        self._records.append(lambda: self.relay.register_forwarded(record))
+        protected = self.keys.egress(packet)
+        assert protected is not None
+        if self.rng.random() < self.loss_to_peer:
+            self.dropped_forwarded.append(wire_pn)
+            return
+        self.pair.injected_to_client.append(protected)

@@ -1,25 +1,74 @@
-"""`FastrelayQuicConnection`: aioquic's QuicConnection with a crypto backend plugged into 1-RTT.
+"""`FastrelayQuicConnection`: aioquic's QuicConnection with a crypto backend plugged into 1-RTT
+and the hooks the fast path needs.
 
 Without a backend it is stock aioquic: standard QUIC. With `none` it offers
 `disable_1rtt_encryption` and insists the peer does too; with an offloading backend its
 1-RTT packets take the plaintext layout and its keys go to the backend.
+
+Fast-path hooks (all in userspace, the kernel is reached through records and events):
+- `on_wire_number(WireNumber)`: the kernel numbered a packet userspace built
+  (`kernel_numbers_packets=True` parks 1-RTT packets until then);
+- `register_forwarded(ForwardedPacket)`: the kernel sent a packet on our behalf;
+- `shadow_write(stream_id, data, ...)`: bytes the kernel sent go into the stream's send
+  buffer, so a loss retransmits them on the same stream id;
+- `reserve_stream_ids(n)` / `open_send_stream(id)`: one allocator shared with the kernel,
+  streams adopted in any order;
+- `credit_snapshot()`, `stream_credit_snapshot(id)`, `congestion_snapshot()` and the
+  `listener` callback (`relay.quic.fastpath` events) for credit, congestion, connection
+  ids, peer address and lost forwarded packets.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
+from collections.abc import Callable
 from typing import Any
 
+import aioquic
 from aioquic import tls
 from aioquic.buffer import Buffer, BufferReadError
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection, QuicConnectionError
-from aioquic.quic.packet import QuicErrorCode, QuicFrameType
+from aioquic.quic.connection import (
+    NetworkAddress,
+    QuicConnection,
+    QuicConnectionError,
+    QuicReceiveContext,
+    stream_is_client_initiated,
+)
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicSentPacket
+from aioquic.quic.rangeset import RangeSet
+from aioquic.quic.stream import QuicStream
 
 from crypto_backends.base import CryptoBackend
 from crypto_backends.none import DISABLE_1RTT_ENCRYPTION
 from relay.quic.crypto import OneRttCryptoPair, OneRttMode
+from relay.quic.fastpath import (
+    CongestionChanged,
+    CongestionSnapshot,
+    CreditChanged,
+    CreditSnapshot,
+    FastPathEvent,
+    FastPathListener,
+    ForwardedPacket,
+    ForwardedPacketLost,
+    HostConnectionIdIssued,
+    HostConnectionIdRetired,
+    PeerAddressChanged,
+    PeerConnectionIdChanged,
+    StreamCreditChanged,
+    StreamCreditSnapshot,
+    StreamIdAllocator,
+    WireNumber,
+)
+from relay.quic.recovery import FastPathRecovery
+
+# The hooks below use aioquic internals (notes/aioquic.md); they are checked against this version.
+AIOQUIC_VERSION = "1.7.2"
+if aioquic.__version__ != AIOQUIC_VERSION:  # pragma: no cover
+    raise ImportError(f"relay.quic needs aioquic {AIOQUIC_VERSION}, found {aioquic.__version__}")
 
 _connection_numbers = itertools.count(1)
 
@@ -51,9 +100,33 @@ class PeerRefusedNullCrypto(QuicConnectionError):
     """--crypto=none demands disable_1rtt_encryption and the peer did not send it."""
 
 
+class KeyUpdateNotAllowed(RuntimeError):
+    """RFC 9001 §6.1: no key update before an ACK of a packet sent in the current key phase."""
+
+
+@dataclasses.dataclass
+class FastPathStats:
+    forwarded_registered: int = 0
+    forwarded_acked: int = 0
+    forwarded_lost: int = 0
+    wire_numbers: int = 0
+    shadow_bytes: int = 0
+    deliveries_parked: int = 0
+    deliveries_replayed: int = 0
+    streams_adopted_out_of_order: int = 0
+
+
+_Delivery = tuple[int, int, QuicDeliveryState, int, int, bool]  # stop, seq, state, start, stop, fin
+
+
 class FastrelayQuicConnection(QuicConnection):
     def __init__(self, *, configuration: QuicConfiguration,
-                 crypto_backend: CryptoBackend | None = None, **kwargs: Any) -> None:
+                 crypto_backend: CryptoBackend | None = None,
+                 kernel_numbers_packets: bool = False,
+                 stream_id_allocator: StreamIdAllocator | None = None,
+                 listener: FastPathListener | None = None,
+                 host_cid_factory: Callable[[int], bytes] | None = None,
+                 **kwargs: Any) -> None:
         self.crypto_backend = crypto_backend
         #: The number backends and the kernel maps know this connection by.
         self.connection_number = next(_connection_numbers)
@@ -61,7 +134,42 @@ class FastrelayQuicConnection(QuicConnection):
             # As TLS server this order decides; as client it is all we offer.
             configuration = dataclasses.replace(
                 configuration, cipher_suites=list(crypto_backend.cipher_suites))
+        self.listener = listener
+        self.stream_id_allocator = stream_id_allocator
+        self.fastpath = FastPathStats()
+        self._host_cid_factory = host_cid_factory
+        self._opened_local = {0: RangeSet(), 1: RangeSet(), 2: RangeSet(), 3: RangeSet()}
+        self._peeked_stream_ids: dict[int, int] = {}
+        self._parked_deliveries: dict[int, list[_Delivery]] = {}
+        self._delivery_seq = itertools.count()
+        # key phase bookkeeping for RFC 9001 §6.1, from the key-phase bits the kernel reports
+        self._phase_bit: int | None = None
+        self._phase_generation = 0
+        self._phase_acked_generation = -1
+        # last values reported through the listener
+        self._last_congestion: CongestionSnapshot | None = None
+        self._last_peer_cid: bytes | None = None
+        self._last_peer_address: NetworkAddress | None = None
         super().__init__(configuration=configuration, **kwargs)
+        # Nothing has captured the stock recovery yet; spaces are attached in _initialize.
+        self._loss: FastPathRecovery = FastPathRecovery(
+            kernel_numbers_packets=kernel_numbers_packets,
+            congestion_control_algorithm=self._configuration.congestion_control_algorithm,
+            initial_rtt=self._configuration.initial_rtt,
+            max_datagram_size=self._max_datagram_size,
+            peer_completed_address_validation=not self._is_client,
+            quic_logger=self._quic_logger,
+            send_probe=self._send_probe,
+            logger=self._logger,
+        )
+        first = self._host_cids[0]
+        if host_cid_factory is not None:
+            # Transport parameters (initial_source_connection_id) are serialized later.
+            first.cid = host_cid_factory(first.sequence_number)
+            self.host_cid = first.cid
+            self._local_initial_source_connection_id = first.cid
+        self._emit(HostConnectionIdIssued(first.sequence_number, first.cid,
+                                          first.stateless_reset_token))
 
     @property
     def one_rtt_mode(self) -> OneRttMode:
@@ -93,7 +201,7 @@ class FastrelayQuicConnection(QuicConnection):
             data += encode_transport_parameter(DISABLE_1RTT_ENCRYPTION)
         return data
 
-    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+    def _fastrelay_parse_transport_parameters(self, data: bytes, from_session_ticket: bool) -> None:
         super()._parse_transport_parameters(data, from_session_ticket)
         if not self._wants_null_crypto() or from_session_ticket:
             return
@@ -107,3 +215,305 @@ class FastrelayQuicConnection(QuicConnection):
         pair = self._cryptos[tls.Epoch.ONE_RTT]
         assert isinstance(pair, OneRttCryptoPair)
         pair.enable_null()
+
+    # === fast-path hooks ================================================================
+
+    def _emit(self, event: FastPathEvent) -> None:
+        if self.listener is not None:
+            self.listener(event)
+
+    # --- calls in: report what changed afterwards (no aioquic event exists for these) ---
+
+    def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None:
+        super().receive_datagram(data, addr, now)
+        self._after_call()
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        datagrams = super().datagrams_to_send(now)
+        self._after_call()
+        return datagrams
+
+    def handle_timer(self, now: float) -> None:
+        super().handle_timer(now)
+        self._after_call()
+
+    def change_connection_id(self) -> None:
+        super().change_connection_id()
+        self._after_call()
+
+    def _after_call(self) -> None:
+        congestion = self.congestion_snapshot()
+        if congestion != self._last_congestion:
+            self._last_congestion = congestion
+            self._emit(CongestionChanged(congestion))
+        peer = self._peer_cid
+        if peer.sequence_number is not None and peer.cid != self._last_peer_cid:
+            self._emit(PeerConnectionIdChanged(self._last_peer_cid, peer.cid, peer.sequence_number))
+            self._last_peer_cid = peer.cid
+        address = self.get_peer_address()
+        if address is not None and address != self._last_peer_address:
+            self._emit(PeerAddressChanged(self._last_peer_address, address))
+            self._last_peer_address = address
+
+    # --- snapshots ---------------------------------------------------------------------
+
+    def credit_snapshot(self) -> CreditSnapshot:
+        return CreditSnapshot(
+            max_data=self._remote_max_data,
+            data_used=self._remote_max_data_used,
+            max_streams_uni=self._remote_max_streams_uni,
+            max_streams_bidi=self._remote_max_streams_bidi,
+            initial_max_stream_data_uni=self._remote_max_stream_data_uni,
+            initial_max_stream_data_bidi=self._remote_max_stream_data_bidi_remote,
+        )
+
+    def stream_credit_snapshot(self, stream_id: int) -> StreamCreditSnapshot | None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return None
+        return StreamCreditSnapshot(stream_id, stream.max_stream_data_remote,
+                                    stream.sender.highest_offset)
+
+    def congestion_snapshot(self) -> CongestionSnapshot:
+        return CongestionSnapshot(self._loss.congestion_window, self._loss.bytes_in_flight,
+                                  self._loss.parked_packets)
+
+    # --- credit frames (bound through self in aioquic's frame table) ----------------------
+
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        self._fastrelay_parse_transport_parameters(data, from_session_ticket)
+        if not from_session_ticket:
+            self._emit(CreditChanged(self.credit_snapshot()))
+
+    def _handle_max_data_frame(self, context: QuicReceiveContext, frame_type: int, buf: Buffer) -> None:
+        before = self._remote_max_data
+        super()._handle_max_data_frame(context, frame_type, buf)
+        if self._remote_max_data != before:
+            self._emit(CreditChanged(self.credit_snapshot()))
+
+    def _handle_max_streams_uni_frame(self, context: QuicReceiveContext, frame_type: int,
+                                      buf: Buffer) -> None:
+        before = self._remote_max_streams_uni
+        super()._handle_max_streams_uni_frame(context, frame_type, buf)
+        if self._remote_max_streams_uni != before:
+            self._emit(CreditChanged(self.credit_snapshot()))
+
+    def _handle_max_streams_bidi_frame(self, context: QuicReceiveContext, frame_type: int,
+                                       buf: Buffer) -> None:
+        before = self._remote_max_streams_bidi
+        super()._handle_max_streams_bidi_frame(context, frame_type, buf)
+        if self._remote_max_streams_bidi != before:
+            self._emit(CreditChanged(self.credit_snapshot()))
+
+    def _handle_max_stream_data_frame(self, context: QuicReceiveContext, frame_type: int,
+                                      buf: Buffer) -> None:
+        start = buf.tell()
+        stream_id = buf.pull_uint_var()
+        buf.seek(start)
+        stream = self._streams.get(stream_id)
+        before = stream.max_stream_data_remote if stream is not None else None
+        super()._handle_max_stream_data_frame(context, frame_type, buf)
+        credit = self.stream_credit_snapshot(stream_id)
+        if credit is not None and credit.max_stream_data != before:
+            self._emit(StreamCreditChanged(credit))
+
+    # --- connection ids ------------------------------------------------------------------
+
+    def _replenish_connection_ids(self) -> None:
+        known = {c.sequence_number for c in self._host_cids}
+        super()._replenish_connection_ids()
+        for cid in self._host_cids:
+            if cid.sequence_number in known:
+                continue
+            if self._host_cid_factory is not None:
+                cid.cid = self._host_cid_factory(cid.sequence_number)
+            # Before any NEW_CONNECTION_ID carries it: the demux map must know it first.
+            self._emit(HostConnectionIdIssued(cid.sequence_number, cid.cid, cid.stateless_reset_token))
+
+    def _handle_retire_connection_id_frame(self, context: QuicReceiveContext, frame_type: int,
+                                           buf: Buffer) -> None:
+        before = {c.sequence_number: c.cid for c in self._host_cids}
+        super()._handle_retire_connection_id_frame(context, frame_type, buf)
+        after = {c.sequence_number for c in self._host_cids}
+        for sequence_number, cid in before.items():
+            if sequence_number not in after:
+                self._emit(HostConnectionIdRetired(sequence_number, cid))
+
+    # --- stream ids ------------------------------------------------------------------------
+
+    def reserve_stream_ids(self, count: int) -> list[int]:
+        """Ids from the subscriber's counter (shared with the kernel); open them in any order."""
+        if self.stream_id_allocator is None:
+            raise RuntimeError("This connection has no stream id allocator")
+        return self.stream_id_allocator.reserve(count)
+
+    def open_send_stream(self, stream_id: int) -> QuicStream:
+        """Create (or return) the locally-initiated stream `stream_id`, whatever ids exist already."""
+        return self._get_or_create_stream_for_send(stream_id)
+
+    def get_next_available_stream_id(self, is_unidirectional: bool = False) -> int:
+        allocator = self.stream_id_allocator
+        kind = (2 if is_unidirectional else 0) | (0 if self._is_client else 1)
+        if allocator is None or allocator.kind != kind:
+            return super().get_next_available_stream_id(is_unidirectional)
+        # aioquic's contract: the same id until a stream is opened with it.
+        peeked = self._peeked_stream_ids.get(kind)
+        if peeked is None or self._is_opened_local(peeked):
+            peeked = self._peeked_stream_ids[kind] = allocator.reserve(1)[0]
+        return peeked
+
+    def _is_opened_local(self, stream_id: int) -> bool:
+        return stream_id // 4 in self._opened_local[stream_id % 4]
+
+    def _stream_is_discarded(self, stream_id: int) -> bool:
+        if stream_is_client_initiated(stream_id) != self._is_client:
+            return super()._stream_is_discarded(stream_id)
+        # aioquic assumes ids are used in increasing order; ours come from a shared counter.
+        return self._is_opened_local(stream_id) and stream_id not in self._streams
+
+    def _get_or_create_stream_for_send(self, stream_id: int) -> QuicStream:
+        if stream_id in self._streams:
+            return self._streams[stream_id]
+        next_uni, next_bidi = self._local_next_stream_id_uni, self._local_next_stream_id_bidi
+        stream = super()._get_or_create_stream_for_send(stream_id)
+        if stream_id < (next_uni if stream_id & 2 else next_bidi):
+            self.fastpath.streams_adopted_out_of_order += 1
+        self._local_next_stream_id_uni = max(next_uni, self._local_next_stream_id_uni)
+        self._local_next_stream_id_bidi = max(next_bidi, self._local_next_stream_id_bidi)
+        self._opened_local[stream_id % 4].add(stream_id // 4)
+        if stream.is_blocked:
+            # _unblock_streams pops from the front while ids are below the limit.
+            blocked = self._streams_blocked_uni if stream_id & 2 else self._streams_blocked_bidi
+            blocked.sort(key=lambda s: s.stream_id)
+        return stream
+
+    # --- key phase ---------------------------------------------------------------------------
+
+    @property
+    def key_update_allowed(self) -> bool:
+        """Whether a packet sent in the current key phase has been acknowledged (RFC 9001 §6.1).
+
+        Known from the key-phase bits in the kernel's records; False until one is ACKed.
+        """
+        return self._phase_bit is not None and self._phase_acked_generation == self._phase_generation
+
+    def request_key_update(self) -> None:
+        if self._loss.kernel_numbers_packets and not self.key_update_allowed:
+            raise KeyUpdateNotAllowed("No packet of the current key phase has been acknowledged yet")
+        super().request_key_update()
+
+    def _tag_phase(self, packet: QuicSentPacket, key_phase: int | None) -> None:
+        if key_phase is None:
+            return
+        if key_phase != self._phase_bit:
+            if self._phase_bit is not None:
+                self._phase_generation += 1
+            self._phase_bit = key_phase
+        packet.delivery_handlers.append((self._on_phase_delivery, (self._phase_generation,)))
+
+    def _on_phase_delivery(self, delivery: QuicDeliveryState, generation: int) -> None:
+        if delivery == QuicDeliveryState.ACKED and generation == self._phase_generation:
+            self._phase_acked_generation = generation
+
+    # --- registration: packets the kernel numbered or sent ------------------------------------
+
+    def on_wire_number(self, number: WireNumber) -> None:
+        """The kernel gave wire number `number.wire_pn` to the packet aioquic numbered `built_pn`."""
+        self.fastpath.wire_numbers += 1
+        packet = self._loss.parked_packet(number.built_pn)
+        if packet is not None:
+            self._tag_phase(packet, number.key_phase)
+        self._loss.on_wire_number(number)
+        self._after_call()
+
+    def register_forwarded(self, record: ForwardedPacket) -> None:
+        """The kernel sent `record` on this connection's behalf: track it like our own packet."""
+        self._loss.track_external()
+        for frame in record.frames:
+            if frame.stream_id not in self._streams and not self._stream_is_discarded(frame.stream_id):
+                self.open_send_stream(frame.stream_id)
+        packet = QuicSentPacket(
+            epoch=tls.Epoch.ONE_RTT,
+            in_flight=True,
+            is_ack_eliciting=record.ack_eliciting,
+            is_crypto_packet=False,
+            packet_number=record.wire_pn,
+            packet_type=QuicPacketType.ONE_RTT,
+            sent_time=record.sent_time,
+            sent_bytes=record.size,
+        )
+        packet.delivery_handlers.append((self._on_forwarded_delivery, (record,)))
+        self._tag_phase(packet, record.key_phase)
+        self.fastpath.forwarded_registered += 1
+        inserted = self._loss.insert(packet=packet, space=self._spaces[tls.Epoch.ONE_RTT])
+        if inserted and record.ack_eliciting and not self._ack_eliciting_sent_since_receipt:
+            # As _flush_builder does for our own packets (RFC 9000 §10.1).
+            self._close_at = record.sent_time + self._idle_timeout()
+            self._ack_eliciting_sent_since_receipt = True
+        self._after_call()
+
+    def _on_forwarded_delivery(self, delivery: QuicDeliveryState, record: ForwardedPacket) -> None:
+        if delivery == QuicDeliveryState.ACKED:
+            self.fastpath.forwarded_acked += 1
+        else:
+            self.fastpath.forwarded_lost += 1
+            self._emit(ForwardedPacketLost(record))
+        for frame in record.frames:
+            self._stream_delivery(frame.stream_id, delivery, frame.offset, frame.stop, frame.fin)
+
+    def _stream_delivery(self, stream_id: int, delivery: QuicDeliveryState, start: int, stop: int,
+                         fin: bool) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return  # finished and discarded: nothing left to acknowledge or resend
+        sender = stream.sender
+        if stop > sender._buffer_stop or (fin and sender._buffer_fin is None):
+            # The record overtook the publisher-side data: replay once it is shadow-written,
+            # else an ACK would trim bytes the send buffer does not hold yet.
+            heapq.heappush(self._parked_deliveries.setdefault(stream_id, []),
+                           (stop, next(self._delivery_seq), delivery, start, stop, fin))
+            self.fastpath.deliveries_parked += 1
+            return
+        sender.on_data_delivery(delivery, start, stop, fin)
+
+    def shadow_write(self, stream_id: int, data: bytes, *, offset: int | None = None,
+                     end_stream: bool = False) -> None:
+        """Bytes the kernel sent (or is sending) on `stream_id`: buffered as sent, resent only if lost."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            stream = self.open_send_stream(stream_id)
+        sender = stream.sender
+        if offset is not None and offset != sender._buffer_stop:
+            raise ValueError(f"Shadow write at offset {offset}, "
+                             f"stream {stream_id} is at {sender._buffer_stop}")
+        if sender._buffer_fin is not None:
+            raise RuntimeError("Cannot send data after FIN")
+        if data:
+            sender._buffer += data
+            sender._buffer_stop += len(data)
+            if sender._buffer_stop > sender.highest_offset:
+                self._remote_max_data_used += sender._buffer_stop - sender.highest_offset
+                sender.highest_offset = sender._buffer_stop
+            self.fastpath.shadow_bytes += len(data)
+        if end_stream:
+            sender._buffer_fin = sender._buffer_stop
+            sender._pending_eof = False
+        self._replay_deliveries(stream_id, sender)
+
+    def _replay_deliveries(self, stream_id: int, sender: Any) -> None:
+        heap = self._parked_deliveries.get(stream_id)
+        if not heap:
+            return
+        waiting: list[_Delivery] = []
+        while heap and heap[0][0] <= sender._buffer_stop:
+            item = heapq.heappop(heap)
+            _, _, delivery, start, stop, fin = item
+            if fin and sender._buffer_fin is None:
+                waiting.append(item)
+                continue
+            self.fastpath.deliveries_replayed += 1
+            sender.on_data_delivery(delivery, start, stop, fin)
+        for item in waiting:
+            heapq.heappush(heap, item)
+        if not heap:
+            del self._parked_deliveries[stream_id]
