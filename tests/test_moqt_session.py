@@ -555,8 +555,9 @@ class TestData:
         client, server, pipe, rid = subscribed()
         s1 = client.open_subgroup(rid, 0, 1, 128)
         s1.write(1, b"a")
-        s1.reset(SKIPPED_SUBGROUP_RESET_CODE)
+        s1.skip()
         pipe.pump()
+        assert pipe.resets == [StreamReset(s1.stream_id, SKIPPED_SUBGROUP_RESET_CODE, True)]
         (closed,) = of_type(events(server), SubgroupStreamClosed)
         assert closed.reset_code == SKIPPED_SUBGROUP_RESET_CODE == 2
         assert closed.header.subgroup_id == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +24,14 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import StreamDataReceived
 
-from relay.moqt.constants import MOQT_VERSION_DRAFT_14
+from relay.media import (
+    PayloadHeader,
+    PublishSummary,
+    SubscribeSummary,
+    TrackVerifier,
+    encode_object,
+)
+from relay.moqt.constants import MOQT_VERSION_DRAFT_14, ObjectStatus, PublishDoneStatusCode
 from relay.moqt.quic import (
     FastrelayQuicConnection,
     TlsOptions,
@@ -34,7 +42,16 @@ from relay.moqt.quic import (
     serve,
     server_address,
 )
-from relay.moqt.session import ObjectReceived, SubscribeAccepted, SubscribeRequested
+from relay.moqt.session import (
+    NamespacePublished,
+    ObjectReceived,
+    PublishDoneReceived,
+    SubgroupStreamOpened,
+    SubscribeAccepted,
+    SubscribeRequested,
+)
+from relay.publisher import PublisherOptions, run_publisher
+from relay.subscriber import SubscriberOptions, run_subscriber
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -297,3 +314,120 @@ def test_publish_through_moq_rs_relay_to_fastrelay_and_moq_rs_subscribers(
         if name != "rs_sub":
             # fastrelay spoke draft-14 (the only version its ALPN `moq-00` allows).
             assert summary["connection"]["version"] == MOQT_VERSION_DRAFT_14  # type: ignore
+
+
+# -- the endpoints against a peer of ours, in one event loop -----------------------------------
+
+
+def test_publisher_split_layout_end_of_track(certificate: tuple[Path, Path, str]) -> None:
+    """The server plays the relay: SUBSCRIBE to the publisher, check streams and payloads."""
+    cert, key, fingerprint = certificate
+    seen: dict[str, object] = {"streams": [], "objects": [], "done": None, "ns": None}
+    verifier = TrackVerifier()
+
+    def on_event(protocol, event) -> None:  # type: ignore[no-untyped-def]
+        s = protocol.session
+        if isinstance(event, NamespacePublished):
+            seen["ns"] = event.namespace
+            s.accept_publish_namespace(event.request_id)
+            s.subscribe(event.namespace, b"video")
+        elif isinstance(event, SubgroupStreamOpened):
+            h = event.header
+            seen["streams"].append((h.group_id, h.subgroup_id, h.publisher_priority,  # type: ignore[union-attr]
+                                    h.end_of_group))  # type: ignore[union-attr]
+        elif isinstance(event, ObjectReceived):
+            if event.header.status == ObjectStatus.NORMAL:
+                verifier.on_object(event.header.group_id, event.payload, time.time_ns())
+                assert event.header.extensions[:1] == b"\x10"  # the timestamp extension
+            seen["objects"].append((event.header.group_id, event.header.object_id,
+                                    event.header.status))
+        elif isinstance(event, PublishDoneReceived):
+            seen["done"] = (event.status_code, event.stream_count)
+
+    async def scenario() -> PublishSummary:
+        server = await serve(LOOPBACK, 0, cert, key, lambda p: None, on_event=on_event)
+        try:
+            _, port = server_address(server)
+            opts = PublisherOptions(
+                url=f"moqt://{LOOPBACK}:{port}/p", namespace=(b"demo", b"cam"), track=b"video",
+                tls=TlsOptions(fingerprint=fingerprint), rate=0, object_size=100,
+                group_length=3, objects=6, wait_subscriber=5)
+            return await run_publisher(opts)
+        finally:
+            server.close()
+
+    summary = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert summary.ok and summary.objects == 6, summary
+    assert seen["ns"] == (b"demo", b"cam")
+    # Per group: subgroup 0 (priority 0) with the first object, subgroup 1 (priority 128,
+    # end of group) with the rest; then the END_OF_TRACK group.
+    assert seen["streams"] == [(0, 0, 0, False), (0, 1, 128, True), (1, 0, 0, False),
+                               (1, 1, 128, True), (2, 0, 0, True)]
+    assert seen["objects"][-1] == (2, 0, ObjectStatus.END_OF_TRACK)
+    assert seen["done"] == (PublishDoneStatusCode.TRACK_ENDED, 5)
+    result = verifier.summary(expect_objects=6, expect_groups=2, track_ended=True, reason="x")
+    assert result.ok, result
+
+
+def test_subscriber_tells_skipped_from_lost(certificate: tuple[Path, Path, str]) -> None:
+    """The server plays a relay that skips subgroup 1 of group 1 (reset with the skip code)
+    and loses object 2 of group 2 (no signal)."""
+    cert, key, fingerprint = certificate
+
+    def payload(group: int, obj: int) -> bytes:
+        return encode_object(PayloadHeader(group=group, object=obj, objects_in_group=3,
+                                           size=64, send_ns=time.time_ns()))
+
+    def on_event(protocol, event) -> None:  # type: ignore[no-untyped-def]
+        s = protocol.session
+        if isinstance(event, SubscribeRequested):
+            rid = event.request_id
+            s.accept_subscribe(rid, 1)
+            for group in range(3):
+                first = s.open_subgroup(rid, group, 0, 0)
+                first.write(0, payload(group, 0), end_stream=True)
+                rest = s.open_subgroup(rid, group, 1, 128, end_of_group=True)
+                if group == 1:
+                    rest.skip()
+                    continue
+                rest.write(1, payload(group, 1), end_stream=group == 2)
+                if group != 2:
+                    rest.write(2, payload(group, 2), end_stream=True)
+            s.publish_done(rid, PublishDoneStatusCode.TRACK_ENDED)
+
+    async def scenario() -> SubscribeSummary:
+        server = await serve(LOOPBACK, 0, cert, key, lambda p: None, on_event=on_event)
+        try:
+            _, port = server_address(server)
+            return await run_subscriber(SubscriberOptions(
+                url=f"moqt://{LOOPBACK}:{port}/s", namespace=(b"demo",), track=b"t",
+                tls=TlsOptions(fingerprint=fingerprint), duration=5))
+        finally:
+            server.close()
+
+    summary = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert (summary.objects, summary.skipped, summary.skipped_subgroups, summary.lost) == (
+        6, 2, 1, 1), summary
+    assert summary.track_ended and summary.reason == "track_ended"
+    assert summary.ok is False
+
+
+def test_subscriber_exits_cleanly_on_sigterm(moq_rs_relay: dict[str, object],
+                                             tmp_path: Path) -> None:
+    url = f"moqt://{moq_rs_relay['bind']}/x"
+    with open(tmp_path / "sub.out", "w") as out, open(tmp_path / "sub.err", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "subscribe", "--url", url, "--namespace", "none/here",
+             "--track", "t", "--insecure", "--duration", "30", "--json"],
+            cwd=REPO, env=_env(), stdout=out, stderr=err)
+    try:
+        time.sleep(1.5)  # connected and retrying a SUBSCRIBE for a track nobody announced
+        assert proc.poll() is None
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        assert time.monotonic() - t0 < 5
+    finally:
+        _stop(proc)
+    summary = _json(tmp_path / "sub.out")
+    assert (proc.returncode, summary["reason"], summary["objects"]) == (1, "signal", 0)

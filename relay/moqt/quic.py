@@ -125,6 +125,7 @@ class MoqtProtocol(QuicConnectionProtocol):
         self._on_event = on_event
         self._fingerprint = fingerprint
         self._session_timer: asyncio.TimerHandle | None = None
+        self._parked_resets: dict[int, int] = {}  # stream id -> code, once data is acked
         if isinstance(quic, FastrelayQuicConnection):
             quic.stream_priority = session.stream_priorities.get
 
@@ -190,7 +191,10 @@ class MoqtProtocol(QuicConnectionProtocol):
             else:
                 quic.send_datagram_frame(t.data)
         elif isinstance(t, StreamReset):
-            quic.reset_stream(t.stream_id, t.error_code)
+            if t.after_delivery and not self._delivered(t.stream_id):
+                self._parked_resets[t.stream_id] = t.error_code
+            else:
+                quic.reset_stream(t.stream_id, t.error_code)
         elif isinstance(t, StopSending):
             quic.stop_stream(t.stream_id, t.error_code)
         elif isinstance(t, ConnectionClose):
@@ -208,6 +212,19 @@ class MoqtProtocol(QuicConnectionProtocol):
             self._on_event(self, event)
         else:
             self.events.put_nowait(event)
+
+    def _delivered(self, stream_id: int) -> bool:
+        stream = self._quic._streams.get(stream_id)
+        return stream is None or stream.sender._buffer_start >= stream.sender._buffer_stop
+
+    def transmit(self) -> None:
+        # Parked resets (StreamReset.after_delivery) go out once their data is acknowledged;
+        # aioquic calls transmit() after every received datagram, so ACKs are seen here.
+        for stream_id, code in list(self._parked_resets.items()):
+            if self._delivered(stream_id):
+                del self._parked_resets[stream_id]
+                self._quic.reset_stream(stream_id, code)
+        super().transmit()
 
     def max_datagram_payload(self) -> int:
         return self._quic._max_datagram_size - _DATAGRAM_OVERHEAD

@@ -146,6 +146,9 @@ class StreamWrite:
 class StreamReset:
     stream_id: int
     error_code: int
+    after_delivery: bool = False
+    """Reset only once the bytes written so far are acknowledged (what RESET_STREAM_AT's
+    reliable size gives; aioquic lacks it, so the adapter waits for the ACKs instead)."""
 
 
 @dataclass(frozen=True)
@@ -487,6 +490,15 @@ class SubgroupSender:
     def reset(self, error_code: int = StreamResetCode.CANCELLED) -> None:
         if not self.closed:
             self._session._transmits.append(StreamReset(self.stream_id, error_code))
+            self._close()
+
+    def skip(self) -> None:
+        """Give up on (the rest of) this subgroup on purpose: reset with
+        SKIPPED_SUBGROUP_RESET_CODE once what was written (at least the header, which says
+        which group and subgroup) has reached the subscriber."""
+        if not self.closed:
+            self._session._transmits.append(
+                StreamReset(self.stream_id, SKIPPED_SUBGROUP_RESET_CODE, after_delivery=True))
             self._close()
 
     def _close(self) -> None:
