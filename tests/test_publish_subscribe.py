@@ -147,8 +147,10 @@ def test_priority_hook_serves_high_priority_first(certificate: tuple[Path, Path,
 # -- adapter over loopback, both ends ours -----------------------------------------------------
 
 
-def test_adapter_loopback_session(certificate: tuple[Path, Path, str]) -> None:
+@pytest.mark.parametrize("host", [LOOPBACK, "::1"])
+def test_adapter_loopback_session(certificate: tuple[Path, Path, str], host: str) -> None:
     cert, key, fingerprint = certificate
+    url_host = f"[{host}]" if ":" in host else host
 
     async def scenario() -> list[bytes]:
         def on_event(protocol, event) -> None:  # type: ignore[no-untyped-def]
@@ -159,10 +161,10 @@ def test_adapter_loopback_session(certificate: tuple[Path, Path, str]) -> None:
                 sender.write(1, b"two", end_stream=True)
                 protocol.session.send_datagram(event.request_id, 1, 0, 0, b"dgram")
 
-        server = await serve(LOOPBACK, 0, cert, key, lambda p: None, on_event=on_event)
+        server = await serve(host, 0, cert, key, lambda p: None, on_event=on_event)
         try:
             _, port = server_address(server)
-            async with connect(f"moqt://{LOOPBACK}:{port}/t",
+            async with connect(f"moqt://{url_host}:{port}/t",
                                tls=TlsOptions(fingerprint=fingerprint)) as client:
                 assert client.session.version == MOQT_VERSION_DRAFT_14
                 client.session.subscribe((b"a",), b"t")

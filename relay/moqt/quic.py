@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import logging
 import os
 import socket
 import ssl
@@ -67,6 +68,8 @@ from .session import (
     StreamReset,
     StreamWrite,
 )
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 443
 # Large enough for any object datagram that fits a 1500-byte path; the peer's own limit is
@@ -120,6 +123,8 @@ class MoqtProtocol(QuicConnectionProtocol):
         self.session = session
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.ready: asyncio.Future[SessionReady] = self._loop.create_future()
+        # A setup failure nobody awaits any more (connect timed out) must not warn at exit.
+        self.ready.add_done_callback(lambda f: None if f.cancelled() else f.exception())
         self.closed_event: SessionClosed | None = None
         self.datagrams_dropped = 0
         self._on_event = on_event
@@ -209,7 +214,12 @@ class MoqtProtocol(QuicConnectionProtocol):
                 self.ready.set_exception(MoqtConnectError(
                     f"MoQ session closed during setup: {describe_close(event)}"))
         if self._on_event is not None:
-            self._on_event(self, event)
+            try:
+                self._on_event(self, event)
+            except Exception as exc:  # the owner's bug costs this session, not the loop
+                logger.exception("session event handler failed on %s", type(event).__name__)
+                self.session.close(SessionErrorCode.INTERNAL_ERROR,
+                                   f"internal error: {type(exc).__name__}")
         else:
             self.events.put_nowait(event)
 
@@ -370,7 +380,7 @@ async def connect(url: str, *, tls: TlsOptions = TlsOptions(), timeout: float = 
         local_addr=local)
     protocol = cast(MoqtProtocol, protocol)
     try:
-        protocol.connect(addr[:2])
+        protocol.connect(addr)  # the full tuple: aioquic compares it with recvfrom()'s
         try:
             await asyncio.wait_for(asyncio.shield(protocol.ready), timeout)
         except asyncio.TimeoutError:
