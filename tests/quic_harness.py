@@ -10,6 +10,7 @@ update) on aioquic's primitive AEAD/HeaderProtection objects, never on its Crypt
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -100,7 +101,10 @@ class Pair:
                     return
                 if max_time is not None and timer > max_time:
                     return
-                self.now = max(self.now, timer)
+                # aioquic arms its loss timer at sent_time + delay but compares
+                # sent_time <= now - delay: at now == timer, float rounding can leave it
+                # armed at `now` forever. A real clock moves on; so does this one.
+                self.now = timer if timer > self.now else self.now + 1e-6
                 for conn in (self.client, self.server):
                     t = conn.get_timer()
                     if t is not None and t <= self.now:
@@ -405,14 +409,15 @@ class FastPathEmulator:
     - Drops a fraction of packets in each direction, after numbering (wire loss), from a
       seeded RNG.
     - Records go to the relay in batches, before it takes input (the ring-buffer drain);
-      `shuffle_records` delivers each batch out of order; `shadow="after"` applies the
-      publisher-side data only after the relay processed the next datagram (ACK first).
+      `shuffle_records` delivers each batch out of order, `record_lag=n` holds the newest n
+      batches back (ACKs can name packets not registered yet); `shadow="after"` applies the
+      publisher-side data one drain after its records (ACK/LOST before the data).
     """
 
     def __init__(self, pair: Pair, keys: KernelEmulator, allocator: Any, *, seed: int = 1,
                  loss_to_peer: float = 0.0, loss_to_relay: float = 0.0, chunk: int = 1000,
                  packets_per_round: int = 4, shuffle_records: bool = False,
-                 shadow: str = "before") -> None:
+                 record_lag: int = 0, shadow: str = "before") -> None:
         import random
 
         self.pair = pair
@@ -425,13 +430,15 @@ class FastPathEmulator:
         self.chunk = chunk
         self.packets_per_round = packets_per_round
         self.shuffle_records = shuffle_records
+        self.record_lag = record_lag
         self.shadow = shadow
         self.next_wire_pn = 0
         self.peer_cid: bytes | None = None
         self.events: list[Any] = []
         self._records: list[Callable[[], None]] = []
         self._shadow_later: list[Callable[[], None]] = []
-        self._shadow_ready: list[Callable[[], None]] = []
+        self._record_batches: deque[list[Callable[[], None]]] = deque()
+        self._shadow_batches: deque[list[Callable[[], None]]] = deque()
         self._streams: list[_PublisherStream] = []
         # what happened, for assertions
         self.forwarded: dict[int, Any] = {}  # wire pn -> ForwardedPacket
@@ -460,22 +467,34 @@ class FastPathEmulator:
     # --- the ring buffer ----------------------------------------------------------------
 
     def drain(self) -> None:
-        # The relay reads each publisher stream in order: shadow writes are never reordered.
-        if self.shadow == "before":
-            writes, self._shadow_later = self._shadow_later, []
-            for write in writes:
-                write()
-        records, self._records = self._records, []
-        if self.shuffle_records:
-            self.rng.shuffle(records)
-        for record in records:
-            record()
-        # shadow="after": data registered in an earlier drain arrives now, after the relay
-        # processed at least one datagram (ACKs of those ranges park and are replayed here).
-        ready, self._shadow_ready = self._shadow_ready, self._shadow_later
+        """The relay drains the ring buffer; with `record_lag` the newest batches stay behind."""
+        self._record_batches.append(self._records)
+        self._records = []
+        self._shadow_batches.append(self._shadow_later)
         self._shadow_later = []
-        for write in ready:
-            write()
+        shadow_lag = self.record_lag + (1 if self.shadow == "after" else 0)
+        self._apply(shadow_lag, self.record_lag)
+
+    def flush(self) -> None:
+        """Everything reported so far reaches the relay."""
+        self.drain()
+        self._apply(0, 0)
+
+    @property
+    def pending(self) -> bool:
+        return any(self._record_batches) or any(self._shadow_batches)
+
+    def _apply(self, shadow_lag: int, record_lag: int) -> None:
+        # The relay reads each publisher stream in order: shadow writes are never reordered.
+        while len(self._shadow_batches) > shadow_lag:
+            for write in self._shadow_batches.popleft():
+                write()
+        while len(self._record_batches) > record_lag:
+            records = self._record_batches.popleft()
+            if self.shuffle_records:
+                self.rng.shuffle(records)
+            for record in records:
+                record()
 
     # --- egress: relay → peer ------------------------------------------------------------
 
