@@ -52,6 +52,7 @@ from relay.moqt.session import (
 )
 from relay.publisher import PublisherOptions, run_publisher
 from relay.subscriber import SubscriberOptions, run_subscriber
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -433,3 +434,28 @@ def test_subscriber_exits_cleanly_on_sigterm(moq_rs_relay: dict[str, object],
         _stop(proc)
     summary = _json(tmp_path / "sub.out")
     assert (proc.returncode, summary["reason"], summary["objects"]) == (1, "signal", 0)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def test_cli_bad_url_and_tls_options(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--namespace", "a/b", "--track", "t"]
+    run_cli(["publish", "--url", "https://x/y", *base], capsys, exit_code=1,
+            stderr=r"^error: 'https://x/y' is not a moqt://host:port/path URL\n$")
+    run_cli(["subscribe", "--url", "moqt://x:1/y", *base, "--insecure", "--fingerprint", "ab"],
+            capsys, exit_code=1,
+            stderr=r"^error: --insecure cannot be combined with --fingerprint or --cafile\n$")
+    run_cli(["publish", "--url", "moqt://x:1/y", *base, "--layout", "zigzag"], capsys,
+            exit_code=2)
+    run_cli(["subscribe", "--url", "moqt://x:1/y", "--namespace", "/", "--track", "t"], capsys,
+            exit_code=1, stderr=r"error: --namespace '/': A track namespace needs")
+
+
+def test_cli_no_server_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(["subscribe", "--url", f"moqt://{LOOPBACK}:9/x", "--namespace", "a",
+                      "--track", "t", "--insecure", "--connect-timeout", "0.5"], capsys,
+                     exit_code=1)
+    assert result.stderr == (f"error: no MoQ session with moqt://{LOOPBACK}:9/x within 0.5 s; "
+                             "is the server up?\n")
+    assert result.stdout == ""
