@@ -1,6 +1,7 @@
 """aioquic adapter for MoqtSession: raw QUIC, ALPN `moq-00` only, DATAGRAM on.
 
-- `FastrelayQuicConnection`: aioquic's QuicConnection plus one hook, stream priority (below).
+- Connections are `relay.quic.connection.FastrelayQuicConnection` (MoQ stream priority,
+  crypto backends, fast-path hooks).
 - `MoqtProtocol`: a QuicConnectionProtocol that feeds stream data, resets and datagrams into
   its MoqtSession and writes the session's transmits back; session events go to a callback
   (the relay) or to `protocol.events` (the endpoints).
@@ -8,18 +9,6 @@
 - `generate_certificate` / `certificate_fingerprint`: self-signed certificates for tests and
   demos, pinned by SHA-256 (`TlsOptions.fingerprint`), or verified by a CA file, or not at all
   (`insecure`, tests only).
-
-Stream priority. aioquic 1.7.2 serves streams round-robin from `QuicConnection._streams_queue`
-(`connection.py:3745-3795`): every packet walks the list in order, and after each packet the
-streams that sent move to the end. MoQ wants the subscriber priority, then the publisher
-priority, to decide which stream's data goes first (draft-14 section 7). The hook: the subclass
-turns `_streams_queue` into a property whose setter keeps the list stably sorted by
-`(subscriber priority, publisher priority)`, lower first. aioquic reassigns the list after every
-packet (the `finally` at `:3790`), so the order holds packet by packet, and the stable sort keeps
-aioquic's round-robin among streams of equal priority. Streams without a priority (the control
-stream, peer-initiated streams) sort first. Streams are appended unsorted on creation
-(`:1730`, `:1771`); the next reassignment sorts them, and `_write_application` is entered with a
-fresh sort too.
 """
 
 from __future__ import annotations
@@ -35,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import cast
 from urllib.parse import urlsplit
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -49,11 +38,12 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
-from aioquic.quic.stream import QuicStream
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from relay.quic.connection import FastrelayQuicConnection
 
 from .constants import ALPN, SessionErrorCode
 from .session import (
@@ -80,37 +70,8 @@ IDLE_TIMEOUT = 30.0
 # DATAGRAM frame type + length (1 + 2), AEAD tag 16.
 _DATAGRAM_OVERHEAD = 1 + 20 + 4 + 3 + 16
 
-PriorityKey = tuple[int, int]
-_UNPRIORITISED: PriorityKey = (-1, -1)  # control stream and peer streams go first
-
-
 class MoqtConnectError(Exception):
     """Connecting or setting up the MoQ session failed; the message says why."""
-
-
-class FastrelayQuicConnection(QuicConnection):
-    """QuicConnection whose stream service order follows MoQ priorities (see module doc)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # aioquic assigns _streams_queue inside __init__: the priority table must exist first.
-        self.stream_priority: Callable[[int], PriorityKey | None] = lambda stream_id: None
-        super().__init__(*args, **kwargs)
-
-    def _priority_key(self, stream: QuicStream) -> PriorityKey:
-        key = self.stream_priority(stream.stream_id)
-        return _UNPRIORITISED if key is None else key
-
-    @property  # type: ignore[override]
-    def _streams_queue(self) -> list[QuicStream]:
-        return self._fr_streams_queue
-
-    @_streams_queue.setter
-    def _streams_queue(self, value: list[QuicStream]) -> None:
-        self._fr_streams_queue = sorted(value, key=self._priority_key)
-
-    def _write_application(self, *args: Any, **kwargs: Any) -> None:
-        self._fr_streams_queue.sort(key=self._priority_key)
-        super()._write_application(*args, **kwargs)
 
 
 class MoqtProtocol(QuicConnectionProtocol):

@@ -16,6 +16,18 @@ Fast-path hooks (all in userspace, the kernel is reached through records and eve
 - `credit_snapshot()`, `stream_credit_snapshot(id)`, `congestion_snapshot()` and the
   `listener` callback (`relay.quic.fastpath` events) for credit, congestion, connection
   ids, peer address and lost forwarded packets.
+
+MoQ stream priority. aioquic 1.7.2 serves streams round-robin from `QuicConnection._streams_queue`
+(`connection.py:3745-3795`): every packet walks the list in order, and after each packet the
+streams that sent move to the end. MoQ wants the subscriber priority, then the publisher
+priority, to decide which stream's data goes first (draft-14 section 7). The hook: the subclass
+turns `_streams_queue` into a property whose setter keeps the list stably sorted by
+`(subscriber priority, publisher priority)`, lower first. aioquic reassigns the list after every
+packet (the `finally` at `:3790`), so the order holds packet by packet, and the stable sort keeps
+aioquic's round-robin among streams of equal priority. Streams without a priority (the control
+stream, peer-initiated streams) sort first. Streams are appended unsorted on creation
+(`:1730`, `:1771`); the next reassignment sorts them, and `_write_application` is entered with a
+fresh sort too.
 """
 
 from __future__ import annotations
@@ -119,6 +131,10 @@ class FastPathStats:
 _Delivery = tuple[int, int, QuicDeliveryState, int, int, bool]  # stop, seq, state, start, stop, fin
 
 
+PriorityKey = tuple[int, int]
+_UNPRIORITISED: PriorityKey = (-1, -1)  # control stream and peer streams go first
+
+
 class FastrelayQuicConnection(QuicConnection):
     def __init__(self, *, configuration: QuicConfiguration,
                  crypto_backend: CryptoBackend | None = None,
@@ -127,6 +143,9 @@ class FastrelayQuicConnection(QuicConnection):
                  listener: FastPathListener | None = None,
                  host_cid_factory: Callable[[int], bytes] | None = None,
                  **kwargs: Any) -> None:
+        # aioquic assigns _streams_queue inside __init__: the priority table must exist first.
+        #: (subscriber priority, publisher priority) of a stream, lower first; None = first.
+        self.stream_priority: Callable[[int], PriorityKey | None] = lambda stream_id: None
         self.crypto_backend = crypto_backend
         #: The number backends and the kernel maps know this connection by.
         self.connection_number = next(_connection_numbers)
@@ -170,6 +189,24 @@ class FastrelayQuicConnection(QuicConnection):
             self._local_initial_source_connection_id = first.cid
         self._emit(HostConnectionIdIssued(first.sequence_number, first.cid,
                                           first.stateless_reset_token))
+
+    # --- MoQ stream priority (see the module docstring) ---------------------------------
+
+    def _priority_key(self, stream: QuicStream) -> PriorityKey:
+        key = self.stream_priority(stream.stream_id)
+        return _UNPRIORITISED if key is None else key
+
+    @property  # type: ignore[override]
+    def _streams_queue(self) -> list[QuicStream]:
+        return self._fr_streams_queue
+
+    @_streams_queue.setter
+    def _streams_queue(self, value: list[QuicStream]) -> None:
+        self._fr_streams_queue = sorted(value, key=self._priority_key)
+
+    def _write_application(self, *args: Any, **kwargs: Any) -> None:
+        self._fr_streams_queue.sort(key=self._priority_key)
+        super()._write_application(*args, **kwargs)
 
     @property
     def one_rtt_mode(self) -> OneRttMode:
