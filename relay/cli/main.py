@@ -6,13 +6,14 @@ usage errors exit 2; `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Annotated
 
 import typer
 
 from relay import __version__, publisher, subscriber
-from relay.cli import demo, lab, probe
+from relay.cli import demo, lab, probe, relay_cmd
 from relay.errors import FastrelayError
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ app.command("probe", rich_help_panel="Machine")(probe.probe)
 app.command("demo", rich_help_panel="Lab")(demo.demo)
 app.command("publish", rich_help_panel="MoQ")(publisher.publish_command)
 app.command("subscribe", rich_help_panel="MoQ")(subscriber.subscribe_command)
+app.command("relay", rich_help_panel="MoQ")(relay_cmd.relay_command)
 
 _debug = False
 
@@ -52,6 +54,10 @@ def root(
 ) -> None:
     global _debug
     _debug = debug
+    # Libraries (aioquic's "quic" logger among them) would print their warnings beside our
+    # one-line errors; they are for --debug.
+    logging.basicConfig(level=logging.DEBUG if debug else logging.CRITICAL,
+                        format="%(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,148 @@
+"""`fastrelay relay`: run the userspace MoQ relay (MoQT draft-14, raw QUIC, ALPN `moq-00`).
+
+stdout: `fingerprint sha256:<hex>` (the certificate's SHA-256, for clients' --fingerprint),
+then `listening <host>:<port>` once serving; on exit one `stats {...}` JSON line.
+Runs until SIGINT/SIGTERM (exit 0) or --duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from relay.core.access import AccessConfig
+from relay.core.cache import CacheConfig
+from relay.core.relay import RelayConfig
+from relay.errors import ConfigError, FastrelayError
+from relay.moqt.quic import (
+    TlsOptions,
+    certificate_fingerprint,
+    generate_certificate,
+    parse_url,
+)
+from relay.server import RelayServer
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"--listen {text!r}: expected HOST:PORT (e.g. 127.0.0.1:4443 or "
+                          "[::1]:4443)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port_text)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+async def _serve(server: RelayServer, host: str, port: int, cert: Path, key: Path,
+                 duration: float | None) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        bound_host, bound_port = await server.start(host, port, cert, key)
+    except OSError as exc:
+        why = "address already in use" if exc.errno == errno.EADDRINUSE else \
+            (exc.strerror or str(exc))
+        raise FastrelayError(f"cannot listen on {host}:{port}: {why}") from None
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    _say(f"listening {shown}:{bound_port}")
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await asyncio.wait_for(stop.wait(), duration)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.stop()
+
+
+def relay_command(
+    listen: Annotated[str, typer.Option("--listen", metavar="HOST:PORT",
+                                        help="UDP address to serve MoQ on (port 0: any).")],
+    cert: Annotated[Path | None, typer.Option("--cert", help="TLS certificate (PEM).")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="TLS private key (PEM).")] = None,
+    upstream: Annotated[str | None, typer.Option(
+        "--upstream", metavar="URL",
+        help="moqt://host:port/path of a relay to subscribe to for tracks published "
+             "nowhere here.")] = None,
+    upstream_fingerprint: Annotated[str | None, typer.Option(
+        "--upstream-fingerprint", metavar="SHA256",
+        help="Pin the upstream relay's certificate (SHA-256 hex).")] = None,
+    upstream_insecure: Annotated[bool, typer.Option(
+        "--upstream-insecure", help="Do not verify the upstream's certificate (tests only).")]
+    = False,
+    cache_groups: Annotated[int, typer.Option("--cache-groups", min=1,
+                                              help="Groups cached per track.")] = 8,
+    cache_bytes: Annotated[int, typer.Option("--cache-bytes", min=1,
+                                             help="Bytes cached per track.")] = 16 << 20,
+    access: Annotated[Path | None, typer.Option(
+        "--access", metavar="FILE.toml", help="Tokens and namespace allow-lists.")] = None,
+    duration: Annotated[float | None, typer.Option(
+        "--duration", min=0.0, metavar="S", help="Stop after S seconds.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
+) -> None:
+    """Run the MoQ relay (userspace path) until SIGINT/SIGTERM or --duration."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    host, port = parse_listen(listen)
+    if (cert is None) != (key is None):
+        raise ConfigError("--cert and --key go together")
+    upstream_tls = TlsOptions()
+    if upstream is not None:
+        try:
+            parse_url(upstream)
+        except ValueError as exc:
+            raise ConfigError(f"--upstream: {exc}") from None
+        if upstream_insecure and upstream_fingerprint:
+            raise ConfigError("--upstream-insecure cannot be combined with "
+                              "--upstream-fingerprint")
+        upstream_tls = TlsOptions(insecure=upstream_insecure, fingerprint=upstream_fingerprint)
+    try:
+        cache = CacheConfig(max_groups=cache_groups, max_bytes=cache_bytes)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    access_config = AccessConfig.open()
+    if access is not None:
+        try:
+            access_config = AccessConfig.from_toml(access.read_text())
+        except OSError as exc:
+            raise ConfigError(f"--access {access}: {exc.strerror or exc}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"--access {access}: {exc}") from None
+    config = RelayConfig(cache=cache, access=access_config, upstream_relay=upstream is not None)
+    with tempfile.TemporaryDirectory(prefix="fastrelay-cert-") as tmp:
+        if cert is None or key is None:
+            cert_pem, key_pem, fingerprint = generate_certificate(
+                ["localhost", host if host not in ("0.0.0.0", "::") else "127.0.0.1"])
+            cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+            cert.write_bytes(cert_pem)
+            key.write_bytes(key_pem)
+        else:
+            for path, what in ((cert, "--cert"), (key, "--key")):
+                if not path.is_file():
+                    raise ConfigError(f"{what} {path}: no such file")
+            try:
+                fingerprint = certificate_fingerprint(cert.read_bytes())
+            except ValueError as exc:
+                raise ConfigError(f"--cert {cert}: not a PEM certificate ({exc})") from None
+        _say(f"fingerprint sha256:{fingerprint}")
+        server = RelayServer(config, upstream_url=upstream, upstream_tls=upstream_tls)
+        try:
+            asyncio.run(_serve(server, host, port, cert, key, duration))
+        except ValueError as exc:  # e.g. a key that does not match the certificate
+            raise ConfigError(f"cannot use --cert/--key: {exc}") from None
+        _say("stats " + json.dumps(server.stats(), sort_keys=True))

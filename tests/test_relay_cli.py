@@ -1,0 +1,73 @@
+"""`fastrelay relay`: one-line errors for bad input, clean exit on --duration and SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.moqt.quic import generate_certificate
+from tests.conftest import run_cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bad_listen_and_upstream(capsys: pytest.CaptureFixture[str]) -> None:
+    run_cli(["relay", "--listen", "nope"], capsys, exit_code=1,
+            stderr=r"^error: --listen 'nope': expected HOST:PORT")
+    run_cli(["relay", "--listen", "127.0.0.1:0", "--upstream", "https://x/y"], capsys,
+            exit_code=1,
+            stderr=r"^error: --upstream: 'https://x/y' is not a moqt://host:port/path URL\n$")
+
+
+def test_missing_cert_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    result = run_cli(["relay", "--listen", "127.0.0.1:0", "--cert", str(tmp_path / "c.pem"),
+                      "--key", str(tmp_path / "k.pem")], capsys, exit_code=1)
+    assert result.stderr == f"error: --cert {tmp_path / 'c.pem'}: no such file\n"
+    run_cli(["relay", "--listen", "127.0.0.1:0", "--cert", str(tmp_path / "c.pem")], capsys,
+            exit_code=1, stderr=r"^error: --cert and --key go together\n$")
+
+
+def test_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        result = run_cli(["relay", "--listen", f"127.0.0.1:{port}"], capsys, exit_code=1)
+    assert result.stderr == f"error: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert result.stdout.startswith("fingerprint sha256:")
+
+
+def test_given_certificate_and_duration(capsys: pytest.CaptureFixture[str],
+                                        tmp_path: Path) -> None:
+    cert, key, fingerprint = generate_certificate(["localhost", "127.0.0.1"])
+    (tmp_path / "c.pem").write_bytes(cert)
+    (tmp_path / "k.pem").write_bytes(key)
+    result = run_cli(["relay", "--listen", "127.0.0.1:0", "--cert", str(tmp_path / "c.pem"),
+                      "--key", str(tmp_path / "k.pem"), "--duration", "0.2"], capsys)
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"fingerprint sha256:{fingerprint}"
+    assert lines[1].startswith("listening 127.0.0.1:")
+    assert lines[2].startswith("stats {")
+
+
+def test_sigterm_is_a_clean_exit(tmp_path: Path) -> None:
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "relay", "relay", "--listen",
+                                 "127.0.0.1:0"], cwd=REPO, stdout=out, stderr=err)
+    try:
+        deadline = time.monotonic() + 15
+        while "listening" not in (tmp_path / "out").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, (tmp_path / "err").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+    assert (tmp_path / "out").read_text().splitlines()[-1].startswith("stats {")

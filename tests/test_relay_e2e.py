@@ -1,0 +1,179 @@
+"""`fastrelay relay` end to end on loopback, every endpoint its own process.
+
+Each test starts a relay (`python -m relay relay --listen 127.0.0.1:0`), reads its
+`fingerprint sha256:...` and `listening host:port` lines, runs publishers and subscribers
+(ours: `fastrelay publish/subscribe`; moq-rs's: `python -m relay.interop.moq_rs`), and checks
+every subscriber's verifying summary. Every wait is bounded, every child is ended by PID in
+`finally`, and child output goes to files in tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+NAMESPACE = "demo/cam"
+TRACK = "video"
+FASTRELAY = [sys.executable, "-m", "relay"]
+MOQ_RS = [sys.executable, "-m", "relay.interop.moq_rs"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["NO_COLOR"] = "1"
+    env.pop("RUST_LOG", None)
+    return env
+
+
+class Children:
+    """Child processes of one test, their output in files, all ended by PID."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        with open(self.folder / f"{name}.out", "w") as out, \
+                open(self.folder / f"{name}.err", "w") as err:
+            proc = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=out, stderr=err)
+        self.procs[name] = proc
+        return proc
+
+    def relay(self, name: str, *extra: str) -> tuple[str, str]:
+        """Start a relay; (moqt URL, certificate fingerprint)."""
+        proc = self.spawn(name, [*FASTRELAY, "relay", "--listen", f"{LOOPBACK}:0",
+                                 "--duration", "120", *extra])
+        lines = self.lines(name, proc, 2, timeout=15)
+        assert lines[0].startswith("fingerprint sha256:"), lines
+        assert lines[1].startswith("listening "), lines
+        return f"moqt://{lines[1].split()[1]}/relay", lines[0].split(":", 1)[1]
+
+    def lines(self, name: str, proc: subprocess.Popen[bytes], count: int,
+              timeout: float) -> list[str]:
+        path = self.folder / f"{name}.out"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = path.read_text().splitlines(keepends=True)
+            if len(lines) >= count and lines[count - 1].endswith("\n"):
+                return [line.rstrip("\n") for line in lines[:count]]
+            assert proc.poll() is None, (f"{name} exited with {proc.returncode}: "
+                                         f"{(self.folder / f'{name}.err').read_text()}")
+            time.sleep(0.05)
+        raise AssertionError(f"{name}: fewer than {count} lines within {timeout} s")
+
+    def wait(self, names: list[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for name in names:
+            self.procs[name].wait(timeout=max(0.1, deadline - time.monotonic()))
+
+    def summary(self, name: str) -> dict[str, object]:
+        text = (self.folder / f"{name}.out").read_text().strip()
+        assert text, f"{name}.out is empty; stderr: {(self.folder / f'{name}.err').read_text()}"
+        if text.startswith("{\n"):  # fastrelay --json: one indented object
+            return json.loads(text)
+        return json.loads(text.splitlines()[-1])  # moq-rs driver: JSON lines, summary last
+
+    def relay_stats(self, name: str, timeout: float = 10) -> dict[str, object]:
+        """SIGTERM the relay; it must exit 0 and print its `stats {...}` line."""
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=timeout)
+        assert proc.returncode == 0, (self.folder / f"{name}.err").read_text()
+        last = (self.folder / f"{name}.out").read_text().splitlines()[-1]
+        assert last.startswith("stats "), last
+        return json.loads(last[len("stats "):])
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+
+
+@pytest.fixture
+def children(tmp_path: Path):  # type: ignore[no-untyped-def]
+    kids = Children(tmp_path)
+    try:
+        yield kids
+    finally:
+        kids.stop_all()
+
+
+def _check(summary: dict[str, object], objects: int, size: int, groups: int | None = None,
+           name: str = "") -> dict[str, int]:
+    assert summary["ok"] is True, (name, summary)
+    assert (summary["objects"], summary["bytes"]) == (objects, objects * size), (name, summary)
+    assert (summary["lost"], summary["gaps"], summary["out_of_order"], summary["duplicates"],
+            summary["integrity_failures"], summary["group_errors"]) == (0, 0, 0, 0, 0, 0), \
+        (name, summary)
+    if groups is not None:
+        assert summary["groups_complete"] == groups, (name, summary)
+    delay = summary["delay"]
+    assert isinstance(delay, dict)
+    assert 0 < delay["p50_us"] <= delay["p99_us"] < 2_000_000, (name, delay)
+    print(f"{name}: {summary['objects']} objects, delay p50 {delay['p50_us']} us, "
+          f"p99 {delay['p99_us']} us")
+    return delay
+
+
+def _publish(children: Children, name: str, url: str, fingerprint: str, *, objects: int,
+             group_length: int, size: int, rate: float, layout: str = "split",
+             start_delay: float = 1.0, wait_subscriber: float = 15) -> None:
+    children.spawn(name, [*FASTRELAY, "publish", "--url", url, "--namespace", NAMESPACE,
+                          "--track", TRACK, "--fingerprint", fingerprint, "--objects",
+                          str(objects), "--group-length", str(group_length), "--object-size",
+                          str(size), "--rate", str(rate), "--layout", layout,
+                          "--wait-subscriber", str(wait_subscriber), "--start-delay",
+                          str(start_delay), "--json"])
+
+
+def _subscribe(children: Children, name: str, url: str, fingerprint: str, *, objects: int,
+               duration: float = 20, extra: tuple[str, ...] = ()) -> None:
+    children.spawn(name, [*FASTRELAY, "subscribe", "--url", url, "--namespace", NAMESPACE,
+                          "--track", TRACK, "--fingerprint", fingerprint, "--expect-objects",
+                          str(objects), "--duration", str(duration), "--json", *extra])
+
+
+def _rs_subscribe(children: Children, name: str, url: str, fingerprint: str, *, objects: int,
+                  duration: float = 20) -> None:
+    children.spawn(name, [*MOQ_RS, "subscribe", "--url", url, "--broadcast", NAMESPACE,
+                          "--track", TRACK, "--tls-fingerprint", fingerprint,
+                          "--expect-objects", str(objects), "--duration", str(duration),
+                          "--log-level", "warn"])
+
+
+# -- (1) fastrelay publish -> relay -> three fastrelay subscribers -------------------------------
+
+
+def test_fastrelay_publisher_to_three_subscribers(children: Children) -> None:
+    objects, group_length, size = 150, 15, 800
+    url, fp = children.relay("relay")
+    for i in (1, 2, 3):
+        _subscribe(children, f"sub{i}", url, fp, objects=objects)
+    time.sleep(0.5)  # the subscribers retry SUBSCRIBE until the track exists anyway
+    _publish(children, "pub", url, fp, objects=objects, group_length=group_length, size=size,
+             rate=300)
+    children.wait(["pub", "sub1", "sub2", "sub3"], timeout=40)
+    assert children.procs["pub"].returncode == 0, children.summary("pub")
+    for i in (1, 2, 3):
+        assert children.procs[f"sub{i}"].returncode == 0, children.summary(f"sub{i}")
+        _check(children.summary(f"sub{i}"), objects, size, objects // group_length, f"sub{i}")
+    stats = children.relay_stats("relay")
+    counters = stats["counters"]
+    assert isinstance(counters, dict)
+    assert counters["objects_in"] >= objects
+    assert counters["objects_out"] >= 3 * objects
+    assert stats["sessions_total"] == 4
