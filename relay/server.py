@@ -75,6 +75,9 @@ from relay.moqt.session import (
 
 logger = logging.getLogger(__name__)
 
+DONE_WAIT = 2.0
+"""Seconds a PUBLISH_DONE waits for the data streams it counts."""
+
 
 def _has_prefix(namespace: TrackNamespace, prefix: TrackNamespace) -> bool:
     return tuple(namespace[:len(prefix)]) == tuple(prefix)
@@ -107,6 +110,11 @@ class RelayServer:
         self._upstream_req: dict[int, tuple[int, int]] = {}  # upstream_id -> (sid, request id)
         self._upstream_ids: dict[tuple[int, int], int] = {}  # (sid, request id) -> upstream_id
         self._pending_fetch_ok: dict[tuple[int, int], FetchOk] = {}
+        # Upstream data streams per (sid, request id), so a PUBLISH_DONE that overtook its
+        # data streams on the control stream waits for them (the core forgets the track).
+        self._up_open: dict[tuple[int, int], set[int]] = {}
+        self._up_closed: dict[tuple[int, int], int] = {}
+        self._pending_done: dict[tuple[int, int], tuple[PublishDoneReceived, float]] = {}
         # SUBSCRIBE_NAMESPACE bookkeeping: sid -> prefixes; sid -> namespaces pushed to it.
         self._ns_subs: dict[int, list[TrackNamespace]] = {}
         self._ns_pushed: dict[int, set[TrackNamespace]] = {}
@@ -245,11 +253,18 @@ class RelayServer:
                 actions += core.object_payload(sid, event.stream_id, event.data, event.end, now)
         elif isinstance(event, SubgroupStreamOpened):
             if isinstance(event.header, SubgroupHeader):
+                self._up_open.setdefault((sid, event.request_id), set()).add(event.stream_id)
                 actions = core.subgroup_stream_opened(sid, event.stream_id, event.header, now)
         elif isinstance(event, SubgroupStreamClosed):
             if isinstance(event.header, SubgroupHeader):
+                key = (sid, event.request_id)
+                self._up_open.get(key, set()).discard(event.stream_id)
+                self._up_closed[key] = self._up_closed.get(key, 0) + 1
                 actions = core.subgroup_stream_ended(sid, event.stream_id, now,
                                                      reset_code=event.reset_code)
+                if key in self._pending_done:
+                    self._dispatch(actions)
+                    actions = self._check_done(key, now)
         elif isinstance(event, SubscribeRequested):
             actions = core.subscribe(sid, event.message, now)
         elif isinstance(event, UnsubscribeReceived):
@@ -270,12 +285,10 @@ class RelayServer:
                     upstream_id, SubscribeError(event.request_id, event.error_code,
                                                 event.reason_phrase), now)
         elif isinstance(event, PublishDoneReceived):
-            upstream_id = self._upstream_ids.pop((sid, event.request_id), None)
-            if upstream_id is not None:
-                self._upstream_req.pop(upstream_id, None)
-                actions = core.upstream_publish_done(
-                    upstream_id, PublishDone(event.request_id, event.status_code,
-                                             event.stream_count, event.reason_phrase), now)
+            key = (sid, event.request_id)
+            if key in self._upstream_ids:
+                self._pending_done[key] = (event, now + DONE_WAIT)
+                actions = self._check_done(key, now)
         elif isinstance(event, NamespacePublished):
             actions = core.publish_namespace(
                 sid, PublishNamespace(event.request_id, event.namespace, event.parameters), now)
@@ -300,6 +313,23 @@ class RelayServer:
                 prefixes.remove(tuple(event.prefix))
         self._dispatch(actions)
 
+    def _check_done(self, key: tuple[int, int], now: float) -> list[Action]:
+        """Pass a held PUBLISH_DONE on once its data streams ended (or it waited long enough)."""
+        event, deadline = self._pending_done[key]
+        if now < deadline and (self._up_open.get(key) or
+                               self._up_closed.get(key, 0) < event.stream_count):
+            return []
+        del self._pending_done[key]
+        self._up_open.pop(key, None)
+        self._up_closed.pop(key, None)
+        upstream_id = self._upstream_ids.pop(key, None)
+        if upstream_id is None:
+            return []
+        self._upstream_req.pop(upstream_id, None)
+        return self.core.upstream_publish_done(
+            upstream_id, PublishDone(event.request_id, event.status_code, event.stream_count,
+                                     event.reason_phrase), now)
+
     def _session_gone(self, conn: _Conn, now: float) -> list[Action]:
         sid = conn.sid
         self._conns.pop(sid, None)
@@ -313,6 +343,9 @@ class RelayServer:
             del self._pending_fetch_ok[key]
         for key in [k for k in self._upstream_ids if k[0] == sid]:
             self._upstream_req.pop(self._upstream_ids.pop(key), None)
+        for table in (self._up_open, self._up_closed, self._pending_done):
+            for key in [k for k in table if k[0] == sid]:
+                del table[key]
         if conn.upstream and self._upstream is conn:
             self._upstream = None
         actions = self.core.session_closed(sid, now)
@@ -505,7 +538,11 @@ class RelayServer:
     def _arm_timer(self) -> None:
         if self._loop is None or self._stopped:
             return
-        deadline = self.core.next_deadline()
+        deadlines = [d for _, d in self._pending_done.values()]
+        core_deadline = self.core.next_deadline()
+        if core_deadline is not None:
+            deadlines.append(core_deadline)
+        deadline = min(deadlines, default=None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -517,7 +554,13 @@ class RelayServer:
         if self._busy:
             self._arm_timer()
             return
-        self._busy_call(lambda: self._dispatch(self.core.poll(self._now())))
+        def poll() -> None:
+            now = self._now()
+            self._dispatch(self.core.poll(now))
+            for key in [k for k, (_, d) in self._pending_done.items() if d <= now]:
+                self._dispatch(self._check_done(key, now))
+
+        self._busy_call(poll)
         self._arm_timer()
 
 

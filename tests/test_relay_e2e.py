@@ -177,3 +177,47 @@ def test_fastrelay_publisher_to_three_subscribers(children: Children) -> None:
     assert counters["objects_in"] >= objects
     assert counters["objects_out"] >= 3 * objects
     assert stats["sessions_total"] == 4
+
+
+# -- (2) moq-rs publisher -> relay -> moq-rs subscriber and a fastrelay subscriber ---------------
+
+
+def test_moq_rs_publisher_to_moq_rs_and_fastrelay_subscribers(children: Children) -> None:
+    pytest.importorskip("moq")
+    objects, groups, size = 150, 10, 800
+    url, fp = children.relay("relay")
+    children.spawn("pub", [*MOQ_RS, "publish", "--url", url, "--broadcast", NAMESPACE,
+                           "--track", TRACK, "--objects", str(objects), "--groups", str(groups),
+                           "--size", str(size), "--rate", "300", "--tls-fingerprint", fp,
+                           "--wait-demand", "15", "--start-delay", "1", "--log-level", "warn"])
+    time.sleep(0.5)
+    _subscribe(children, "sub", url, fp, objects=objects)
+    _rs_subscribe(children, "rs_sub", url, fp, objects=objects)
+    children.wait(["pub", "sub", "rs_sub"], timeout=40)
+    published = children.summary("pub")
+    assert children.procs["pub"].returncode == 0, published
+    assert published["objects"] == objects
+    for name in ("sub", "rs_sub"):
+        assert children.procs[name].returncode == 0, children.summary(name)
+        _check(children.summary(name), objects, size, groups, name)
+    stats = children.relay_stats("relay")
+    assert stats["sessions_total"] == 3
+
+
+# -- (3) fastrelay publisher -> relay -> moq-rs subscriber ---------------------------------------
+
+
+def test_fastrelay_publisher_to_moq_rs_subscriber(children: Children) -> None:
+    pytest.importorskip("moq")
+    objects, group_length, size = 150, 15, 800
+    url, fp = children.relay("relay")
+    _rs_subscribe(children, "rs_sub", url, fp, objects=objects)
+    time.sleep(0.5)
+    # moq-rs accepts one subgroup per group: --layout single.
+    _publish(children, "pub", url, fp, objects=objects, group_length=group_length, size=size,
+             rate=300, layout="single")
+    children.wait(["pub", "rs_sub"], timeout=40)
+    assert children.procs["pub"].returncode == 0, children.summary("pub")
+    assert children.procs["rs_sub"].returncode == 0, children.summary("rs_sub")
+    _check(children.summary("rs_sub"), objects, size, objects // group_length, "rs_sub")
+    children.relay_stats("relay")
