@@ -36,6 +36,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from crypto_backends import CryptoBackend, usable_backend
 from relay.cli.output import JsonOption, emit_json, emit_table
 from relay.errors import ConfigError, FastrelayError
 from relay.media import HEADER_SIZE, PayloadHeader, PublishSummary, encode_object
@@ -98,6 +99,8 @@ class PublisherOptions:
     objects: int | None = None
     duration: float | None = None
     layout: Layout = Layout.SPLIT
+    crypto: CryptoBackend | None = None
+    """1-RTT protection (`--crypto`); None is standard QUIC."""
     wait_subscriber: float | None = None
     """Seconds to wait for a first SUBSCRIBE before the first object (None: start at once)."""
     start_delay: float = 0.0
@@ -246,7 +249,7 @@ async def run_publisher(opts: PublisherOptions) -> PublishSummary:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     connection: dict[str, int | None] = {}
-    async with connect(opts.url, tls=opts.tls, timeout=opts.connect_timeout,
+    async with connect(opts.url, tls=opts.tls, timeout=opts.connect_timeout, crypto=opts.crypto,
                        on_event=lambda p, e: holder[0].on_event(e) if holder else None
                        ) as protocol:
         pub = Publisher(opts, protocol)
@@ -350,6 +353,10 @@ FingerprintOption = Annotated[str | None, typer.Option(
     help="Accept only a server certificate with this SHA-256 fingerprint (hex).")]
 CaFileOption = Annotated[Path | None, typer.Option(
     "--cafile", help="Verify the relay's certificate against this CA file.")]
+CryptoOption = Annotated[str | None, typer.Option(
+    "--crypto", metavar="BACKEND",
+    help="1-RTT protection: none (encryption negotiated off; the peer must agree), soft, nic. "
+         "Default: standard QUIC.")]
 ConnectTimeoutOption = Annotated[float, typer.Option(
     "--connect-timeout", min=0.1, help="Seconds to set up the MoQ session.")]
 
@@ -359,6 +366,11 @@ def tls_options(insecure: bool, fingerprint: str | None, cafile: Path | None) ->
         raise ConfigError("--insecure cannot be combined with --fingerprint or --cafile")
     return TlsOptions(insecure=insecure, fingerprint=fingerprint,
                       cafile=str(cafile) if cafile else None)
+
+
+def crypto_option(name: str | None) -> CryptoBackend | None:
+    """The backend named by --crypto, refused with the probe's reason before anything starts."""
+    return None if name is None else usable_backend(name)
 
 
 def namespace_option(text: str) -> TrackNamespace:
@@ -411,10 +423,12 @@ def publish_command(
     insecure: InsecureOption = False,
     fingerprint: FingerprintOption = None,
     cafile: CaFileOption = None,
+    crypto: CryptoOption = None,
     connect_timeout: ConnectTimeoutOption = 5.0,
     as_json: JsonOption = False,
 ) -> None:
     """Publish a synthetic, self-verifying track through a relay."""
+    backend = crypto_option(crypto)
     try:
         parse_url(url)
         opts = PublisherOptions(
@@ -422,7 +436,7 @@ def publish_command(
             tls=tls_options(insecure, fingerprint, cafile), rate=rate, object_size=object_size,
             group_length=group_length, objects=objects, duration=duration, layout=layout,
             wait_subscriber=wait_subscriber, start_delay=start_delay, linger=linger,
-            connect_timeout=connect_timeout)
+            connect_timeout=connect_timeout, crypto=backend)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     summary = run_endpoint(run_publisher(opts))

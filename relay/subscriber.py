@@ -30,6 +30,7 @@ from typing import Annotated
 
 import typer
 
+from crypto_backends import CryptoBackend
 from relay.cli.output import JsonOption, progress
 from relay.errors import ConfigError
 from relay.media import SubscribeSummary, TrackVerifier
@@ -62,11 +63,13 @@ from relay.publisher import (
     TIMESTAMP_EXTENSION,
     CaFileOption,
     ConnectTimeoutOption,
+    CryptoOption,
     FingerprintOption,
     InsecureOption,
     NamespaceOption,
     TrackOption,
     UrlOption,
+    crypto_option,
     namespace_option,
     run_endpoint,
     show_summary,
@@ -105,6 +108,7 @@ class SubscriberOptions:
     expect_objects: int | None = None
     expect_groups: int | None = None
     connect_timeout: float = 5.0
+    crypto: CryptoBackend | None = None
 
 
 class Subscriber:
@@ -226,7 +230,7 @@ async def run_subscriber(opts: SubscriberOptions, *,
     connection: dict[str, int | None] = {}
     t0 = time.perf_counter()
     reason = "duration"
-    async with connect(opts.url, tls=opts.tls, timeout=opts.connect_timeout,
+    async with connect(opts.url, tls=opts.tls, timeout=opts.connect_timeout, crypto=opts.crypto,
                        on_event=lambda p, e: holder[0].on_event(e) if holder else None
                        ) as protocol:
         sub = Subscriber(opts, protocol)
@@ -323,17 +327,19 @@ def subscribe_command(
     insecure: InsecureOption = False,
     fingerprint: FingerprintOption = None,
     cafile: CaFileOption = None,
+    crypto: CryptoOption = None,
     connect_timeout: ConnectTimeoutOption = 5.0,
     as_json: JsonOption = False,
 ) -> None:
     """Subscribe to a track and verify every object; exit 0 only if all arrived intact."""
+    backend = crypto_option(crypto)
     try:
         parse_url(url)
         opts = SubscriberOptions(
             url=url, namespace=namespace_option(namespace), track=track.encode(),
             tls=tls_options(insecure, fingerprint, cafile), filter_type=_FILTERS[filter_choice],
             priority=priority, duration=duration, expect_objects=expect_objects,
-            expect_groups=expect_groups, connect_timeout=connect_timeout)
+            expect_groups=expect_groups, connect_timeout=connect_timeout, crypto=backend)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     summary = run_endpoint(run_subscriber(

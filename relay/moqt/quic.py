@@ -23,6 +23,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from enum import IntEnum
 from functools import partial
 from typing import cast
 from urllib.parse import urlsplit
@@ -34,6 +35,7 @@ from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import (
+    QuicErrorCode,
     QuicPacketType,
     encode_quic_version_negotiation,
     pull_quic_header,
@@ -43,6 +45,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from crypto_backends.base import CryptoBackend
 from relay.quic.connection import FastrelayQuicConnection
 
 from .constants import ALPN, SessionErrorCode
@@ -111,7 +114,10 @@ class MoqtProtocol(QuicConnectionProtocol):
                 return
             session.connection_made(now)
         elif isinstance(event, quic_events.ConnectionTerminated):
-            session.connection_lost(event.error_code, event.reason_phrase, now)
+            # A frame type is set only by QUIC's own CONNECTION_CLOSE (0x1c): its code is a
+            # transport error, not a MoQ session code.
+            session.connection_lost(event.error_code, event.reason_phrase, now,
+                                    quic_error=event.frame_type is not None)
         self._drain()
 
     def _pin_ok(self) -> bool:
@@ -227,11 +233,12 @@ class MoqtProtocol(QuicConnectionProtocol):
 
 
 def describe_close(event: SessionClosed) -> str:
+    codes: type[IntEnum] = QuicErrorCode if event.quic_error else SessionErrorCode
     try:
-        name = SessionErrorCode(event.error_code).name
+        name = codes(event.error_code).name
     except ValueError:
         name = f"code {event.error_code:#x}"
-    who = "peer" if event.by_peer else "we"
+    who = "the QUIC connection" if event.quic_error else ("peer" if event.by_peer else "we")
     return f"{who} closed with {name}" + (f": {event.reason_phrase}" if event.reason_phrase
                                           else "")
 
@@ -320,8 +327,11 @@ def parse_url(url: str) -> MoqtUrl:
 async def connect(url: str, *, tls: TlsOptions = TlsOptions(), timeout: float = 5.0,
                   session_config: SessionConfig | None = None,
                   on_event: Callable[[MoqtProtocol, Event], None] | None = None,
+                  crypto: CryptoBackend | None = None,
                   ) -> AsyncIterator[MoqtProtocol]:
-    """A MoQ session to `url`, set up (SERVER_SETUP received) within `timeout` seconds."""
+    """A MoQ session to `url`, set up (SERVER_SETUP received) within `timeout` seconds.
+
+    `crypto` selects how 1-RTT packets are protected (None: standard QUIC)."""
     target = parse_url(url)
     loop = asyncio.get_running_loop()
     config = _configuration(is_client=True)
@@ -334,7 +344,7 @@ async def connect(url: str, *, tls: TlsOptions = TlsOptions(), timeout: float = 
     family, _, _, _, addr = infos[0]
     session = MoqtSession(session_config or SessionConfig(
         is_client=True, path=target.path, authority=target.authority))
-    quic = FastrelayQuicConnection(configuration=config)
+    quic = FastrelayQuicConnection(configuration=config, crypto_backend=crypto)
     local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
     transport, protocol = await loop.create_datagram_endpoint(
         lambda: MoqtProtocol(quic, session, on_event=on_event, fingerprint=tls.fingerprint),
@@ -371,8 +381,10 @@ class MoqtServer(QuicServer):
 
     def __init__(self, *, configuration: QuicConfiguration, session_handler: SessionHandler,
                  session_config: SessionConfig,
-                 on_event: Callable[[MoqtProtocol, Event], None] | None) -> None:
+                 on_event: Callable[[MoqtProtocol, Event], None] | None,
+                 crypto: CryptoBackend | None = None) -> None:
         super().__init__(configuration=configuration)
+        self._crypto = crypto
         self._session_handler = session_handler
         self._session_config = session_config
         self._on_event = on_event
@@ -396,7 +408,7 @@ class MoqtServer(QuicServer):
         if protocol is None and len(data) >= SMALLEST_MAX_DATAGRAM_SIZE and \
                 header.packet_type == QuicPacketType.INITIAL:
             connection = FastrelayQuicConnection(
-                configuration=self._configuration,
+                configuration=self._configuration, crypto_backend=self._crypto,
                 original_destination_connection_id=header.destination_cid)
             protocol = MoqtProtocol(connection, MoqtSession(self._session_config),
                                     on_event=self._on_event)
@@ -423,7 +435,8 @@ class MoqtServer(QuicServer):
 async def serve(host: str, port: int, cert: str | os.PathLike[str],
                 key: str | os.PathLike[str], session_handler: SessionHandler, *,
                 session_config: SessionConfig | None = None,
-                on_event: Callable[[MoqtProtocol, Event], None] | None = None) -> MoqtServer:
+                on_event: Callable[[MoqtProtocol, Event], None] | None = None,
+                crypto: CryptoBackend | None = None) -> MoqtServer:
     """Listen for MoQ sessions; `session_handler(protocol)` runs for each new connection.
 
     Events reach `on_event(protocol, event)` if given, else each `protocol.events` queue.
@@ -434,7 +447,7 @@ async def serve(host: str, port: int, cert: str | os.PathLike[str],
     _, server = await loop.create_datagram_endpoint(
         lambda: MoqtServer(configuration=config, session_handler=session_handler,
                            session_config=session_config or SessionConfig(is_client=False),
-                           on_event=on_event),
+                           on_event=on_event, crypto=crypto),
         local_addr=(host, port))
     return cast(MoqtServer, server)
 

@@ -189,6 +189,8 @@ class SessionClosed:
     reason_phrase: str
     by_peer: bool
     """False when this side closed (on a protocol error or by command)."""
+    quic_error: bool = False
+    """The QUIC connection failed (transport error code, RFC 9000 §20.1), not the MoQ session."""
 
 
 @dataclass(frozen=True)
@@ -562,11 +564,13 @@ class MoqtSession:
             params.insert(1, (SetupParameter.AUTHORITY, self.config.authority.encode()))
         self._send_control(ClientSetup(tuple(self.config.versions), tuple(params)))
 
-    def connection_lost(self, error_code: int, reason_phrase: str, now: float) -> None:
-        """QUIC is gone (peer close, idle timeout): report it once."""
+    def connection_lost(self, error_code: int, reason_phrase: str, now: float,
+                        quic_error: bool = False) -> None:
+        """QUIC is gone (peer close, idle timeout, transport error): report it once."""
         if self.state != SessionState.CLOSED:
             self.state = SessionState.CLOSED
-            self._events.append(SessionClosed(error_code, reason_phrase, by_peer=True))
+            self._events.append(SessionClosed(error_code, reason_phrase, by_peer=not quic_error,
+                                              quic_error=quic_error))
 
     def stream_data_received(self, stream_id: int, data: bytes, end_stream: bool,
                              now: float) -> None:
