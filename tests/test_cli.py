@@ -92,3 +92,22 @@ def test_unprivileged_lab_up_is_one_line() -> None:
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert "root" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+SETUP = Path(__file__).resolve().parent.parent / "hw" / "setup.sh"
+
+
+@pytest.mark.root
+def test_setup_refuses_a_non_root_user_in_one_line() -> None:
+    result = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                             "bash", str(SETUP), "--quiet"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == "setup: error: must run as root (eBPF, namespaces and apt need it); " \
+                            "rerun with sudo\n"
+
+
+@pytest.mark.root
+def test_setup_again_on_a_set_up_machine_changes_nothing() -> None:
+    result = subprocess.run(["bash", str(SETUP), "--quiet"], capture_output=True, text=True,
+                            timeout=300)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
