@@ -140,19 +140,22 @@ def _publish(children: Children, name: str, url: str, fingerprint: str, *, objec
                           str(start_delay), "--json"])
 
 
-def _subscribe(children: Children, name: str, url: str, fingerprint: str, *, objects: int,
-               duration: float = 20, extra: tuple[str, ...] = ()) -> None:
+def _expect(objects: int | None) -> list[str]:
+    return [] if objects is None else ["--expect-objects", str(objects)]
+
+
+def _subscribe(children: Children, name: str, url: str, fingerprint: str, *,
+               objects: int | None, duration: float = 20, extra: tuple[str, ...] = ()) -> None:
     children.spawn(name, [*FASTRELAY, "subscribe", "--url", url, "--namespace", NAMESPACE,
-                          "--track", TRACK, "--fingerprint", fingerprint, "--expect-objects",
-                          str(objects), "--duration", str(duration), "--json", *extra])
+                          "--track", TRACK, "--fingerprint", fingerprint, *_expect(objects),
+                          "--duration", str(duration), "--json", *extra])
 
 
-def _rs_subscribe(children: Children, name: str, url: str, fingerprint: str, *, objects: int,
-                  duration: float = 20) -> None:
+def _rs_subscribe(children: Children, name: str, url: str, fingerprint: str, *,
+                  objects: int | None, duration: float = 20) -> None:
     children.spawn(name, [*MOQ_RS, "subscribe", "--url", url, "--broadcast", NAMESPACE,
-                          "--track", TRACK, "--tls-fingerprint", fingerprint,
-                          "--expect-objects", str(objects), "--duration", str(duration),
-                          "--log-level", "warn"])
+                          "--track", TRACK, "--tls-fingerprint", fingerprint, *_expect(objects),
+                          "--duration", str(duration), "--log-level", "warn"])
 
 
 # -- (1) fastrelay publish -> relay -> three fastrelay subscribers -------------------------------
@@ -221,3 +224,74 @@ def test_fastrelay_publisher_to_moq_rs_subscriber(children: Children) -> None:
     assert children.procs["rs_sub"].returncode == 0, children.summary("rs_sub")
     _check(children.summary("rs_sub"), objects, size, objects // group_length, "rs_sub")
     children.relay_stats("relay")
+
+
+# -- (4) late joiners get complete groups; the first subscriber leaving disturbs nobody -----------
+
+
+def test_late_joiners_and_a_leaving_subscriber(children: Children) -> None:
+    pytest.importorskip("moq")
+    objects, group_length, size = 300, 20, 800
+    url, fp = children.relay("relay")
+    _subscribe(children, "early_leaver", url, fp, objects=objects)
+    _subscribe(children, "stayer", url, fp, objects=objects)
+    time.sleep(0.5)
+    # 100 objects/s: 15 groups over 3 s, one subgroup per group (what moq-rs accepts).
+    _publish(children, "pub", url, fp, objects=objects, group_length=group_length, size=size,
+             rate=100, layout="single")
+    time.sleep(2.5)  # about 1 s into the track: the first subscriber leaves
+    leaver = children.procs["early_leaver"]
+    assert leaver.poll() is None
+    leaver.send_signal(signal.SIGTERM)
+    leaver.wait(timeout=10)
+    time.sleep(0.5)
+    # Late joiners, mid-group: moq-rs with its joining FETCH (the current group from the
+    # relay's cache), ours from the next group on.
+    _rs_subscribe(children, "late_rs", url, fp, objects=None, duration=8)
+    _subscribe(children, "late_next_group", url, fp, objects=None, duration=8,
+               extra=("--filter", "next-group"))
+    children.wait(["pub", "stayer", "late_rs", "late_next_group"], timeout=40)
+    assert children.procs["pub"].returncode == 0, children.summary("pub")
+    assert children.procs["stayer"].returncode == 0, children.summary("stayer")
+    _check(children.summary("stayer"), objects, size, objects // group_length, "stayer")
+    left = children.summary("early_leaver")
+    assert left["reason"] == "signal" and 0 < left["objects"] < objects, left  # type: ignore
+    assert (left["gaps"], left["out_of_order"], left["integrity_failures"]) == (0, 0, 0), left
+    for name in ("late_rs", "late_next_group"):
+        late = children.summary(name)
+        groups = late["groups_complete"]
+        assert isinstance(groups, int) and 3 <= groups < objects // group_length, (name, late)
+        assert late["groups"] == groups, (name, late)  # every group it saw is complete
+        _check(late, groups * group_length, size, groups, name)
+    counters = children.relay_stats("relay")["counters"]
+    assert isinstance(counters, dict)
+    assert counters["fetches_served"] >= 1 and counters["cache_hits"] >= 1, counters
+
+
+# -- (5) relay chaining: publisher -> relay A -> relay B (--upstream A) -> subscribers -----------
+
+
+def test_relay_chain(children: Children) -> None:
+    objects, group_length, size = 150, 15, 800
+    url_a, fp_a = children.relay("relay_a")
+    url_b, fp_b = children.relay("relay_b", "--upstream", url_a, "--upstream-fingerprint", fp_a)
+    _publish(children, "pub", url_a, fp_a, objects=objects, group_length=group_length,
+             size=size, rate=300, wait_subscriber=20)
+    time.sleep(0.5)
+    for i in (1, 2):
+        _subscribe(children, f"sub{i}", url_b, fp_b, objects=objects)
+    children.wait(["pub", "sub1", "sub2"], timeout=40)
+    assert children.procs["pub"].returncode == 0, children.summary("pub")
+    for i in (1, 2):
+        assert children.procs[f"sub{i}"].returncode == 0, children.summary(f"sub{i}")
+        _check(children.summary(f"sub{i}"), objects, size, objects // group_length, f"sub{i}")
+    stats_b = children.relay_stats("relay_b")
+    stats_a = children.relay_stats("relay_a")
+    # One upstream subscription from B however many subscribers B has.
+    assert stats_a["sessions_total"] == 2, stats_a  # the publisher and relay B
+    assert stats_b["upstream"]["error"] is None, stats_b  # type: ignore[index]
+    counters_b = stats_b["counters"]
+    assert isinstance(counters_b, dict)
+    # Every payload byte crossed A -> B once and left B twice.
+    assert counters_b["bytes_in"] == objects * size, counters_b
+    assert counters_b["bytes_out"] == 2 * objects * size, counters_b
