@@ -118,6 +118,8 @@ class RelayServer:
         # SUBSCRIBE_NAMESPACE bookkeeping: sid -> prefixes; sid -> namespaces pushed to it.
         self._ns_subs: dict[int, list[TrackNamespace]] = {}
         self._ns_pushed: dict[int, set[TrackNamespace]] = {}
+        self._upstream_ns: set[TrackNamespace] = set()
+        """Namespaces the upstream relay announced to us (we SUBSCRIBE_NAMESPACE there)."""
         # The upstream relay connection.
         self._upstream: _Conn | None = None
         self._upstream_task: asyncio.Task[None] | None = None
@@ -289,6 +291,14 @@ class RelayServer:
             if key in self._upstream_ids:
                 self._pending_done[key] = (event, now + DONE_WAIT)
                 actions = self._check_done(key, now)
+        elif isinstance(event, NamespacePublished) and conn.upstream:
+            conn.protocol.session.accept_publish_namespace(event.request_id)
+            self._touch(conn)
+            self._upstream_ns.add(tuple(event.namespace))
+            self._push_namespace(tuple(event.namespace), exclude=sid)
+        elif isinstance(event, NamespaceDone) and conn.upstream:
+            self._upstream_ns.discard(tuple(event.namespace))
+            self._sync_namespaces()
         elif isinstance(event, NamespacePublished):
             actions = core.publish_namespace(
                 sid, PublishNamespace(event.request_id, event.namespace, event.parameters), now)
@@ -304,7 +314,7 @@ class RelayServer:
             conn.protocol.session.accept_subscribe_namespace(event.request_id)
             self._touch(conn)
             self._ns_subs.setdefault(sid, []).append(tuple(event.prefix))
-            for ns in list(core.registry.namespaces):
+            for ns in list(core.registry.namespaces) + sorted(self._upstream_ns):
                 if _has_prefix(ns, event.prefix) and sid not in self._publishers_of(ns):
                     self._announce(conn, ns)
         elif isinstance(event, UnsubscribeNamespaceReceived):
@@ -348,6 +358,7 @@ class RelayServer:
                 del table[key]
         if conn.upstream and self._upstream is conn:
             self._upstream = None
+            self._upstream_ns.clear()
         actions = self.core.session_closed(sid, now)
         self._sync_namespaces()
         return actions
@@ -376,7 +387,7 @@ class RelayServer:
 
     def _sync_namespaces(self) -> None:
         """PUBLISH_NAMESPACE_DONE for pushed namespaces nobody publishes any more."""
-        active = self.core.registry.namespaces
+        active = set(self.core.registry.namespaces) | self._upstream_ns
         for sid, pushed in self._ns_pushed.items():
             conn = self._conns.get(sid)
             for ns in [n for n in pushed if n not in active]:
@@ -498,7 +509,7 @@ class RelayServer:
                 conn = self._conn_for(protocol)
                 if not conn.ready:  # SessionReady arrived before connect() returned
                     conn.ready = True
-                    self._upstream_ready(conn)
+                    self._busy_call(lambda: self._upstream_ready(conn))
                 closed = asyncio.ensure_future(protocol.wait_closed())
                 stopping = asyncio.ensure_future(stop.wait())
                 try:
@@ -529,6 +540,9 @@ class RelayServer:
 
     def _upstream_ready(self, conn: _Conn) -> None:
         self._upstream = conn
+        # Learn what the upstream serves, to pass on to our SUBSCRIBE_NAMESPACE sessions.
+        conn.protocol.session.subscribe_namespace(())
+        self._touch(conn)
         waiting, self._upstream_waiting = self._upstream_waiting, []
         for a in waiting:
             self._subscribe_upstream(a)
