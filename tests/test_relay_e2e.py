@@ -336,3 +336,23 @@ def test_split_layout_through_relay(children: Children) -> None:
     # Two subgroup streams per group plus the END_OF_TRACK group's, all header-preserving.
     assert counters["streams_opened"] == 2 * (objects // group_length) + 1, counters
     assert counters["fast_path_streams"] == counters["streams_opened"], counters
+
+
+def test_relay_chain_moq_rs_both_ends(children: Children) -> None:
+    """moq-rs finds the broadcast on B only through PUBLISH_NAMESPACE, which B learnt from A."""
+    pytest.importorskip("moq")
+    objects, groups, size = 150, 10, 800
+    url_a, fp_a = children.relay("relay_a")
+    url_b, fp_b = children.relay("relay_b", "--upstream", url_a, "--upstream-fingerprint", fp_a)
+    _rs_subscribe(children, "rs_sub", url_b, fp_b, objects=objects)
+    time.sleep(0.5)
+    children.spawn("pub", [*MOQ_RS, "publish", "--url", url_a, "--broadcast", NAMESPACE,
+                           "--track", TRACK, "--objects", str(objects), "--groups", str(groups),
+                           "--size", str(size), "--rate", "300", "--tls-fingerprint", fp_a,
+                           "--wait-demand", "15", "--start-delay", "1", "--log-level", "warn"])
+    children.wait(["pub", "rs_sub"], timeout=40)
+    assert children.procs["pub"].returncode == 0, children.summary("pub")
+    assert children.procs["rs_sub"].returncode == 0, children.summary("rs_sub")
+    _check(children.summary("rs_sub"), objects, size, groups, "rs_sub")
+    children.relay_stats("relay_b")
+    children.relay_stats("relay_a")
