@@ -1,0 +1,94 @@
+"""RelayServer in one event loop with our own endpoints: access control from an --access file,
+an upstream relay that is not there, and the stats snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from relay.core.access import AccessConfig
+from relay.core.relay import RelayConfig
+from relay.moqt.quic import TlsOptions, generate_certificate
+from relay.publisher import PublisherOptions, run_publisher
+from relay.server import RelayServer
+from relay.subscriber import SubscriberOptions, run_subscriber
+
+LOOPBACK = "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    cert, key, fingerprint = generate_certificate(["localhost", LOOPBACK])
+    folder = tmp_path_factory.mktemp("cert")
+    (folder / "cert.pem").write_bytes(cert)
+    (folder / "key.pem").write_bytes(key)
+    return folder / "cert.pem", folder / "key.pem", fingerprint
+
+
+ACCESS = """
+[access]
+anonymous_publish = ["open"]
+anonymous_subscribe = ["open"]
+"""
+
+
+def test_access_file_refuses_publish_and_subscribe(certificate: tuple[Path, Path, str]) -> None:
+    cert, key, fingerprint = certificate
+    tls = TlsOptions(fingerprint=fingerprint)
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        relay = RelayServer(RelayConfig(access=AccessConfig.from_toml(ACCESS)))
+        _, port = await relay.start(LOOPBACK, 0, cert, key)
+        url = f"moqt://{LOOPBACK}:{port}/r"
+        try:
+            refused = await run_publisher(PublisherOptions(
+                url=url, namespace=(b"closed", b"cam"), track=b"v", tls=tls, objects=3,
+                rate=0, object_size=100))
+            sub_refused = await run_subscriber(SubscriberOptions(
+                url=url, namespace=(b"closed", b"cam"), track=b"v", tls=tls, duration=1))
+            # The open namespace still works, end to end.
+            sub = asyncio.ensure_future(run_subscriber(SubscriberOptions(
+                url=url, namespace=(b"open", b"cam"), track=b"v", tls=tls, duration=10,
+                expect_objects=20)))
+            allowed = await run_publisher(PublisherOptions(
+                url=url, namespace=(b"open", b"cam"), track=b"v", tls=tls, objects=20,
+                rate=200, object_size=200, group_length=5, wait_subscriber=5))
+            return refused, sub_refused, allowed, await sub, relay.stats()
+        finally:
+            await relay.stop()
+
+    refused, sub_refused, allowed, sub, stats = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert not refused.ok and any("PUBLISH_NAMESPACE refused" in e for e in refused.errors), \
+        refused
+    assert not sub_refused.ok and sub_refused.objects == 0
+    assert any("code 1" in e for e in sub_refused.errors), sub_refused  # UNAUTHORIZED
+    assert allowed.ok, allowed
+    assert sub.ok and sub.objects == 20, sub
+    refusals = stats["counters"]["refusals"]
+    assert refusals["publish_namespace"] == 1 and refusals["subscribe"] >= 1, stats
+
+
+def test_unreachable_upstream_refuses_subscribers(certificate: tuple[Path, Path, str]) -> None:
+    cert, key, fingerprint = certificate
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        # Nothing listens on port 9 of loopback: dialling the upstream times out.
+        relay = RelayServer(upstream_url=f"moqt://{LOOPBACK}:9/up",
+                            upstream_tls=TlsOptions(insecure=True), connect_timeout=0.5)
+        _, port = await relay.start(LOOPBACK, 0, cert, key)
+        try:
+            summary = await run_subscriber(SubscriberOptions(
+                url=f"moqt://{LOOPBACK}:{port}/r", namespace=(b"a",), track=b"t",
+                tls=TlsOptions(fingerprint=fingerprint), duration=2))
+            return summary, relay.stats()
+        finally:
+            await relay.stop()
+
+    summary, stats = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert not summary.ok and summary.objects == 0
+    assert any("Upstream relay unavailable" in e for e in summary.errors), summary
+    upstream = stats["upstream"]
+    assert upstream["connected"] is False and "no MoQ session" in upstream["error"], stats
+    assert stats["tracks"] == 0 and stats["subscriptions"] == 0, stats
