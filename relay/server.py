@@ -342,6 +342,12 @@ class RelayServer:
 
     def _session_gone(self, conn: _Conn, now: float) -> list[Action]:
         sid = conn.sid
+        # A PUBLISH_DONE still waiting for its streams keeps its status (TRACK_ENDED, ...)
+        # rather than the GOING_AWAY the core would send for the vanished session.
+        for key in [k for k in self._pending_done if k[0] == sid]:
+            event, _ = self._pending_done[key]
+            self._pending_done[key] = (event, now)
+            self._dispatch(self._check_done(key, now))
         self._conns.pop(sid, None)
         self._by_protocol.pop(id(conn.protocol), None)
         self._dirty.pop(id(conn.protocol), None)
