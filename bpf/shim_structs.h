@@ -1,0 +1,84 @@
+/* shim_structs.h: layouts the `soft` crypto shim (crypto_shim.c) shares with
+ * crypto_backends/soft_shim.py.
+ *
+ * soft_shim.py mirrors every struct and constant here with ctypes, and
+ * tests/kernel/test_crypto_shim_structs.py checks that the two agree field by field:
+ * change both together.
+ */
+#ifndef FASTRELAY_SHIM_STRUCTS_H
+#define FASTRELAY_SHIM_STRUCTS_H
+
+/* Connections (entries per direction) the shim can hold keys for. */
+#ifndef SHIM_MAX_CONNS
+#define SHIM_MAX_CONNS 8192
+#endif
+
+/* Longest destination connection id (RFC 9000 §17.2), bytes. */
+#define SHIM_MAX_CID_LEN 20
+
+/* shim_conn_key.direction: which of the connection's directions the entry protects. */
+#define SHIM_DIR_RECV 0		/* ingress: unprotect, verify, write the token */
+#define SHIM_DIR_SEND 1		/* egress: protect */
+
+/* shim_conn.state: how the connection's 1-RTT packets are protected. */
+#define SHIM_STATE_PASS 0	/* by userspace (aioquic): the shim leaves them untouched */
+#define SHIM_STATE_NO_KEYS 1	/* offloaded, keys not installed yet: egress drops, ingress hands up */
+#define SHIM_STATE_KEYS 2	/* offloaded with keys */
+
+/* One direction of one connection, found by its addresses and UDP ports as seen from
+ * the relay (so peers with zero-length connection ids are found too). IPv4 addresses
+ * are IPv4-mapped (::ffff:a.b.c.d); ports in network byte order. */
+struct shim_conn_key {
+	__u8 local_addr[16];
+	__u8 peer_addr[16];
+	__u16 local_port;
+	__u16 peer_port;
+	__u32 direction;	/* SHIM_DIR_* */
+};
+
+/* Keys of one key phase (RFC 9001 §5.1): AEAD key and IV. */
+struct shim_phase_keys {
+	__u8 key[32];
+	__u8 iv[12];
+	__u32 valid;		/* 0: no keys for this phase, packets with its key-phase bit are dropped */
+};
+
+/* One direction of one connection: written by userspace, next_pn also by the shim. */
+struct shim_conn {
+	__u32 state;		/* SHIM_STATE_* */
+	__u32 dcid_len;		/* length of the short header's destination CID in this direction */
+	__u8 hp_key[32];	/* header protection key (never changes with key updates) */
+	struct shim_phase_keys phase[2];	/* indexed by the key-phase bit */
+	__u64 next_pn;		/* largest packet number seen in this direction plus one (0: none) */
+};
+
+/* Global settings, one element. */
+struct shim_config {
+	__u8 token[16];		/* per-boot verification token written into verified tag slots */
+};
+
+/* Counters, per CPU (sum over CPUs). Bytes are frame lengths. Every packet is counted
+ * once in *_packets and once in exactly one of the verdict fields below it. */
+struct shim_stats {
+	__u64 ingress_packets;
+	__u64 ingress_bytes;
+	__u64 ingress_passed;		/* not 1-RTT QUIC of a known connection, or state PASS */
+	__u64 ingress_decrypted;	/* tag verified, token written */
+	__u64 ingress_no_keys;		/* offloaded connection without keys: handed up encrypted */
+	__u64 ingress_too_long;		/* longer than the shim handles: handed up encrypted */
+	__u64 ingress_drop_too_short;	/* cannot be sampled (RFC 9001 §5.4.2) */
+	__u64 ingress_drop_bad_tag;	/* tag did not verify */
+	__u64 ingress_drop_no_phase;	/* key-phase bit names a phase without keys */
+	__u64 ingress_drop_error;	/* a helper failed */
+	__u64 egress_packets;
+	__u64 egress_bytes;
+	__u64 egress_passed;		/* not 1-RTT QUIC of a known connection, or state PASS */
+	__u64 egress_encrypted;
+	__u64 egress_drop_no_keys;	/* offloaded connection without keys: never sent in plaintext */
+	__u64 egress_drop_too_short;	/* cannot be sampled (RFC 9001 §5.4.2) */
+	__u64 egress_drop_too_long;	/* longer than the shim handles */
+	__u64 egress_drop_no_phase;	/* key-phase bit names a phase without keys */
+	__u64 egress_drop_error;	/* a helper failed */
+};
+
+#endif /* FASTRELAY_SHIM_STRUCTS_H */

@@ -1,0 +1,211 @@
+"""The `soft` backend's kernel shim from Python: load bpf/crypto_shim.c, write keys, read counters.
+
+`SoftShim` compiles and loads the two TC programs (`shim_ingress`, `shim_egress`), holds the
+per-boot verification token the shim writes into verified tag slots, and writes each
+connection's per-direction key material (crypto_backends.base.KeyMaterial) into the
+`shim_conns` map, keyed by the connection's local and peer address and UDP port (so peers
+with zero-length connection ids are found too).
+
+The ctypes structs below mirror bpf/shim_structs.h field by field;
+tests/kernel/test_crypto_shim_structs.py checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from aioquic.tls import CipherSuite
+
+from crypto_backends.base import AEAD_TAG_SIZE, Direction, KeyMaterial
+from relay import bpfload
+
+SOURCE = "crypto_shim.c"
+STRUCTS = "shim_structs.h"
+INGRESS_FUNCTION = "shim_ingress"
+EGRESS_FUNCTION = "shim_egress"
+CONNS_MAP = "shim_conns"
+CONFIG_MAP = "shim_config"
+STATS_MAP = "shim_stats"
+
+# --- shared with bpf/shim_structs.h ----------------------------------------------------
+
+SHIM_MAX_CONNS = 8192
+SHIM_MAX_CID_LEN = 20
+SHIM_DIR_RECV = 0
+SHIM_DIR_SEND = 1
+SHIM_STATE_PASS = 0
+SHIM_STATE_NO_KEYS = 1
+SHIM_STATE_KEYS = 2
+
+#: The only suite the shim implements (RFC 9001 §5.3 AEAD, §5.4.4 header protection).
+SUPPORTED_SUITE = CipherSuite.CHACHA20_POLY1305_SHA256
+
+_DIRECTIONS = {Direction.RECV: SHIM_DIR_RECV, Direction.SEND: SHIM_DIR_SEND}
+
+
+class ShimConnKey(ctypes.Structure):
+    _fields_ = [
+        ("local_addr", ctypes.c_uint8 * 16),
+        ("peer_addr", ctypes.c_uint8 * 16),
+        ("local_port", ctypes.c_uint16),
+        ("peer_port", ctypes.c_uint16),
+        ("direction", ctypes.c_uint32),
+    ]
+
+
+class ShimPhaseKeys(ctypes.Structure):
+    _fields_ = [
+        ("key", ctypes.c_uint8 * 32),
+        ("iv", ctypes.c_uint8 * 12),
+        ("valid", ctypes.c_uint32),
+    ]
+
+
+class ShimConn(ctypes.Structure):
+    _fields_ = [
+        ("state", ctypes.c_uint32),
+        ("dcid_len", ctypes.c_uint32),
+        ("hp_key", ctypes.c_uint8 * 32),
+        ("phase", ShimPhaseKeys * 2),
+        ("next_pn", ctypes.c_uint64),
+    ]
+
+
+class ShimConfig(ctypes.Structure):
+    _fields_ = [("token", ctypes.c_uint8 * 16)]
+
+
+class ShimStats(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "ingress_packets", "ingress_bytes", "ingress_passed", "ingress_decrypted",
+        "ingress_no_keys", "ingress_too_long", "ingress_drop_too_short", "ingress_drop_bad_tag",
+        "ingress_drop_no_phase", "ingress_drop_error",
+        "egress_packets", "egress_bytes", "egress_passed", "egress_encrypted",
+        "egress_drop_no_keys", "egress_drop_too_short", "egress_drop_too_long",
+        "egress_drop_no_phase", "egress_drop_error",
+    )]
+
+
+Address = tuple[str, int]
+
+
+def _addr16(host: str) -> bytes:
+    ip = ipaddress.ip_address(host)
+    if ip.version == 4:
+        return ipaddress.IPv6Address(f"::ffff:{ip}").packed
+    return ip.packed
+
+
+def conn_key(local: Address, peer: Address, direction: Direction) -> bytes:
+    """The shim_conns key of one direction of the connection between local and peer."""
+    key = ShimConnKey()
+    key.local_addr[:] = _addr16(local[0])
+    key.peer_addr[:] = _addr16(peer[0])
+    key.local_port = int.from_bytes(local[1].to_bytes(2, "big"), "little")  # network order
+    key.peer_port = int.from_bytes(peer[1].to_bytes(2, "big"), "little")
+    key.direction = _DIRECTIONS[direction]
+    return bytes(key)
+
+
+def conn_value(material: KeyMaterial, *, dcid_len: int, next_pn: int = 0) -> ShimConn:
+    """The shim_conns value for KeyMaterial: keys of both phases, indexed by key-phase bit."""
+    if material.cipher_suite != SUPPORTED_SUITE:
+        raise ValueError(f"the soft shim protects only {SUPPORTED_SUITE.name}, "
+                         f"not {CipherSuite(material.cipher_suite).name}")
+    if not 0 <= dcid_len <= SHIM_MAX_CID_LEN:
+        raise ValueError(f"connection id length {dcid_len} is not 0..{SHIM_MAX_CID_LEN}")
+    value = ShimConn(state=SHIM_STATE_KEYS, dcid_len=dcid_len, next_pn=next_pn)
+    value.hp_key[:] = material.hp_key
+    for keys in (material.current, material.next):
+        slot = value.phase[keys.key_phase & 1]
+        slot.key[:] = keys.key
+        slot.iv[:] = keys.iv
+        slot.valid = 1
+    return value
+
+
+@dataclass
+class ShimEntry:
+    state: int
+    dcid_len: int
+    next_pn: int
+
+
+class SoftShim:
+    """The loaded shim: its two programs, its maps and the per-boot verification token."""
+
+    def __init__(self, *, cflags: tuple[str, ...] = ()) -> None:
+        bpfload.require_root("the soft crypto shim")
+        # The C reads buffers through several integer types; never let clang reorder them.
+        self._bpf: Any = bpfload.compile_program(SOURCE, cflags=("-fno-strict-aliasing", *cflags))
+        self.ingress = bpfload.load_sched_cls(self._bpf, INGRESS_FUNCTION)
+        self.egress = bpfload.load_sched_cls(self._bpf, EGRESS_FUNCTION)
+        self._conns = self._bpf[CONNS_MAP.encode()]
+        self._conns_fd: int = self._conns.map_fd
+        self._config_fd: int = self._bpf[CONFIG_MAP.encode()].map_fd
+        self._stats_fd: int = self._bpf[STATS_MAP.encode()].map_fd
+        self._cpus = bpfload.possible_cpus()
+        self.token = os.urandom(AEAD_TAG_SIZE)
+        config = ShimConfig()
+        config.token[:] = self.token
+        bpfload.map_update(self._config_fd, (0).to_bytes(4, "little"), bytes(config))
+        self.clear_stats()
+
+    # --- keys ------------------------------------------------------------------------
+
+    def install(self, local: Address, peer: Address, material: KeyMaterial, *, dcid_len: int,
+                next_pn: int | None = None) -> None:
+        """Write (or update on a key update) one direction's keys; keeps the packet-number
+        state the shim has unless next_pn is given."""
+        key = conn_key(local, peer, material.direction)
+        if next_pn is None:
+            current = self.entry(local, peer, material.direction)
+            next_pn = current.next_pn if current is not None else 0
+        value = conn_value(material, dcid_len=dcid_len, next_pn=next_pn)
+        bpfload.map_update(self._conns_fd, key, bytes(value))
+
+    def set_state(self, local: Address, peer: Address, direction: Direction, state: int, *,
+                  dcid_len: int = 0) -> None:
+        """An entry without keys: SHIM_STATE_NO_KEYS (offloaded, keys pending) or SHIM_STATE_PASS."""
+        if state == SHIM_STATE_KEYS:
+            raise ValueError("install() writes entries with keys")
+        value = ShimConn(state=state, dcid_len=dcid_len)
+        bpfload.map_update(self._conns_fd, conn_key(local, peer, direction), bytes(value))
+
+    def remove(self, local: Address, peer: Address, direction: Direction) -> None:
+        raw = conn_key(local, peer, direction)
+        try:
+            del self._conns[self._conns.Key.from_buffer_copy(raw)]
+        except KeyError:
+            pass
+
+    def entry(self, local: Address, peer: Address, direction: Direction) -> ShimEntry | None:
+        raw = bpfload.map_lookup(self._conns_fd, conn_key(local, peer, direction),
+                                 ctypes.sizeof(ShimConn))
+        if raw is None:
+            return None
+        value = ShimConn.from_buffer_copy(raw)
+        return ShimEntry(state=value.state, dcid_len=value.dcid_len, next_pn=value.next_pn)
+
+    # --- counters --------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Counters summed over CPUs."""
+        size = ctypes.sizeof(ShimStats)
+        raw = bpfload.map_lookup(self._stats_fd, (0).to_bytes(4, "little"), size * self._cpus)
+        totals = dict.fromkeys((name for name, _ in ShimStats._fields_), 0)
+        if raw is None:
+            return totals
+        for cpu in range(self._cpus):
+            one = ShimStats.from_buffer_copy(raw, cpu * size)
+            for name in totals:
+                totals[name] += getattr(one, name)
+        return totals
+
+    def clear_stats(self) -> None:
+        bpfload.map_update(self._stats_fd, (0).to_bytes(4, "little"),
+                           bytes(ctypes.sizeof(ShimStats) * self._cpus))
