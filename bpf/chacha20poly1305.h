@@ -63,13 +63,16 @@ struct cp_scratch {
 };
 
 
-#define CP_ROTL32(v, n) (((v) << (n)) | ((v) >> (32 - (n))))
+/* State words live in u64 registers with garbage above bit 31 (bcc emits no 32-bit
+ * ALU): additions and XORs keep the low 32 bits right, and the rotation reads only them
+ * (shifting left by 32 first drops the garbage), so nothing is masked inside a round. */
+#define CP_ROTL(v, n) (((v) << (n)) | (((v) << 32) >> (64 - (n))))
 #define CP_QR(a, b, c, d)                                      \
 	do {                                                   \
-		a += b; d ^= a; d = CP_ROTL32(d, 16);          \
-		c += d; b ^= c; b = CP_ROTL32(b, 12);          \
-		a += b; d ^= a; d = CP_ROTL32(d, 8);           \
-		c += d; b ^= c; b = CP_ROTL32(b, 7);           \
+		a += b; d ^= a; d = CP_ROTL(d, 16);            \
+		c += d; b ^= c; b = CP_ROTL(b, 12);            \
+		a += b; d ^= a; d = CP_ROTL(d, 8);             \
+		c += d; b ^= c; b = CP_ROTL(b, 7);             \
 	} while (0)
 
 /**
@@ -81,10 +84,10 @@ struct cp_scratch {
 static __always_inline void cp_chacha20_block(const __u32 *key, __u32 counter, __u32 n0,
 					      __u32 n1, __u32 n2, __u32 *out)
 {
-	__u32 x0 = 0x61707865, x1 = 0x3320646e, x2 = 0x79622d32, x3 = 0x6b206574;
-	__u32 x4 = key[0], x5 = key[1], x6 = key[2], x7 = key[3];
-	__u32 x8 = key[4], x9 = key[5], x10 = key[6], x11 = key[7];
-	__u32 x12 = counter, x13 = n0, x14 = n1, x15 = n2;
+	__u64 x0 = 0x61707865, x1 = 0x3320646e, x2 = 0x79622d32, x3 = 0x6b206574;
+	__u64 x4 = key[0], x5 = key[1], x6 = key[2], x7 = key[3];
+	__u64 x8 = key[4], x9 = key[5], x10 = key[6], x11 = key[7];
+	__u64 x12 = counter, x13 = n0, x14 = n1, x15 = n2;
 	int i;
 
 #pragma clang loop unroll(disable)
