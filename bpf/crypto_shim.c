@@ -240,6 +240,10 @@ int shim_ingress(struct __sk_buff *skb)
 		st->ingress_no_keys++;	/* userspace decrypts it with its own AEAD */
 		return TC_ACT_UNSPEC;
 	}
+	if (skb->gso_segs > 1) {
+		st->ingress_gso++;	/* one header for many packets: userspace decrypts them */
+		return TC_ACT_UNSPEC;
+	}
 	ret = qp_unprotect(skb, &p->qp, conn, &s->cp, cfg->token);
 	switch (ret) {
 	case QP_OK:
@@ -285,6 +289,10 @@ int shim_egress(struct __sk_buff *skb)
 	}
 	if (conn->state != SHIM_STATE_KEYS) {
 		st->egress_drop_no_keys++;
+		return TC_ACT_SHOT;
+	}
+	if (skb->gso_segs > 1) {
+		st->egress_drop_gso++;	/* the segments would be protected as one packet */
 		return TC_ACT_SHOT;
 	}
 	ret = qp_protect(skb, &p->qp, conn, &s->cp);

@@ -66,6 +66,7 @@ struct shim_stats {
 	__u64 ingress_decrypted;	/* tag verified, token written */
 	__u64 ingress_no_keys;		/* offloaded connection without keys: handed up encrypted */
 	__u64 ingress_too_long;		/* longer than the shim handles: handed up encrypted */
+	__u64 ingress_gso;		/* a GRO/GSO super-packet: handed up encrypted */
 	__u64 ingress_drop_too_short;	/* cannot be sampled (RFC 9001 §5.4.2) */
 	__u64 ingress_drop_bad_tag;	/* tag did not verify */
 	__u64 ingress_drop_no_phase;	/* key-phase bit names a phase without keys */
@@ -77,6 +78,7 @@ struct shim_stats {
 	__u64 egress_drop_no_keys;	/* offloaded connection without keys: never sent in plaintext */
 	__u64 egress_drop_too_short;	/* cannot be sampled (RFC 9001 §5.4.2) */
 	__u64 egress_drop_too_long;	/* longer than the shim handles */
+	__u64 egress_drop_gso;		/* a GSO super-packet: one header, many QUIC packets */
 	__u64 egress_drop_no_phase;	/* key-phase bit names a phase without keys */
 	__u64 egress_drop_error;	/* a helper failed */
 };

@@ -82,10 +82,10 @@ class ShimConfig(ctypes.Structure):
 class ShimStats(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in (
         "ingress_packets", "ingress_bytes", "ingress_passed", "ingress_decrypted",
-        "ingress_no_keys", "ingress_too_long", "ingress_drop_too_short", "ingress_drop_bad_tag",
-        "ingress_drop_no_phase", "ingress_drop_error",
+        "ingress_no_keys", "ingress_too_long", "ingress_gso", "ingress_drop_too_short",
+        "ingress_drop_bad_tag", "ingress_drop_no_phase", "ingress_drop_error",
         "egress_packets", "egress_bytes", "egress_passed", "egress_encrypted",
-        "egress_drop_no_keys", "egress_drop_too_short", "egress_drop_too_long",
+        "egress_drop_no_keys", "egress_drop_too_short", "egress_drop_too_long", "egress_drop_gso",
         "egress_drop_no_phase", "egress_drop_error",
     )]
 

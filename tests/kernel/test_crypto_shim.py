@@ -414,3 +414,32 @@ def test_zero_udp_checksum_stays_zero(fresh) -> None:
     _, out = run(fresh.egress, frame)
     assert V4_EGRESS.payload(out) == A5_PROTECTED
     assert struct.unpack_from("!H", out, V4_EGRESS.l4_offset + 6)[0] == 0
+
+
+# struct __sk_buff (uapi): gso_segs is the u32 at offset 164; BPF_PROG_TEST_RUN takes it in ctx_in.
+SKB_CTX_SIZE = 192
+SKB_GSO_SEGS = 164
+
+
+def gso_ctx(segs: int) -> bytes:
+    ctx = bytearray(SKB_CTX_SIZE)
+    struct.pack_into("<I", ctx, SKB_GSO_SEGS, segs)
+    return bytes(ctx)
+
+
+def test_gso_super_packets_never_protected_as_one(fresh) -> None:
+    """A GSO skb carries many QUIC packets behind one UDP header: egress drops it (never
+    sends a wrongly protected or plaintext packet), ingress hands it up encrypted."""
+    fresh.install(RELAY4, PEER4, material(A5_SECRET, Direction.SEND), dcid_len=0, next_pn=A5_PN)
+    fresh.install(RELAY4, PEER4, material(A5_SECRET, Direction.RECV), dcid_len=0, next_pn=A5_PN)
+    out = prog_test_run(fresh.egress.fd, V4_EGRESS.frame(A5_HEADER + A5_PAYLOAD + bytes(TAG)),
+                        ctx=gso_ctx(4))
+    assert out.retval == TC_ACT_SHOT
+    frame = V4_EGRESS.reversed().frame(A5_PROTECTED)
+    result = prog_test_run(fresh.ingress.fd, frame, ctx=gso_ctx(4))
+    assert (result.retval, result.data) == (TC_ACT_UNSPEC, frame)
+    # gso_segs 1 is an ordinary packet
+    result = prog_test_run(fresh.ingress.fd, frame, ctx=gso_ctx(1))
+    assert V4_EGRESS.reversed().payload(result.data) == A5_HEADER + A5_PAYLOAD + fresh.token
+    delta(fresh, egress_packets=1, egress_drop_gso=1, ingress_packets=2, ingress_gso=1,
+          ingress_decrypted=1)
