@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections import deque
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -75,6 +76,7 @@ from relay.moqt.session import (
 
 logger = logging.getLogger(__name__)
 
+SOCKET_BUFFER = 4 << 20
 DONE_WAIT = 2.0
 """Seconds a PUBLISH_DONE waits for the data streams it counts."""
 
@@ -130,6 +132,7 @@ class RelayServer:
         self._queue: deque[tuple[MoqtProtocol, Any]] = deque()
         self._busy = False
         self._dirty: dict[int, MoqtProtocol] = {}
+        self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._stopped = False
         self.sessions_total = 0
@@ -143,6 +146,13 @@ class RelayServer:
                                   session_config=SessionConfig(is_client=False,
                                                                deliver_chunks=True),
                                   on_event=self._on_event)
+        sock = self.server._transport.get_extra_info("socket")
+        if sock is not None:  # one socket carries every session: room for bursts
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+                except OSError:
+                    pass
         if self.upstream_url is not None:
             self._ensure_upstream()
         return server_address(self.server)
@@ -220,10 +230,21 @@ class RelayServer:
                     self._handle(p, e)
                 except Exception:
                     logger.exception("relay failed handling %s", type(e).__name__)
-                self._flush()
         finally:
             self._busy = False
+        self._schedule_flush()
         self._arm_timer()
+
+    def _schedule_flush(self) -> None:
+        """Flush the touched protocols once, after the datagram being processed: one
+        transmit per subscriber per incoming datagram, not one per session event."""
+        if self._dirty and not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._deferred_flush)
+
+    def _deferred_flush(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
 
     def _flush(self) -> None:
         while self._dirty:
