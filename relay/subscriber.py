@@ -24,8 +24,10 @@ import asyncio
 import enum
 import signal
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -33,6 +35,7 @@ import typer
 from crypto_backends import CryptoBackend
 from relay.cli.output import JsonOption, progress
 from relay.errors import ConfigError
+from relay.media import _HEADER as PAYLOAD_HEADER
 from relay.media import SubscribeSummary, TrackVerifier
 from relay.moqt.constants import (
     FetchErrorCode,
@@ -109,6 +112,9 @@ class SubscriberOptions:
     expect_groups: int | None = None
     connect_timeout: float = 5.0
     crypto: CryptoBackend | None = None
+    delays_file: Path | None = None
+    """Write each intact object's one-way delay here (ns, one a line, arrival order), from the
+    payload's own send time (the same clock for every relay, whatever it does to extensions)."""
 
 
 class Subscriber:
@@ -130,6 +136,7 @@ class Subscriber:
         self.changed = asyncio.Event()
         self.subscribed_at: float | None = None
         self.retry_at: float | None = None
+        self.delays_ns: array[int] | None = array("q") if opts.delays_file else None
 
     def subscribe(self) -> None:
         self.request_id = self.session.subscribe(
@@ -148,8 +155,11 @@ class Subscriber:
                 self.track_ended = True
             elif header.status == ObjectStatus.NORMAL:
                 ts = timestamp_us(header.extensions)
+                before = self.verifier.objects
                 self.verifier.on_object(header.group_id, event.payload, now_ns,
                                         send_ns=None if ts is None else ts * 1000)
+                if self.delays_ns is not None and self.verifier.objects > before:
+                    self.delays_ns.append(now_ns - PAYLOAD_HEADER.unpack_from(event.payload)[-1])
         elif isinstance(event, SubgroupStreamOpened):
             if event.request_id == self.request_id and isinstance(event.header, SubgroupHeader):
                 self.verifier.on_group(event.header.group_id)
@@ -289,6 +299,8 @@ async def run_subscriber(opts: SubscriberOptions, *,
         summary.errors.append(f"SUBSCRIBE refused: {sub.rejections[-1]}")
     summary.timings_ms = timings
     summary.connection = connection
+    if opts.delays_file is not None and sub.delays_ns is not None:
+        opts.delays_file.write_text("".join(f"{d}\n" for d in sub.delays_ns))
     return summary
 
 
@@ -329,6 +341,9 @@ def subscribe_command(
     cafile: CaFileOption = None,
     crypto: CryptoOption = None,
     connect_timeout: ConnectTimeoutOption = 5.0,
+    delays_file: Annotated[Path | None, typer.Option(
+        "--delays-file", metavar="PATH",
+        help="Write every intact object's one-way delay (ns, one a line) to PATH.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Subscribe to a track and verify every object; exit 0 only if all arrived intact."""
@@ -339,7 +354,8 @@ def subscribe_command(
             url=url, namespace=namespace_option(namespace), track=track.encode(),
             tls=tls_options(insecure, fingerprint, cafile), filter_type=_FILTERS[filter_choice],
             priority=priority, duration=duration, expect_objects=expect_objects,
-            expect_groups=expect_groups, connect_timeout=connect_timeout, crypto=backend)
+            expect_groups=expect_groups, connect_timeout=connect_timeout, crypto=backend,
+            delays_file=delays_file)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     summary = run_endpoint(run_subscriber(
