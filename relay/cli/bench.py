@@ -1,0 +1,137 @@
+"""`fastrelay bench`: delay, CPU and fan-out of every relay path, side by side, in the lab.
+
+For each path and subscriber count: a fresh lab, that path's relay in the relay namespace,
+the subscribers, then the publisher (same workload for every path: `--layout single`,
+self-verifying objects); counters over the steady part of the run; teardown. Progress goes to
+stderr; the table (or `--json`: every figure, raw counters and the machine description) to
+stdout; results.json, table.md, per-object delays and PNG plots into --out.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from relay import bpfload
+from relay.bench import measure, report
+from relay.bench.paths import PATHS
+from relay.bench.runner import BenchConfig, run_bench
+from relay.cli.output import JsonOption, emit_json, progress, stdout
+from relay.errors import ConfigError, FastrelayError
+
+DEFAULT_SUBSCRIBERS = "1,4,16,32,64"
+QUICK_SUBSCRIBERS = [1, 4]
+QUICK_DURATION = 3.0
+MAX_SUBSCRIBERS = 256
+#: The table is wide; in a pipe or log give it this many columns rather than cut it.
+TABLE_WIDTH = 230
+
+
+def parse_subscribers(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--subscribers {text!r}: expected counts separated by commas, "
+                          "e.g. 1,4,16") from None
+    if not counts or any(not 1 <= n <= MAX_SUBSCRIBERS for n in counts):
+        raise ConfigError(f"--subscribers {text!r}: each count must be 1..{MAX_SUBSCRIBERS}")
+    return sorted(set(counts))
+
+
+def parse_paths(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in PATHS]
+    if unknown or not names:
+        raise ConfigError(f"--paths: unknown path '{unknown[0] if unknown else text}' "
+                          f"(paths: {', '.join(PATHS)})")
+    return list(dict.fromkeys(names))
+
+
+def bench_command(
+    subscribers: Annotated[str | None, typer.Option(
+        "--subscribers", metavar="N,N,...",
+        help=f"Subscriber counts to run [default: {DEFAULT_SUBSCRIBERS}; --quick: 1,4].")] = None,
+    object_size: Annotated[int, typer.Option("--object-size", min=64, metavar="B",
+                                             help="Payload bytes per object.")] = 1000,
+    rate: Annotated[float, typer.Option("--rate", min=1, metavar="R",
+                                        help="Objects per second the publisher sends.")] = 100.0,
+    duration: Annotated[float | None, typer.Option(
+        "--duration", min=1, metavar="S",
+        help="Seconds of publishing per scenario [default: 10; --quick: 3].")] = None,
+    paths: Annotated[str, typer.Option(
+        "--paths", metavar="P,P,...",
+        help=f"Paths to compare: {', '.join(PATHS)}.")] = ",".join(PATHS),
+    group_length: Annotated[int, typer.Option("--group-length", min=1,
+                                              help="Objects per group.")] = 30,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="Smoke run: 1 and 4 subscribers, 3 s each (about a minute).")] = False,
+    out: Annotated[Path | None, typer.Option(
+        "--out", metavar="DIR", help="Where results go [default: bench-results/<timestamp>/].")]
+    = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure every relay path side by side: delay, CPU per delivered packet, fan-out."""
+    counts = parse_subscribers(subscribers) if subscribers is not None else \
+        (QUICK_SUBSCRIBERS if quick else parse_subscribers(DEFAULT_SUBSCRIBERS))
+    names = parse_paths(paths)
+    started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    if out is None:
+        out = Path("bench-results") / started.strftime("%Y%m%dT%H%M%SZ")
+    cfg = BenchConfig(subscribers=counts, paths=names, object_size=object_size, rate=rate,
+                      duration=duration if duration is not None else
+                      (QUICK_DURATION if quick else 10.0),
+                      group_length=group_length, out=out,
+                      start_delay=1.0, background_s=0.5 if quick else 1.0)
+    if any(PATHS[n].unavailable() is None for n in names):
+        bpfload.require_root("fastrelay bench")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: {exc.strerror or exc}") from None
+    machine = measure.machine_description()
+    progress(f"bench: {len(names)} path(s) × subscribers {','.join(map(str, counts))}, "
+             f"{cfg.objects} objects of {object_size} B at {rate:g}/s each; results in {out}")
+    runs = run_bench(cfg, progress)
+    files = {"json": "results.json", "table": "table.md"}
+    files.update(report.write_plots(runs, out))
+    for r in runs:
+        if r.raw.get("delays_file"):
+            files[f"delays {r.path} {r.subscribers}"] = r.raw["delays_file"]
+    finished = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    command = "fastrelay bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"]
+                                              else sys.argv[1:])
+    doc = report.document(cfg, runs, machine=machine, command=command,
+                          started=started.isoformat(), finished=finished.isoformat(), files=files)
+    report.write_json(doc, out / "results.json")
+    (out / "table.md").write_text(report.markdown_table(runs) + "\n")
+    if as_json:
+        emit_json(doc)
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"fastrelay bench — {machine['cpu_model']}, {machine['cores']} "
+                            f"cores, kernel {machine['kernel']}", title_justify="left")
+        for column in report.COLUMNS:
+            table.add_column(column, no_wrap=column != "Note",
+                             overflow="fold" if column == "Note" else "ellipsis",
+                             min_width=24 if column == "Note" else None)
+        for row in report.table_rows(runs):
+            table.add_row(*row)
+        from rich.console import Console
+
+        wide = Console(highlight=False, soft_wrap=False,
+                       width=None if sys.stdout.isatty() else TABLE_WIDTH)
+        wide.print(table)
+        for note in report.NOTES:
+            stdout.print(f"- {note}")
+        stdout.print(f"results: {out}/results.json, plots: {out}/*.png")
+    failed = [r for r in runs if r.error]
+    if failed:
+        first = failed[0]
+        raise FastrelayError(f"{len(failed)} scenario(s) failed, first {first.path} with "
+                             f"{first.subscribers} subscribers: {first.error}; results in {out}")

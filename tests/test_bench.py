@@ -1,0 +1,151 @@
+"""`fastrelay bench`: the smoke run in the lab (root) and the pieces that need no lab.
+
+No speed assertions anywhere: the figures depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from relay.bench import measure, report
+from relay.bench.paths import PATHS
+from relay.bench.runner import BenchConfig, Run, _window, bench_topology, delay_figures, \
+    percentile
+from tests.conftest import run_cli, run_cli_process
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("delay_distribution.png", "cpu_vs_subscribers.png", "delay_vs_subscribers.png")
+
+
+@pytest.mark.root
+def test_bench_quick_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = run_cli_process(["bench", "--quick", "--out", str(out), "--json"], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert json.loads((out / "results.json").read_text())["runs"] == doc["runs"]
+    assert (out / "table.md").read_text().startswith("| Path")
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+    for key in ("cpu_model", "cores", "kernel", "memory_gib"):
+        assert doc["machine"][key], key
+    assert "[1/" in proc.stderr  # the progress display
+    runs = doc["runs"]
+    assert {(r["path"], r["subscribers"]) for r in runs} == \
+        {(p, n) for p in PATHS for n in (1, 4)}
+    assert any(r["available"] for r in runs)
+    for r in runs:
+        where = f"{r['path']} x {r['subscribers']}"
+        if not r["available"]:
+            assert r["reason"], where
+            assert not r["figures"], where
+            continue
+        assert r["error"] is None, where
+        f = r["figures"]
+        assert f["objects_delivered"] > 0, where
+        assert f["delay"]["count"] == f["objects_delivered"], where
+        for key in ("p50_us", "p99_us", "max_us"):
+            assert f["delay"][key] > 0, where
+        assert f["delay"]["p50_us"] <= f["delay"]["p99_us"] <= f["delay"]["max_us"], where
+        for key in ("delivered_packets", "machine_cpu_us_per_packet", "relay_cpu_us_per_packet",
+                    "packets_per_s_per_relay_core", "lab_processes_cpu_us_per_packet"):
+            assert f[key] and f[key] > 0, (where, key)
+        assert isinstance(f["machine_limited"], bool)
+        assert f["kernel_bytes_share"] is not None, where
+        assert (r["path"] not in ("userspace", "moq-rs")) or f["ebpf"] is None
+        assert (out / r["raw"]["delays_file"]).is_file()
+    userspace = [r for r in runs if r["path"] == "userspace" and r["available"]]
+    for r in userspace:
+        assert r["figures"]["ratios"]["vs_userspace"]["p50_us"] == 1.0
+
+
+# -- no lab needed ------------------------------------------------------------------------------
+
+
+def test_bad_options_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    run_cli(["bench", "--paths", "userspace,nope"], capsys, exit_code=1,
+            stderr=r"^error: --paths: unknown path 'nope' \(paths: userspace, moq-rs")
+    run_cli(["bench", "--subscribers", "1,x"], capsys, exit_code=1,
+            stderr=r"^error: --subscribers '1,x': expected counts")
+    run_cli(["bench", "--subscribers", "0"], capsys, exit_code=1,
+            stderr=r"^error: --subscribers '0': each count must be 1\.\.256\n$")
+
+
+def test_unavailable_paths_need_no_lab(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    unavailable = [n for n, p in PATHS.items() if p.unavailable() is not None]
+    if not unavailable:
+        pytest.skip("every path is available here")
+    result = run_cli(["bench", "--paths", unavailable[0], "--subscribers", "1", "--out",
+                      str(tmp_path), "--json"], capsys)
+    doc = json.loads(result.stdout)
+    assert [(r["path"], r["available"]) for r in doc["runs"]] == [(unavailable[0], False)]
+    assert doc["runs"][0]["reason"] == PATHS[unavailable[0]].unavailable()
+    assert doc["paths"][unavailable[0]]["reason"]
+    for name in PLOTS:
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_percentiles_are_over_raw_values() -> None:
+    values = sorted([5, 1, 4, 2, 3] * 20 + [1000])
+    assert percentile(values, 50) == 3
+    assert percentile(values, 100) == 1000
+    d = delay_figures([1000, 2000, 3000, 1_000_000])
+    assert d is not None and d["count"] == 4 and d["p50_us"] == 2.0 and d["max_us"] == 1000.0
+    assert delay_figures([]) is None
+
+
+def _sample(t: float, tx: int) -> measure.Sample:
+    return measure.Sample(t=t, machine=measure.CpuTimes(busy=int(t * 100), total=int(t * 200),
+                                                         steal=0),
+                          relay_ticks=int(t * 10), tx_packets=tx, tx_bytes=tx * 1000,
+                          rx_packets=0)
+
+
+def test_window_covers_the_middle_of_the_delivered_packets() -> None:
+    samples = [_sample(i * 0.1, tx) for i, tx in enumerate([0, 0, 0, 10, 30, 50, 70, 90, 100,
+                                                            100])]
+    assert _window(samples, 0) == (3, 7)
+    assert _window([_sample(0, 5), _sample(1, 5)], 0) is None
+
+
+def test_topology_has_the_subscribers_and_no_gso_towards_them() -> None:
+    topo = bench_topology(3)
+    assert [h.name for h in topo.subscribers] == ["sub1", "sub2", "sub3"]
+    for sub in topo.subscribers:
+        assert not topo.link("relay", sub.name).end("relay").gso
+
+
+def test_machine_readers_on_this_process() -> None:
+    cpu = measure.machine_cpu()
+    assert 0 < cpu.busy <= cpu.total
+    assert measure.process_cpu_ticks(os.getpid()) is not None
+    assert "lo" in measure.interface_counters(os.getpid())
+    assert measure.process_cpu_ticks(2**22 + 1) is None
+    assert measure.bpf_prog_stats(os.getpid()) == {}
+    machine = measure.machine_description()
+    assert machine["cores"] and machine["kernel"]
+
+
+def test_table_marks_unavailable_and_measured_rows() -> None:
+    measured = Run("userspace", 4, True, figures={
+        "delay": {"p50_us": 2000.0, "p99_us": 5000.0, "max_us": 9000.0},
+        "objects_delivered": 400, "objects_expected": 400, "objects_lost": 0,
+        "machine_cpu_us_per_packet": 4000.0, "machine_busy_share": 0.95,
+        "background_busy_share": 0.1, "lab_processes_cpu_us_per_packet": 2000.0,
+        "relay_cpu_us_per_packet": 700.0, "ebpf": None, "packets_per_s_per_relay_core": 1429,
+        "kernel_bytes_share": 0.0, "machine_limited": True})
+    missing = Run("fastpath-none", 4, False, reason="eBPF fast path not built yet")
+    rows = report.table_rows([measured, missing])
+    assert rows[0][:4] == ["userspace", "4", "400/400", "2,000/5,000/9,000"]
+    assert "n/a" in rows[0] and "machine" in rows[0]
+    assert rows[1][-1] == "not available: eBPF fast path not built yet"
+    assert report.markdown_table([measured, missing]).count("\n") == 3
+    cfg = BenchConfig(subscribers=[4], paths=["userspace", "fastpath-none"])
+    doc = report.document(cfg, [measured, missing], machine={}, command="x", started="s",
+                          finished="f", files={})
+    assert doc["paths"]["userspace"]["available"] is True
+    assert doc["runs"][1]["reason"] == "eBPF fast path not built yet"
