@@ -2,12 +2,15 @@
  * construction (§2.8) and QUIC header protection with ChaCha20 (RFC 9001 §5.4.4), in
  * plain eBPF for bcc 0.26 (no kfuncs, no bpf_loop, no BPF-to-BPF calls).
  *
- * Verifier recipe (../shared/notes/toolchain.md §9): every function inlined; loops
- * bounded by a constant with unrolling disabled; the block loops are driven by the
- * remaining length and break after the partial last block; u64 for every length and
- * offset; buffers live in a per-CPU map value (struct cp_scratch), never on the stack;
- * branches depend on lengths only, never on secret bytes (constant time); a tag is
- * compared as an OR of XORs.
+ * Verifier recipe (../shared/notes/toolchain.md §9, refined here): every function
+ * inlined; loops bounded by a constant with unrolling disabled; each block loop's trip
+ * count is computed before the loop and hidden from LLVM (CP_OPAQUE), the loop only
+ * tests it at the top and holds no branch on data or on a partial block (a partial last
+ * block is zero-padded in place before the loop), so every exit reaches the rest of the
+ * program in the same verifier state and is pruned; u64 for every length and offset,
+ * pinned after its bounds check; buffers live in a per-CPU map value (struct
+ * cp_scratch), never on the stack; branches depend on lengths only, never on secret
+ * bytes (constant time); a tag is compared as an OR of XORs.
  *
  * Buffers are little-endian u32/u64 words read in place: the host must be little-endian.
  */

@@ -239,23 +239,11 @@ static __always_inline int qp_unprotect(struct __sk_buff *skb, const struct qp_p
 	*(__u64 *)(s->data + ct_len + 8) = *(const __u64 *)(token + 8);
 	new_sum += qp_align(qp_csum_data(s->data, data_len), odd ^ (hdr_len & 1));
 
-#ifdef CUT5
-	return 0;
-#endif
 	if (bpf_skb_store_bytes(skb, off, s->hdr, hdr_len, 0))
 		return QP_ERROR;
 	if (bpf_skb_store_bytes(skb, off + hdr_len, s->data, data_len, 0))
 		return QP_ERROR;
-#ifdef CUT6
-	return 0;
-#endif
-#ifdef CUT6B
-	return new_sum;
-#endif
 	qp_fix_csum(skb, pkt, old_sum, new_sum);
-#ifdef CUT7
-	return 0;
-#endif
 	if (pn + 1 > conn->next_pn)
 		conn->next_pn = pn + 1;
 	return QP_OK;
