@@ -251,9 +251,10 @@ def test_late_joiners_and_a_leaving_subscriber(children: Children) -> None:
     _subscribe(children, "early_leaver", url, fp, objects=objects)
     _subscribe(children, "stayer", url, fp, objects=objects)
     time.sleep(0.5)
-    # 40 objects/s: 15 groups over 7.5 s, one subgroup per group (what moq-rs accepts).
+    # 30 objects/s: 15 groups over 10 s (late joiners must have time to start even on a
+    # loaded machine), one subgroup per group (what moq-rs accepts).
     _publish(children, "pub", url, fp, objects=objects, group_length=group_length, size=size,
-             rate=40, layout="single")
+             rate=30, layout="single")
     leaver = children.procs["early_leaver"]
     children.wait_text("early_leaver", "subscribed", timeout=20, stderr=True)
     # SUBSCRIBE_OK came START_DELAY before the first object: leave about 1 s into the track.
@@ -264,10 +265,10 @@ def test_late_joiners_and_a_leaving_subscriber(children: Children) -> None:
     time.sleep(0.5)
     # Late joiners, mid-group: moq-rs with its joining FETCH (the current group from the
     # relay's cache), ours from the next group on.
-    _rs_subscribe(children, "late_rs", url, fp, objects=None, duration=15)
-    _subscribe(children, "late_next_group", url, fp, objects=None, duration=15,
+    _rs_subscribe(children, "late_rs", url, fp, objects=None, duration=20)
+    _subscribe(children, "late_next_group", url, fp, objects=None, duration=20,
                extra=("--filter", "next-group"))
-    children.wait(["pub", "stayer", "late_rs", "late_next_group"], timeout=40)
+    children.wait(["pub", "stayer", "late_rs", "late_next_group"], timeout=60)
     assert children.procs["pub"].returncode == 0, children.summary("pub")
     assert children.procs["stayer"].returncode == 0, children.summary("stayer")
     _check(children.summary("stayer"), objects, size, objects // group_length, "stayer")
@@ -277,7 +278,7 @@ def test_late_joiners_and_a_leaving_subscriber(children: Children) -> None:
     for name in ("late_rs", "late_next_group"):
         late = children.summary(name)
         groups = late["groups_complete"]
-        assert isinstance(groups, int) and 3 <= groups < objects // group_length, (name, late)
+        assert isinstance(groups, int) and 2 <= groups < objects // group_length, (name, late)
         assert late["groups"] == groups, (name, late)  # every group it saw is complete
         _check(late, groups * group_length, size, groups, name)
     counters = children.relay_stats("relay")["counters"]
