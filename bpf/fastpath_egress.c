@@ -1,0 +1,528 @@
+/* fastpath_egress.c: TC egress toward subscribers: per-subscriber rewrite of clones,
+ * renumbering of userspace's 1-RTT packets, registration records.
+ *
+ * Clones (mark FR_MARK_MAGIC | FR_MARK_CLONE | subscriber index, made by
+ * fastpath_ingress.c) are rewritten for the subscriber: MACs, IP addresses, UDP ports
+ * (checksums fixed), the DCID (equal lengths only so far: else punted), the key phase
+ * bit, stream ids of forwarded streams (into the subscriber's stream-id space, same
+ * varint width in place, else punted), and every frame that belongs to the upstream
+ * connection, to a stream this subscriber does not get, or to a range already handed out
+ * is overwritten with PADDING. Then the packet number comes from the subscriber's
+ * atomic counter (RFC 9000 §17.1 / A.2: punted if the publisher's PN length is too
+ * short for what the subscriber has acknowledged), credit and congestion window are
+ * checked, and a record goes to fr_events. A punted clone is dropped with a punt record
+ * listing its stream ranges: userspace sends them.
+ *
+ * Userspace's 1-RTT packets to a subscriber (found by peer address) get their packet
+ * number from the same counter, in place (same length), and a record carrying the PN
+ * bytes userspace wrote. Long headers, upstream connections and unknown peers pass
+ * untouched. Connections offloaded without keys: 1-RTT dropped (never plaintext).
+ *
+ * Stages (tail calls through fr_progs; state in fr_scratch[FR_SCRATCH_EGRESS]):
+ *   fastpath_egress        demux, userspace renumbering, clone set-up
+ *   fastpath_egress_walk   one frame of a clone per call (FR_PROG_EG_WALK)
+ *   fastpath_egress_send   credit, PN, header rewrite, record (FR_PROG_EG_SEND)
+ *
+ * Verdicts: TC_ACT_UNSPEC for what leaves (the crypto shim after us still runs),
+ * TC_ACT_SHOT for withheld clones and dropped packets.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "consts.h"
+#include "structs.h"
+#include "reasons.h"
+#include "maps.h"
+#include "parse.h"
+#include "quic.h"
+#include "csum.h"
+
+static __always_inline int fr_eg_verdict(__u32 reason, __u32 bytes, int verdict)
+{
+	fr_count(reason, bytes);
+	return verdict;
+}
+
+/* Hand the crypto shim its verdict for a packet of connection conn_idx. */
+static __always_inline void fr_set_cb(struct __sk_buff *skb, const struct fr_conn *conn,
+				      __u32 conn_idx, __u32 quic_off, __u32 dcid_len,
+				      __u32 pn_len, __u32 clone)
+{
+	if (conn->protection != FR_PROT_OFFLOAD_KEYS)
+		return;
+	skb->cb[FR_CB_VERDICT] = FR_CB_MAGIC | FR_CB_PROTECT | (clone ? FR_CB_CLONE : 0);
+	skb->cb[FR_CB_CONN] = conn_idx;
+	skb->cb[FR_CB_LAYOUT] = (quic_off & 0xffff) | (dcid_len << 16) | (pn_len << 24);
+}
+
+/* Emit a record without frames (userspace packets, clones with nothing walked). */
+static __always_inline void fr_emit_simple(__u8 kind, __u8 reason, __u32 sub_idx, __u32 conn_idx,
+					   __u64 wire_pn, __u32 pn_len, __u32 size, __u32 built_pn)
+{
+	struct fr_record *rec = fr_events.ringbuf_reserve(sizeof(struct fr_record));
+	if (!rec) {
+		fr_count(FR_EG_RING_FULL, size);
+		return;
+	}
+	__builtin_memset(rec, 0, sizeof(*rec));
+	rec->kind = kind;
+	rec->reason = reason;
+	rec->pn_len = pn_len;
+	rec->sub_idx = sub_idx;
+	rec->conn_idx = conn_idx;
+	rec->wire_pn = wire_pn;
+	rec->ts_ns = bpf_ktime_get_ns();
+	rec->size = size;
+	rec->built_pn = built_pn;
+	fr_events.ringbuf_submit(rec, 0);
+}
+
+/* Emit the record built in the scratch (clones). */
+static __always_inline void fr_emit_scratch(struct fr_scratch *w)
+{
+	struct fr_record *rec = fr_events.ringbuf_reserve(sizeof(struct fr_record));
+	if (!rec) {
+		fr_count(FR_EG_RING_FULL, w->bytes);
+		return;
+	}
+	__builtin_memcpy(rec, &w->rec, sizeof(*rec));
+	rec->ts_ns = bpf_ktime_get_ns();
+	fr_events.ringbuf_submit(rec, 0);
+}
+
+/* A clone is withheld: mark its frames punted, emit the record, drop it. */
+static __always_inline int fr_punt_clone(struct fr_scratch *w, __u32 reason)
+{
+	w->rec.kind = FR_REC_PUNT_CLONE;
+	w->rec.reason = reason;
+#pragma clang loop unroll(disable)
+	for (int k = 0; k < MAX_RECORD_FRAMES; k++) {
+		if (k >= w->rec.n_frames)
+			break;
+		w->rec.frames[k].action = FR_FA_PUNTED;
+	}
+	fr_emit_scratch(w);
+	fr_count(reason, w->bytes);
+	return TC_ACT_SHOT;
+}
+
+/* --- userspace packets ------------------------------------------------------------------ */
+
+static __always_inline int fr_egress_user(struct __sk_buff *skb, __u32 bytes)
+{
+	struct fr_pkt p = {};
+	if (fr_parse_udp(skb, &p))
+		return fr_eg_verdict(FR_EG_PASS_NOT_OURS, bytes, TC_ACT_UNSPEC);
+
+	struct fr_addr_key ak = {};
+	__builtin_memcpy(ak.addr, p.daddr, 16);
+	ak.port = p.dport;
+	ak.family = p.family;
+	__u32 *cip = fr_peers.lookup(&ak);
+	if (!cip)
+		return fr_eg_verdict(FR_EG_PASS_NOT_OURS, bytes, TC_ACT_UNSPEC);
+	__u32 ci = *cip;
+	struct fr_conn *conn = fr_conns.lookup(&ci);
+	if (!conn || conn->role == FR_ROLE_NONE)
+		return fr_eg_verdict(FR_EG_PASS_NOT_OURS, bytes, TC_ACT_UNSPEC);
+	if (fr_is_long_header(&p))
+		return fr_eg_verdict(FR_EG_PASS_LONG_HEADER, bytes, TC_ACT_UNSPEC);
+	if (conn->protection == FR_PROT_USERSPACE)
+		return fr_eg_verdict(FR_EG_PASS_PROTECTED, bytes, TC_ACT_UNSPEC);
+	if (conn->protection == FR_PROT_OFFLOAD_NOKEYS)
+		return fr_eg_verdict(FR_EG_DROP_NO_KEYS, bytes, TC_ACT_SHOT);
+	if (conn->role != FR_ROLE_SUBSCRIBER) {
+		/* An upstream connection: our packets to it keep aioquic's numbers. */
+		struct fr_short us = {};
+		__u32 zero = 0;
+		struct fr_config *cfg = fr_config.lookup(&zero);
+		__u32 dl = 0;
+		if (cfg && cfg->host_cid_len <= QUIC_MAX_CID_LEN)
+			dl = cfg->host_cid_len;	/* best effort: the shim re-derives it */
+		if (!fr_parse_short(&p, dl, conn->tag_len, &us))
+			fr_set_cb(skb, conn, ci, p.quic_off, us.dcid_len, us.pn_len, 0);
+		return fr_eg_verdict(FR_EG_PASS_UPSTREAM, bytes, TC_ACT_UNSPEC);
+	}
+
+	__u32 sub_idx = conn->role_idx;
+	struct fr_sub *sub = fr_subs.lookup(&sub_idx);
+	if (!sub)
+		return fr_eg_verdict(FR_EG_PASS_MALFORMED, bytes, TC_ACT_UNSPEC);
+	struct fr_short s = {};
+	if (fr_parse_short(&p, sub->dcid_len, conn->tag_len, &s))
+		return fr_eg_verdict(FR_EG_PASS_MALFORMED, bytes, TC_ACT_UNSPEC);
+	__u32 size = p.quic_end - p.quic_off;
+	if (skb->gso_segs > 1) {
+		fr_emit_simple(FR_REC_PUNT_USER, FR_PUNT_GSO, sub_idx, ci, 0, s.pn_len, size, 0);
+		return fr_eg_verdict(FR_PUNT_GSO, bytes, TC_ACT_SHOT);
+	}
+
+	__u64 be = 0;
+	if (fr_load_be64(skb, s.pn_off, p.len, &be))
+		return fr_eg_verdict(FR_EG_PASS_MALFORMED, bytes, TC_ACT_UNSPEC);
+	__u32 pn_len = s.pn_len;
+	__u32 built = be >> (64 - 8 * pn_len);
+
+	__u64 full = __sync_fetch_and_add(&sub->next_pn, 1);
+	if (quic_pn_len_needed(full, sub->largest_acked) > pn_len) {
+		fr_emit_simple(FR_REC_PUNT_USER, FR_PUNT_USER_PN_GROW, sub_idx, ci, full, pn_len, size,
+			       built);
+		return fr_eg_verdict(FR_PUNT_USER_PN_GROW, bytes, TC_ACT_SHOT);
+	}
+	__u8 buf[FR_CSUM_MAX_WRITE] = {};
+	quic_pn_store(full, pn_len, buf);
+	if (fr_csum_write(skb, p.csum_off, s.pn_off, buf, pn_len & 7))
+		return fr_eg_verdict(FR_EG_PASS_MALFORMED, bytes, TC_ACT_UNSPEC);
+	fr_emit_simple(FR_REC_SENT_USER, 0, sub_idx, ci, full, pn_len, size, built);
+	fr_set_cb(skb, conn, ci, p.quic_off, s.dcid_len, pn_len, 0);
+	return fr_eg_verdict(FR_EG_RENUMBERED, bytes, TC_ACT_UNSPEC);
+}
+
+/* --- clones --------------------------------------------------------------------------- */
+
+static __always_inline int fr_egress_clone(struct __sk_buff *skb, __u32 sub_idx, __u32 bytes)
+{
+	skb->mark = 0;			/* the clone's identity ends here */
+	__u32 slot = FR_SCRATCH_EGRESS;
+	struct fr_scratch *w = fr_scratch.lookup(&slot);
+	if (!w)
+		return fr_eg_verdict(FR_EG_DROP_NO_PROG, bytes, TC_ACT_SHOT);
+	__builtin_memset(&w->rec, 0, sizeof(w->rec));
+	w->bytes = bytes;
+	w->sub_idx = sub_idx;
+	w->punt = 0;
+	w->steps = 0;
+	w->new_bytes = 0;
+	w->n_sent = 0;
+	w->rec.kind = FR_REC_SENT_CLONE;
+	w->rec.sub_idx = sub_idx;
+
+	struct fr_sub *sub = fr_subs.lookup(&sub_idx);
+	if (!sub || !(sub->flags & FR_SUB_ACTIVE)) {
+		fr_emit_scratch(w);
+		w->rec.kind = FR_REC_PUNT_CLONE;
+		return fr_eg_verdict(FR_PUNT_NO_SUBSCRIBER, bytes, TC_ACT_SHOT);
+	}
+	__u32 ci = sub->conn_idx;
+	w->conn_idx = ci;
+	w->rec.conn_idx = ci;
+	struct fr_conn *conn = fr_conns.lookup(&ci);
+	if (!conn)
+		return fr_punt_clone(w, FR_PUNT_NO_SUBSCRIBER);
+
+	struct fr_pkt p = {};
+	if (fr_parse_udp(skb, &p) || fr_is_long_header(&p))
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	__u32 zero = 0;
+	struct fr_config *cfg = fr_config.lookup(&zero);
+	if (!cfg || cfg->host_cid_len > QUIC_MAX_CID_LEN)
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	__u32 cid_len = cfg->host_cid_len;
+	struct fr_cid_key ck = {};
+	ck.len = cid_len;
+	if (cid_len > p.quic_end - p.quic_off - 1)
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	if (cid_len && bpf_skb_load_bytes(skb, p.quic_off + 1, ck.cid, cid_len & 0x1f))
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	__u32 *upci = fr_cids.lookup(&ck);
+	if (!upci)
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	__u32 uci = *upci;
+	struct fr_conn *upconn = fr_conns.lookup(&uci);
+	if (!upconn || upconn->role != FR_ROLE_UPSTREAM)
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	struct fr_short s = {};
+	if (fr_parse_short(&p, cid_len, upconn->tag_len, &s))
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+
+	w->up_idx = upconn->role_idx;
+	w->rec.up_idx = upconn->role_idx;
+	w->rec.pn_len = s.pn_len;
+	w->rec.size = p.quic_end - p.quic_off;
+	w->off = s.payload_off;
+	w->end = s.payload_end;
+	w->pn_off = s.pn_off;
+	w->csum_off = p.csum_off;
+
+	/* Packet-level problems are known now; the walk still runs (without rewriting) so
+	 * the punt record lists every stream range userspace must send. */
+	if (conn->protection == FR_PROT_OFFLOAD_NOKEYS)
+		w->punt = FR_PUNT_NO_KEYS;
+	else if (conn->protection == FR_PROT_USERSPACE)
+		w->punt = FR_PUNT_PROTECTED;
+	else if (skb->gso_segs > 1)
+		w->punt = FR_PUNT_GSO;
+	else if (sub->family != p.family)
+		w->punt = FR_PUNT_FAMILY;
+	else if (sub->dcid_len != cid_len)
+		w->punt = FR_PUNT_CID_LEN;
+
+	fr_progs.call(skb, FR_PROG_EG_WALK);
+	return fr_eg_verdict(FR_EG_DROP_NO_PROG, bytes, TC_ACT_SHOT);
+}
+
+int fastpath_egress(struct __sk_buff *skb)
+{
+	__u32 bytes = skb->len;
+	fr_count(FR_EG_SEEN, bytes);
+	__u32 mark = skb->mark;
+	if ((mark & FR_MARK_MAGIC_MASK) == FR_MARK_MAGIC && (mark & FR_MARK_CLONE))
+		return fr_egress_clone(skb, mark & FR_MARK_SUB_MASK, bytes);
+	return fr_egress_user(skb, bytes);
+}
+
+/* The STREAM frame f of a clone: translate (0), pad (0 and *zero set) or punt (a reason). */
+static __always_inline __u32 fr_clone_stream(struct __sk_buff *skb, struct fr_scratch *w,
+					     const struct quic_frame *f, int *zero)
+{
+	__u32 sub_idx = w->sub_idx;
+	struct fr_sub *sub = fr_subs.lookup(&sub_idx);
+	if (!sub)
+		return FR_PUNT_NO_SUBSCRIBER;
+	struct fr_sub_stream_key k = {.sub_idx = sub_idx, .up_idx = w->up_idx, .up_sid = f->sid};
+	struct fr_sub_stream *ss = fr_sub_streams.lookup(&k);
+	int pad = 0;
+
+	if (!ss) {
+		/* A subscriber gets a stream from its first byte or not at all. */
+		struct fr_up_stream_key uk = {.up_idx = w->up_idx, .sid = f->sid};
+		struct fr_up_stream *us = fr_up_streams.lookup(&uk);
+		if (f->offset != 0 || !us || !(us->flags & FR_UPS_FORWARD)) {
+			pad = 1;
+		} else {
+			struct fr_sub_track_key tk = {.sub_idx = sub_idx, .up_idx = w->up_idx,
+						      .alias = us->alias};
+			if (!fr_sub_tracks.lookup(&tk)) {
+				pad = 1;
+			} else {
+				struct fr_sub_stream nss = {};
+				nss.max_stream_data = sub->initial_max_stream_data;
+				if (us->priority > sub->priority_threshold) {
+					nss.flags = FR_SS_SKIPPED;	/* skipped whole */
+				} else {
+					if (sub->next_uni_index >= sub->max_streams_uni)
+						return FR_PUNT_NO_MAX_STREAMS;
+					__u64 idx = __sync_fetch_and_add(&sub->next_uni_index, 1);
+					nss.sub_sid = idx * 4 + QUIC_SID_SERVER_UNI;
+				}
+				if (fr_sub_streams.update(&k, &nss))
+					return FR_PUNT_MAP_FULL;
+				ss = fr_sub_streams.lookup(&k);
+				if (!ss)
+					return FR_PUNT_MAP_FULL;
+			}
+		}
+	}
+	__u64 stop = f->offset + f->data_len;
+	if (ss && (ss->flags & FR_SS_SKIPPED))
+		pad = 1;
+	if (ss && !pad && stop <= ss->next_offset && !(f->fin && stop == ss->next_offset && f->data_len == 0))
+		pad = 2;	/* publisher retransmission of a range already handed out */
+	if (pad) {
+		*zero = 1;
+		return 0;
+	}
+	if (!ss)
+		return FR_PUNT_MAP_FULL;
+	if (f->offset > ss->next_offset || f->offset + f->data_len < f->offset)
+		; /* a gap (publisher packet lost on its way to us): forward, keep next_offset */
+	else if (f->offset < ss->next_offset)
+		return FR_PUNT_STREAM_OVERLAP;
+	if (stop > ss->max_stream_data)
+		return FR_PUNT_NO_STREAM_CREDIT;
+
+	__u32 n = w->rec.n_frames;
+	if (n >= MAX_RECORD_FRAMES)
+		return FR_PUNT_RECORD_FRAMES;
+	struct fr_frame_rec *fr = &w->rec.frames[n & (MAX_RECORD_FRAMES - 1)];
+	fr->sub_sid = ss->sub_sid;
+	fr->up_sid = f->sid;
+	fr->offset = f->offset;
+	fr->length = f->data_len;
+	fr->type = f->type;
+	fr->fin = f->fin;
+	fr->action = FR_FA_FORWARDED;
+	w->rec.n_frames = n + 1;
+	if (f->offset == ss->next_offset) {
+		w->new_bytes += f->data_len;
+		ss->next_offset = stop;
+	}
+	w->n_sent += 1;
+
+	if (w->punt)
+		return 0;
+	__u8 buf[FR_CSUM_MAX_WRITE] = {};
+	if (quic_varint_store(ss->sub_sid, f->sid_size, buf))
+		return FR_PUNT_SID_GROW;
+	if (fr_csum_write(skb, w->csum_off, f->sid_off, buf, f->sid_size & 0xf))
+		return FR_PUNT_BAD_FRAME;
+	return 0;
+}
+
+/* Stage FR_PROG_EG_WALK: one frame of a clone. */
+int fastpath_egress_walk(struct __sk_buff *skb)
+{
+	__u32 slot = FR_SCRATCH_EGRESS;
+	struct fr_scratch *w = fr_scratch.lookup(&slot);
+	if (!w)
+		return TC_ACT_SHOT;
+	__u32 off = w->off, end = w->end;
+	if (off >= end) {
+		fr_progs.call(skb, FR_PROG_EG_SEND);
+		return fr_eg_verdict(FR_EG_DROP_NO_PROG, w->bytes, TC_ACT_SHOT);
+	}
+	if (w->steps >= MAX_FRAMES)
+		return fr_punt_clone(w, w->punt ? w->punt : FR_PUNT_FRAME_LIMIT);
+	w->steps += 1;
+
+	struct quic_frame f = {};
+	int r = quic_frame_parse(skb, off, end, &f);
+	if (r == QUIC_WALK_BAD)
+		return fr_punt_clone(w, w->punt ? w->punt : FR_PUNT_BAD_FRAME);
+	if (r != QUIC_WALK_OK)
+		return fr_punt_clone(w, w->punt ? w->punt : FR_PUNT_FRAME_LIMIT);
+
+	__u32 t = f.type;
+	__u32 reason = 0;
+	int zero = 0;
+	if (t >= QUIC_FRAME_STREAM && t <= QUIC_FRAME_STREAM_MAX) {
+		reason = fr_clone_stream(skb, w, &f, &zero);
+	} else if (t == QUIC_FRAME_DATAGRAM || t == QUIC_FRAME_DATAGRAM_LEN) {
+		/* Forwarded as is when the subscriber gets the track, else padded. */
+		__u64 type = 0, alias = 0;
+		__u32 n = 0, dend = f.data_off + f.data_len;
+		int mine = 0;
+		if (!quic_varint_load(skb, f.data_off, dend, &type, &n) &&
+		    !quic_varint_load(skb, f.data_off + n, dend, &alias, &n)) {
+			struct fr_sub_track_key tk = {.sub_idx = w->sub_idx, .up_idx = w->up_idx,
+						      .alias = alias};
+			mine = fr_sub_tracks.lookup(&tk) != 0;
+		}
+		if (mine) {
+			__u32 i = w->rec.n_frames;
+			if (i >= MAX_RECORD_FRAMES) {
+				reason = FR_PUNT_RECORD_FRAMES;
+			} else {
+				struct fr_frame_rec *fr = &w->rec.frames[i & (MAX_RECORD_FRAMES - 1)];
+				fr->length = f.data_len;
+				fr->type = t;
+				fr->action = FR_FA_FORWARDED;
+				w->rec.n_frames = i + 1;
+				w->n_sent += 1;
+			}
+		} else {
+			zero = 1;
+		}
+	} else if (t != QUIC_FRAME_PADDING && t != QUIC_FRAME_PING) {
+		/* The upstream connection's own frames (ACK, flow control, CIDs, ...). */
+		zero = 1;
+	}
+	if (zero && !reason && !w->punt && fr_csum_zero(skb, w->csum_off, f.start, f.end))
+		reason = FR_PUNT_FRAME_LIMIT;
+	if (reason && !w->punt)
+		w->punt = reason;
+	w->off = f.end;
+	fr_progs.call(skb, FR_PROG_EG_WALK);
+	return fr_eg_verdict(FR_EG_DROP_NO_PROG, w->bytes, TC_ACT_SHOT);
+}
+
+/* Stage FR_PROG_EG_SEND: credit, congestion, PN, header rewrite, record. */
+int fastpath_egress_send(struct __sk_buff *skb)
+{
+	__u32 slot = FR_SCRATCH_EGRESS;
+	struct fr_scratch *w = fr_scratch.lookup(&slot);
+	if (!w)
+		return TC_ACT_SHOT;
+	__u32 bytes = w->bytes;
+	if (w->punt)
+		return fr_punt_clone(w, w->punt);
+	if (!w->n_sent)
+		return fr_eg_verdict(FR_EG_DROP_EMPTY, bytes, TC_ACT_SHOT);
+
+	__u32 sub_idx = w->sub_idx;
+	struct fr_sub *sub = fr_subs.lookup(&sub_idx);
+	if (!sub)
+		return fr_punt_clone(w, FR_PUNT_NO_SUBSCRIBER);
+	__u32 ci = sub->conn_idx;
+	struct fr_conn *conn = fr_conns.lookup(&ci);
+	if (!conn)
+		return fr_punt_clone(w, FR_PUNT_NO_SUBSCRIBER);
+	/* Check-then-add: clones of one subscriber come from one CPU's softirq; a race with
+	 * userspace's resync can overshoot by one packet. */
+	if (sub->data_used + w->new_bytes > sub->max_data)
+		return fr_punt_clone(w, FR_PUNT_NO_CREDIT);
+	__u32 size = w->rec.size;
+	if (sub->bytes_in_flight + size > sub->cwnd)
+		return fr_punt_clone(w, FR_PUNT_NO_CWND);
+
+	struct fr_pkt p = {};
+	if (fr_parse_udp(skb, &p))
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	__u32 pn_len = w->rec.pn_len;
+	if (pn_len < 1 || pn_len > 4)
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	__u64 full = __sync_fetch_and_add(&sub->next_pn, 1);
+	w->rec.wire_pn = full;
+	if (quic_pn_len_needed(full, sub->largest_acked) > pn_len)
+		return fr_punt_clone(w, FR_PUNT_PN_GROW);
+
+	/* QUIC: first byte (key phase), DCID, packet number. */
+	__u32 csum_off = p.csum_off;
+	__u8 buf[FR_CSUM_MAX_WRITE] = {};
+	__u8 first = (p.first & ~QUIC_SHORT_KEY_PHASE) | (conn->key_phase ? QUIC_SHORT_KEY_PHASE : 0);
+	if (first != p.first) {
+		buf[0] = first;
+		if (fr_csum_write(skb, csum_off, p.quic_off, buf, 1))
+			return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	}
+	__u32 dl = sub->dcid_len;
+	if (dl > QUIC_MAX_CID_LEN)
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	if (dl) {
+		__builtin_memcpy(buf, sub->dcid, QUIC_MAX_CID_LEN);
+		if (fr_csum_write(skb, csum_off, p.quic_off + 1, buf, dl))
+			return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	}
+	__builtin_memset(buf, 0, sizeof(buf));
+	quic_pn_store(full, pn_len, buf);
+	if (fr_csum_write(skb, csum_off, w->pn_off, buf, pn_len))
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+
+	/* UDP ports, IP addresses (pseudo-header and IPv4 header checksums), MACs. */
+	if (fr_csum_port(skb, p.l4_off, csum_off, p.sport, sub->src_port) ||
+	    fr_csum_port(skb, p.l4_off + 2, csum_off, p.dport, sub->dst_port))
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	if (p.family == 4) {
+		__u32 os = 0, od = 0, ns = 0, nd = 0;
+		__builtin_memcpy(&os, p.saddr, 4);
+		__builtin_memcpy(&od, p.daddr, 4);
+		__builtin_memcpy(&ns, sub->src_addr, 4);
+		__builtin_memcpy(&nd, sub->dst_addr, 4);
+		if (fr_csum_addr_word(skb, p.l3_off + 12, p.l3_off + 10, csum_off, os, ns) ||
+		    fr_csum_addr_word(skb, p.l3_off + 16, p.l3_off + 10, csum_off, od, nd))
+			return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	} else {
+#pragma clang loop unroll(disable)
+		for (int k = 0; k < 4; k++) {
+			__u32 os = 0, od = 0, ns = 0, nd = 0;
+			__builtin_memcpy(&os, p.saddr + 4 * k, 4);
+			__builtin_memcpy(&od, p.daddr + 4 * k, 4);
+			__builtin_memcpy(&ns, sub->src_addr + 4 * k, 4);
+			__builtin_memcpy(&nd, sub->dst_addr + 4 * k, 4);
+			if (fr_csum_addr_word(skb, p.l3_off + 8 + 4 * k, -1, csum_off, os, ns) ||
+			    fr_csum_addr_word(skb, p.l3_off + 24 + 4 * k, -1, csum_off, od, nd))
+				return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+		}
+	}
+	__u8 macs[12];
+	__builtin_memcpy(macs, sub->dst_mac, 6);
+	__builtin_memcpy(macs + 6, sub->src_mac, 6);
+	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0))
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+
+	__sync_fetch_and_add(&sub->data_used, w->new_bytes);
+	__sync_fetch_and_add(&sub->bytes_in_flight, size);
+	fr_emit_scratch(w);
+	fr_set_cb(skb, conn, ci, p.quic_off, dl, pn_len, 1);
+	return fr_eg_verdict(FR_EG_SENT_CLONE, bytes, TC_ACT_UNSPEC);
+}
