@@ -18,6 +18,7 @@ aioquic adapter (`relay.moqt.quic`) and its per-connection `MoqtSession`s.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -40,6 +41,7 @@ from relay.core.actions import (
     UnsubscribeUpstream,
     WriteStream,
 )
+from relay.core.priority import CongestionState
 from relay.core.relay import RelayConfig, RelayCore
 from relay.moqt.constants import SubscribeErrorCode
 from relay.moqt.data import SubgroupHeader, encode_fetch_object
@@ -96,8 +98,11 @@ class _Conn:
 class RelayServer:
     def __init__(self, config: RelayConfig | None = None, *, upstream_url: str | None = None,
                  upstream_tls: TlsOptions = TlsOptions(insecure=True),
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, queue_budget: int = 0) -> None:
         self.upstream_url = upstream_url
+        self.queue_budget = queue_budget
+        """Bytes queued per subscriber connection at which the skip policy's load is 100 %;
+        0 = congestion is not reported to the core (nothing is ever skipped)."""
         self.upstream_tls = upstream_tls
         self.connect_timeout = connect_timeout
         if config is None:
@@ -112,6 +117,7 @@ class RelayServer:
         self._upstream_req: dict[int, tuple[int, int]] = {}  # upstream_id -> (sid, request id)
         self._upstream_ids: dict[tuple[int, int], int] = {}  # (sid, request id) -> upstream_id
         self._pending_fetch_ok: dict[tuple[int, int], FetchOk] = {}
+        self._skip_streams: dict[tuple[int, int], int] = {}
         # Upstream data streams per (sid, request id), so a PUBLISH_DONE that overtook its
         # data streams on the control stream waits for them (the core forgets the track).
         self._up_open: dict[tuple[int, int], set[int]] = {}
@@ -277,6 +283,8 @@ class RelayServer:
         elif isinstance(event, SubgroupStreamOpened):
             if isinstance(event.header, SubgroupHeader):
                 self._up_open.setdefault((sid, event.request_id), set()).add(event.stream_id)
+                if self.queue_budget > 0:
+                    self._report_congestion(now)
                 actions = core.subgroup_stream_opened(sid, event.stream_id, event.header, now)
         elif isinstance(event, SubgroupStreamClosed):
             if isinstance(event.header, SubgroupHeader):
@@ -344,6 +352,19 @@ class RelayServer:
                 prefixes.remove(tuple(event.prefix))
         self._dispatch(actions)
 
+    def _report_congestion(self, now: float) -> None:
+        """Each subscriber connection's load, just before the core decides (once, at the
+        start of a subgroup) whether to forward it."""
+        for conn in list(self._conns.values()):
+            if conn.upstream or not conn.ready:
+                continue
+            quic = conn.protocol._quic
+            queued = sum(r.stop - r.start for stream in quic._streams.values()
+                         for r in stream.sender._pending)
+            state = CongestionState(quic._loss.bytes_in_flight, quic._loss.congestion_window,
+                                    queued, self.queue_budget)
+            self._dispatch(self.core.congestion(conn.sid, state, now))
+
     def _check_done(self, key: tuple[int, int], now: float) -> list[Action]:
         """Pass a held PUBLISH_DONE on once its data streams ended (or it waited long enough)."""
         event, deadline = self._pending_done[key]
@@ -378,6 +399,8 @@ class RelayServer:
         self._ns_pushed.pop(sid, None)
         for key in [k for k in self._pending_fetch_ok if k[0] == sid]:
             del self._pending_fetch_ok[key]
+        for key in [k for k in self._skip_streams if k[0] == sid]:
+            del self._skip_streams[key]
         for key in [k for k in self._upstream_ids if k[0] == sid]:
             self._upstream_req.pop(self._upstream_ids.pop(key), None)
         for table in (self._up_open, self._up_closed, self._pending_done):
@@ -450,8 +473,11 @@ class RelayServer:
                         pass
                     self._touch(conn)
             return
-        if isinstance(action, (SkipSubgroup, SetPriorityThreshold)):
-            return  # informational / fast-path only
+        if isinstance(action, SetPriorityThreshold):
+            return  # for the fast path's map
+        if isinstance(action, SkipSubgroup):
+            self._signal_skip(action)
+            return
         conn = self._conns.get(action.session)
         if conn is None:
             return
@@ -459,6 +485,10 @@ class RelayServer:
         self._touch(conn)
         if isinstance(action, SendMessage):
             msg = action.message
+            if isinstance(msg, PublishDone):  # count the skip-signal streams too
+                extra = self._skip_streams.pop((action.session, msg.request_id), 0)
+                if extra:
+                    msg = dataclasses.replace(msg, stream_count=msg.stream_count + extra)
             if isinstance(msg, FetchOk):
                 # The core follows it with SendFetchObjects: FETCH_OK and the stream together.
                 self._pending_fetch_ok[(action.session, msg.request_id)] = msg
@@ -486,6 +516,25 @@ class RelayServer:
             session.accept_fetch(ok, b"".join(encode_fetch_object(o) for o in action.objects))
         elif isinstance(action, CloseSession):
             session.close(action.error_code, action.reason)
+
+    def _signal_skip(self, a: SkipSubgroup) -> None:
+        """Tell the subscriber the subgroup was skipped on purpose: a stream with just its
+        header, reset with DELIVERY_TIMEOUT once the header is acknowledged."""
+        conn = self._conns.get(a.session)
+        if conn is None:
+            return
+        session = conn.protocol.session
+        alias = session.publication_alias(a.request_id)
+        if alias is None:
+            return
+        subgroup_id = 0 if a.subgroup_id is None else a.subgroup_id
+        header = SubgroupHeader.new(alias, a.group_id, a.publisher_priority, subgroup_id,
+                                    explicit_subgroup_id=subgroup_id != 0)
+        session.open_subgroup(a.request_id, a.group_id, subgroup_id, a.publisher_priority,
+                              header=header).skip()
+        key = (a.session, a.request_id)
+        self._skip_streams[key] = self._skip_streams.get(key, 0) + 1
+        self._touch(conn)
 
     def _subscribe_upstream(self, a: SubscribeUpstream) -> None:
         if a.publisher is None:

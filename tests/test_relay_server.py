@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay.core.access import AccessConfig
+from relay.core.priority import CongestionState
 from relay.core.relay import RelayConfig
 from relay.moqt.quic import TlsOptions, generate_certificate
 from relay.publisher import PublisherOptions, run_publisher
@@ -92,3 +93,42 @@ def test_unreachable_upstream_refuses_subscribers(certificate: tuple[Path, Path,
     upstream = stats["upstream"]
     assert upstream["connected"] is False and "no MoQ session" in upstream["error"], stats
     assert stats["tracks"] == 0 and stats["subscriptions"] == 0, stats
+
+
+def test_skipped_subgroups_are_signalled(certificate: tuple[Path, Path, str]) -> None:
+    """A congested subscriber (threshold forced to 0) gets only priority-0 subgroups; each
+    skipped one arrives as a header-only stream reset with DELIVERY_TIMEOUT, so the subscriber
+    counts its objects as skipped, not lost."""
+    cert, key, fingerprint = certificate
+    tls = TlsOptions(fingerprint=fingerprint)
+    objects, group_length = 30, 5
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        relay = RelayServer()
+        _, port = await relay.start(LOOPBACK, 0, cert, key)
+        url = f"moqt://{LOOPBACK}:{port}/r"
+        try:
+            sub = asyncio.ensure_future(run_subscriber(SubscriberOptions(
+                url=url, namespace=(b"demo", b"cam"), track=b"v", tls=tls, duration=15)))
+            for _ in range(100):  # bounded: the subscriber's session is up
+                ready = [c for c in relay._conns.values() if c.ready]
+                if ready:
+                    break
+                await asyncio.sleep(0.05)
+            assert ready
+            relay.core.congestion(ready[0].sid, CongestionState(queued_bytes=10, queue_budget=1))
+            published = await run_publisher(PublisherOptions(
+                url=url, namespace=(b"demo", b"cam"), track=b"v", tls=tls, objects=objects,
+                rate=100, object_size=200, group_length=group_length, wait_subscriber=5))
+            return published, await sub, relay.stats()
+        finally:
+            await relay.stop()
+
+    published, sub, stats = asyncio.run(asyncio.wait_for(scenario(), 30))
+    groups = objects // group_length
+    assert published.ok, published
+    assert sub.track_ended, sub
+    assert (sub.objects, sub.skipped, sub.skipped_subgroups, sub.lost) == (
+        groups, objects - groups, groups, 0), sub
+    skipped = stats["counters"]["skipped"]
+    assert sum(per["congestion"] for per in skipped.values()) == groups, stats

@@ -91,6 +91,10 @@ def relay_command(
                                              help="Bytes cached per track.")] = 16 << 20,
     access: Annotated[Path | None, typer.Option(
         "--access", metavar="FILE.toml", help="Tokens and namespace allow-lists.")] = None,
+    queue_budget: Annotated[int, typer.Option(
+        "--queue-budget", metavar="BYTES", min=0,
+        help="Per subscriber: unsent bytes that count as full load for the skip policy "
+             "(lower-priority subgroups are skipped above 110 %); 0 = never skip.")] = 0,
     duration: Annotated[float | None, typer.Option(
         "--duration", min=0.0, metavar="S", help="Stop after S seconds.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
@@ -140,7 +144,8 @@ def relay_command(
             except ValueError as exc:
                 raise ConfigError(f"--cert {cert}: not a PEM certificate ({exc})") from None
         _say(f"fingerprint sha256:{fingerprint}")
-        server = RelayServer(config, upstream_url=upstream, upstream_tls=upstream_tls)
+        server = RelayServer(config, upstream_url=upstream, upstream_tls=upstream_tls,
+                             queue_budget=queue_budget)
         try:
             asyncio.run(_serve(server, host, port, cert, key, duration))
         except ValueError as exc:  # e.g. a key that does not match the certificate
