@@ -85,7 +85,7 @@ class FastPath:
         self.ingress = bpfload.load_sched_cls(self.bpf, INGRESS_FN)
         self.egress = bpfload.load_sched_cls(self.bpf, EGRESS_FN)
         self.stages = {idx: bpfload.load_sched_cls(self.bpf, fn) for idx, fn in STAGES.items()}
-        progs = self.bpf.get_table("fr_progs")
+        progs = self.bpf.get_table(b"fr_progs")
         for idx, fn in self.stages.items():
             progs[ctypes.c_int(idx)] = ctypes.c_int(fn.fd)
         self._ring_cb: Callable[[Any], None] | None = None
@@ -94,7 +94,7 @@ class FastPath:
     # --- maps ---------------------------------------------------------------------------
 
     def map_fd(self, name: str) -> int:
-        return self.bpf.get_table(name).map_fd
+        return self.bpf.get_table(name.encode()).map_fd
 
     def update(self, name: str, key: ctypes.Structure | int, value: ctypes.Structure,
                flags: int = 0) -> None:
@@ -107,7 +107,7 @@ class FastPath:
         return None if raw is None else cls.from_buffer_copy(raw)
 
     def delete(self, name: str, key: ctypes.Structure) -> None:
-        table = self.bpf.get_table(name)
+        table = self.bpf.get_table(name.encode())
         k = table.Key.from_buffer_copy(bytes(key))
         try:
             del table[k]
@@ -115,7 +115,7 @@ class FastPath:
             pass
 
     def clear(self, name: str) -> None:
-        self.bpf.get_table(name).clear()
+        self.bpf.get_table(name.encode()).clear()
 
     def counters(self) -> dict[Reason, tuple[int, int]]:
         """Packets and bytes per reason, summed over CPUs (zero entries left out)."""
@@ -148,7 +148,7 @@ class FastPath:
                 got_ref.append(self.Record.from_buffer_copy(ctypes.string_at(data, size)))
                 return 0
             self._ring_cb = cb
-            self.bpf["fr_events"].open_ring_buffer(cb)
+            self.bpf[b"fr_events"].open_ring_buffer(cb)
         self._ring_sink = got
         self.bpf.ring_buffer_poll(timeout_ms)
         return got
