@@ -28,6 +28,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from crypto_backends import CryptoBackend
 from relay.core.actions import (
     Action,
     CloseSession,
@@ -98,8 +99,11 @@ class _Conn:
 class RelayServer:
     def __init__(self, config: RelayConfig | None = None, *, upstream_url: str | None = None,
                  upstream_tls: TlsOptions = TlsOptions(insecure=True),
-                 connect_timeout: float = 5.0, queue_budget: int = 0) -> None:
+                 connect_timeout: float = 5.0, queue_budget: int = 0,
+                 crypto: CryptoBackend | None = None) -> None:
         self.upstream_url = upstream_url
+        #: 1-RTT protection of every connection, downstream and upstream (None: standard QUIC).
+        self.crypto = crypto
         self.queue_budget = queue_budget
         """Bytes queued per subscriber connection at which the skip policy's load is 100 %;
         0 = congestion is not reported to the core (nothing is ever skipped)."""
@@ -151,7 +155,7 @@ class RelayServer:
         self.server = await serve(host, port, cert, key, self._on_new_connection,
                                   session_config=SessionConfig(is_client=False,
                                                                deliver_chunks=True),
-                                  on_event=self._on_event)
+                                  on_event=self._on_event, crypto=self.crypto)
         sock = self.server._transport.get_extra_info("socket")
         if sock is not None:  # one socket carries every session: room for bursts
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -580,7 +584,7 @@ class RelayServer:
                 protocol = await stack.enter_async_context(connect(
                     self.upstream_url, tls=self.upstream_tls, timeout=self.connect_timeout,
                     session_config=_client_config(self.upstream_url),
-                    on_event=self._on_event))
+                    on_event=self._on_event, crypto=self.crypto))
                 self.upstream_error = None
                 conn = self._conn_for(protocol)
                 if not conn.ready:  # SessionReady arrived before connect() returned

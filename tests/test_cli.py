@@ -111,3 +111,15 @@ def test_setup_again_on_a_set_up_machine_changes_nothing() -> None:
     result = subprocess.run(["bash", str(SETUP), "--quiet"], capture_output=True, text=True,
                             timeout=300)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--crypto=none", "--listen", "h:1"], ["relay", "--crypto=none", "--listen", "h:1"]),
+    (["--crypto", "soft"], ["relay", "--crypto", "soft"]),
+    (["--debug", "--crypto", "nic"], ["--debug", "relay", "--crypto", "nic"]),
+    (["relay", "--crypto", "none"], ["relay", "--crypto", "none"]),
+    (["probe", "--require", "none"], ["probe", "--require", "none"]),
+    ([], []),
+])
+def test_crypto_shorthand_starts_the_relay(argv: list[str], expected: list[str]) -> None:
+    assert cli_main.relay_shorthand(argv) == expected

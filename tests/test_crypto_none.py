@@ -110,3 +110,12 @@ def test_unusable_backend_refused_before_connecting(capsys: pytest.CaptureFixtur
             stderr=r"^error: crypto backend 'nic' cannot run here: no NIC with crypto offload")
     run_cli(["publish", *base, "--crypto", "rot13"], capsys, exit_code=1,
             stderr=r"^error: unknown crypto backend 'rot13'; valid backends: none, soft, nic\n$")
+
+
+@pytest.mark.root  # the probe behind the refusal needs root
+def test_relay_shorthand_refuses_an_unusable_backend_before_setting_up(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(["--crypto=nic", "--listen", f"{LOOPBACK}:0", "--duration", "1"], capsys,
+                     exit_code=1, stderr=r"^error: crypto backend 'nic' cannot run here: ")
+    assert result.stdout == ""  # no certificate, no socket: nothing was set up
+    assert result.stderr.count("\n") == 1

@@ -61,8 +61,21 @@ def root(
                         format="%(levelname)s %(name)s: %(message)s")
 
 
+def relay_shorthand(argv: list[str]) -> list[str]:
+    """`fastrelay [--debug] --crypto X [relay options]`, the form users know, is
+    `fastrelay [--debug] relay --crypto X [relay options]`."""
+    leading = 0
+    while leading < len(argv) and argv[leading] == "--debug":
+        leading += 1
+    rest = argv[leading:]
+    if rest and (rest[0] == "--crypto" or rest[0].startswith("--crypto=")):
+        return [*argv[:leading], "relay", *rest]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
+    argv = relay_shorthand(sys.argv[1:] if argv is None else argv)
     try:
         command.main(args=argv, prog_name="fastrelay", standalone_mode=True)
     except SystemExit as exc:

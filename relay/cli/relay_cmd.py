@@ -29,6 +29,7 @@ from relay.moqt.quic import (
     generate_certificate,
     parse_url,
 )
+from relay.publisher import crypto_option
 from relay.server import RelayServer
 
 
@@ -95,6 +96,11 @@ def relay_command(
         "--queue-budget", metavar="BYTES", min=0,
         help="Per subscriber: unsent bytes that count as full load for the skip policy "
              "(lower-priority subgroups are skipped above 110 %); 0 = never skip.")] = 0,
+    crypto: Annotated[str | None, typer.Option(
+        "--crypto", metavar="BACKEND",
+        help="1-RTT protection for every connection: none (encryption negotiated off with "
+             "disable_1rtt_encryption; peers must agree), soft (kernel shim), nic (NIC). "
+             "Default: standard QUIC.")] = None,
     duration: Annotated[float | None, typer.Option(
         "--duration", min=0.0, metavar="S", help="Stop after S seconds.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
@@ -102,6 +108,8 @@ def relay_command(
     """Run the MoQ relay (userspace path) until SIGINT/SIGTERM or --duration."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # An unusable backend stops the command with the probe's reason before anything is set up.
+    backend = crypto_option(crypto)
     host, port = parse_listen(listen)
     if (cert is None) != (key is None):
         raise ConfigError("--cert and --key go together")
@@ -145,7 +153,7 @@ def relay_command(
                 raise ConfigError(f"--cert {cert}: not a PEM certificate ({exc})") from None
         _say(f"fingerprint sha256:{fingerprint}")
         server = RelayServer(config, upstream_url=upstream, upstream_tls=upstream_tls,
-                             queue_budget=queue_budget)
+                             queue_budget=queue_budget, crypto=backend)
         try:
             asyncio.run(_serve(server, host, port, cert, key, duration))
         except ValueError as exc:  # e.g. a key that does not match the certificate
