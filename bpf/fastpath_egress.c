@@ -526,3 +526,46 @@ int fastpath_egress_send(struct __sk_buff *skb)
 	fr_set_cb(skb, conn, ci, p.quic_off, dl, pn_len, 1);
 	return fr_eg_verdict(FR_EG_SENT_CLONE, bytes, TC_ACT_UNSPEC);
 }
+
+/* Not attached anywhere: userspace runs it with BPF_PROG_TEST_RUN on a frame carrying a
+ * struct fr_sub_op at FR_SUB_OP_OFF to change a live subscriber without racing the
+ * egress program's atomics (structs.h). The op comes back with old and status. */
+int fastpath_sub_op(struct __sk_buff *skb)
+{
+	struct fr_sub_op op = {};
+	if (bpf_skb_load_bytes(skb, FR_SUB_OP_OFF, &op, sizeof(op)))
+		return TC_ACT_SHOT;
+	__u32 idx = op.sub_idx;
+	struct fr_sub *sub = fr_subs.lookup(&idx);
+	op.status = -1;
+	if (sub) {
+		__u32 off = op.offset;
+		if ((op.op == FR_SUB_OP_ADD || op.op == FR_SUB_OP_STORE) &&
+		    off < FR_SUB_COUNTERS_END && !(off & 7)) {
+			__u64 *field = (__u64 *)((__u8 *)sub + (off & 0x78));
+			if (op.op == FR_SUB_OP_ADD) {
+				op.old = __sync_fetch_and_add(field, op.value);
+			} else {
+				op.old = *field;
+				*field = op.value;
+			}
+			op.status = 0;
+		} else if (op.op == FR_SUB_OP_WRITE && off >= FR_SUB_COUNTERS_END &&
+			   op.len <= 64 && off + op.len <= sizeof(struct fr_sub)) {
+			__u8 *dst = (__u8 *)sub;
+#pragma clang loop unroll(disable)
+			for (__u32 k = 0; k < 64; k++) {
+				if (k >= op.len)
+					break;
+				__u64 at = off + k;
+				fr_barrier_var(at);	/* no strength-reduced pointer: check this one */
+				if (at >= sizeof(struct fr_sub))
+					break;
+				dst[at] = op.data[k & 63];
+			}
+			op.status = 0;
+		}
+	}
+	bpf_skb_store_bytes(skb, FR_SUB_OP_OFF, &op, sizeof(op), 0);
+	return TC_ACT_OK;
+}

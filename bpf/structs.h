@@ -137,6 +137,28 @@ struct fr_sub {
 	__u32 _pad1;
 };
 
+/* Userspace's changes to a live fr_sub go through fastpath_sub_op (BPF_PROG_TEST_RUN,
+ * frame offset FR_SUB_OP_OFF), never a whole-value map update, which would race with
+ * the egress program's atomics: ADD and STORE act on one u64 counter field (offset
+ * < FR_SUB_COUNTERS_END, multiple of 8), WRITE copies len bytes into the fields after
+ * the counters. A whole-value update is fine while the slot is not FR_SUB_ACTIVE. */
+#define FR_SUB_OP_OFF 14		/* after a zeroed Ethernet header */
+#define FR_SUB_OP_ADD 1			/* old = fetch_add(field, value) */
+#define FR_SUB_OP_STORE 2		/* old = field; field = value */
+#define FR_SUB_OP_WRITE 3		/* copy data[0..len) to offset */
+#define FR_SUB_COUNTERS_END 72		/* the nine u64 fields */
+struct fr_sub_op {
+	__u32 sub_idx;
+	__u8 op;			/* FR_SUB_OP_* */
+	__u8 len;			/* WRITE: bytes of data (<= 64) */
+	__u16 offset;			/* byte offset in struct fr_sub */
+	__u64 value;			/* ADD, STORE */
+	__u64 old;			/* out: value before (ADD, STORE) */
+	__s32 status;			/* out: 0 done, -1 refused */
+	__u32 _pad;
+	__u8 data[64];			/* WRITE */
+};
+
 /* === tracks and streams ================================================================= */
 
 /* fr_tracks key/value: a track of an upstream connection whose data the kernel forwards. */

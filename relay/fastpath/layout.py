@@ -123,6 +123,16 @@ class FrSub(_S):
     ]
 
 
+SUB_OP_OFF = 14
+SUB_OP_ADD, SUB_OP_STORE, SUB_OP_WRITE = 1, 2, 3
+SUB_COUNTERS_END = 72
+
+
+class FrSubOp(_S):
+    _fields_ = [("sub_idx", u32), ("op", u8), ("len", u8), ("offset", u16), ("value", u64),
+                ("old", u64), ("status", ctypes.c_int32), ("_pad", u32), ("data", u8 * 64)]
+
+
 class FrTrackKey(_S):
     _fields_ = [("up_idx", u32), ("_pad", u32), ("alias", u64)]
 
@@ -190,7 +200,7 @@ FrScratch = scratch_struct(FrRecord)
 #: C struct name -> mirror, for the layout check.
 MIRRORS: dict[str, type[ctypes.Structure]] = {
     "fr_config": FrConfig, "fr_cid_key": FrCidKey, "fr_addr_key": FrAddrKey,
-    "fr_conn": FrConn, "fr_upstream": FrUpstream, "fr_sub": FrSub,
+    "fr_conn": FrConn, "fr_upstream": FrUpstream, "fr_sub": FrSub, "fr_sub_op": FrSubOp,
     "fr_track_key": FrTrackKey, "fr_track": FrTrack, "fr_sub_track_key": FrSubTrackKey,
     "fr_sub_track": FrSubTrack, "fr_up_stream_key": FrUpStreamKey, "fr_up_stream": FrUpStream,
     "fr_sub_stream_key": FrSubStreamKey, "fr_sub_stream": FrSubStream,

@@ -32,6 +32,7 @@ from relay.paths import BPF_DIR
 SOURCES = ("fastpath_ingress.c", "fastpath_egress.c")
 INGRESS_FN = "fastpath_ingress"
 EGRESS_FN = "fastpath_egress"
+SUB_OP_FN = "fastpath_sub_op"
 #: tail-call stage index -> function
 STAGES = {
     layout.PROG_IN_WALK: "fastpath_ingress_walk",
@@ -85,6 +86,7 @@ class FastPath:
         self.ingress = bpfload.load_sched_cls(self.bpf, INGRESS_FN)
         self.egress = bpfload.load_sched_cls(self.bpf, EGRESS_FN)
         self.stages = {idx: bpfload.load_sched_cls(self.bpf, fn) for idx, fn in STAGES.items()}
+        self.sub_op_prog = bpfload.load_sched_cls(self.bpf, SUB_OP_FN)
         progs = self.bpf.get_table(b"fr_progs")
         for idx, fn in self.stages.items():
             progs[ctypes.c_int(idx)] = ctypes.c_int(fn.fd)
@@ -113,6 +115,29 @@ class FastPath:
             del table[k]
         except KeyError:
             pass
+
+    def sub_op(self, sub_idx: int, op: int, offset: int, value: int = 0, data: bytes = b"") -> int:
+        """Run one struct fr_sub_op on a live subscriber (see bpf/structs.h); returns old."""
+        req = layout.FrSubOp(sub_idx=sub_idx, op=op, offset=offset, len=len(data),
+                             value=value & 0xFFFFFFFFFFFFFFFF)
+        ctypes.memmove(req.data, data, len(data))
+        frame = bytes(layout.SUB_OP_OFF) + bytes(req)
+        res = bpfload.prog_test_run(self.sub_op_prog.fd, frame)
+        out = layout.FrSubOp.from_buffer_copy(res.data, layout.SUB_OP_OFF)
+        if out.status != 0:
+            raise FastrelayError(f"subscriber {sub_idx}: op {op} at offset {offset} refused")
+        return out.old
+
+    def sub_add(self, sub_idx: int, field: str, delta: int) -> int:
+        """Atomic fetch-and-add on a u64 counter field of fr_subs[sub_idx]."""
+        return self.sub_op(sub_idx, layout.SUB_OP_ADD, getattr(layout.FrSub, field).offset, delta)
+
+    def sub_store(self, sub_idx: int, field: str, value: int) -> int:
+        return self.sub_op(sub_idx, layout.SUB_OP_STORE, getattr(layout.FrSub, field).offset, value)
+
+    def sub_write(self, sub_idx: int, field: str, data: bytes) -> None:
+        """Overwrite a non-counter field (addresses, DCID, MACs, flags...) of a live subscriber."""
+        self.sub_op(sub_idx, layout.SUB_OP_WRITE, getattr(layout.FrSub, field).offset, data=data)
 
     def clear(self, name: str) -> None:
         self.bpf.get_table(name.encode()).clear()
@@ -150,7 +175,9 @@ class FastPath:
             self._ring_cb = cb
             self.bpf[b"fr_events"].open_ring_buffer(cb)
         self._ring_sink = got
-        self.bpf.ring_buffer_poll(timeout_ms)
+        if timeout_ms > 0:
+            self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
         return got
 
     # --- attach ---------------------------------------------------------------------------

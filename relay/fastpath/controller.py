@@ -1,0 +1,274 @@
+"""Fast-path controller skeleton: slots, map writes and record translation, with the map
+access injected (a `FastPath` in the relay, an in-memory fake in unit tests).
+
+What it does now:
+- allocates connection, upstream and subscriber slots and writes their map entries
+  (fr_conns, fr_cids, fr_peers, fr_upstreams, fr_subs, fr_tracks, fr_sub_tracks);
+- changes live subscribers only through the race-free sub-op program (`sub_add`,
+  `sub_store`, `sub_write`), never by rewriting the whole value;
+- turns the relay connection's fast-path events (relay.quic.fastpath) into those writes;
+- hands each subscriber connection a `StreamIdAllocator` over the kernel's counter;
+- translates ring records into `WireNumber` / `ForwardedPacket` / `Punt` for the relay.
+
+Next session: driving it from relay/server.py (registration, shadow writes, punts as
+userspace sends), cleanup of per-stream entries, and `fastrelay cleanup`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from relay.errors import FastrelayError
+from relay.fastpath import layout as L
+from relay.fastpath.reasons import Reason
+from relay.quic.fastpath import (
+    CongestionChanged,
+    CounterStreamIdAllocator,
+    CreditChanged,
+    FastPathEvent,
+    ForwardedFrame,
+    ForwardedPacket,
+    HostConnectionIdIssued,
+    HostConnectionIdRetired,
+    PeerAddressChanged,
+    PeerConnectionIdChanged,
+    WireNumber,
+)
+
+NS = 1e-9
+
+
+class MapAccess(Protocol):
+    """What the controller needs from the loaded programs (relay.fastpath.loader.FastPath)."""
+
+    def update(self, name: str, key: Any, value: ctypes.Structure, flags: int = 0) -> None: ...
+    def lookup(self, name: str, key: Any, cls: type[ctypes.Structure]) -> Any: ...
+    def delete(self, name: str, key: ctypes.Structure) -> None: ...
+    def sub_add(self, sub_idx: int, field: str, delta: int) -> int: ...
+    def sub_store(self, sub_idx: int, field: str, value: int) -> int: ...
+    def sub_write(self, sub_idx: int, field: str, data: bytes) -> None: ...
+
+
+class MapCounter:
+    """`AtomicCounter` over a u64 field of fr_subs[sub_idx], shared with the egress program."""
+
+    def __init__(self, maps: MapAccess, sub_idx: int, field: str = "next_uni_index") -> None:
+        self.maps, self.sub_idx, self.field = maps, sub_idx, field
+
+    def fetch_add(self, delta: int) -> int:
+        return self.maps.sub_add(self.sub_idx, self.field, delta)
+
+
+@dataclass(frozen=True)
+class Punt:
+    """The kernel withheld a packet: userspace sends these bytes itself."""
+
+    sub_idx: int
+    reason: Reason
+    clone: bool
+    frames: tuple[ForwardedFrame, ...] = ()
+    #: upstream stream id of each frame (same order), to find the bytes in the upstream stream
+    upstream_stream_ids: tuple[int, ...] = ()
+    built_pn: int | None = None
+
+
+@dataclass(frozen=True)
+class Upstream:
+    conn_idx: int
+    up_idx: int
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    conn_idx: int
+    sub_idx: int
+    upstream: Upstream
+
+
+@dataclass(frozen=True)
+class SubscriberPath:
+    """Where and how to send to a subscriber (userspace knows it from the socket and netlink)."""
+
+    local: tuple[str, int]
+    peer: tuple[str, int]
+    ifindex: int
+    src_mac: bytes
+    dst_mac: bytes
+    dcid: bytes
+
+
+class _Slots:
+    def __init__(self, n: int, what: str) -> None:
+        self.free = list(range(n - 1, -1, -1))
+        self.what = what
+
+    def take(self) -> int:
+        if not self.free:
+            raise FastrelayError(f"no free {self.what} slot (raise the capacity)")
+        return self.free.pop()
+
+    def give(self, i: int) -> None:
+        self.free.append(i)
+
+
+def _nbo16(port: int) -> int:
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+@dataclass
+class FastPathController:
+    maps: MapAccess
+    host_cid_len: int
+    caps: L.Capacities = field(default_factory=L.Capacities)
+
+    def __post_init__(self) -> None:
+        self._conns = _Slots(self.caps.max_connections, "connection")
+        self._ups = _Slots(self.caps.max_upstreams, "upstream")
+        self._subs = _Slots(self.caps.max_subscribers, "subscriber")
+        self._up_lists: dict[int, list[int]] = {}
+        self._sub_conn: dict[int, Subscriber] = {}
+        self.Upstream = L.upstream_struct(self.caps.max_subscribers_per_upstream)
+        self.maps.update("fr_config", 0, L.FrConfig(host_cid_len=self.host_cid_len))
+
+    # --- connections ------------------------------------------------------------------
+
+    def add_upstream(self, host_cids: Iterable[bytes], *, protection: int = L.PROT_CLEAR,
+                     tag_len: int = 0) -> Upstream:
+        ci, ui = self._conns.take(), self._ups.take()
+        self.maps.update("fr_conns", ci, L.FrConn(role=L.ROLE_UPSTREAM, protection=protection,
+                                                  tag_len=tag_len, role_idx=ui))
+        self.maps.update("fr_upstreams", ui, self.Upstream())
+        self._up_lists[ui] = []
+        for cid in host_cids:
+            self.add_host_cid(ci, cid)
+        return Upstream(ci, ui)
+
+    def add_host_cid(self, conn_idx: int, cid: bytes) -> None:
+        if len(cid) != self.host_cid_len:
+            raise FastrelayError(f"relay CIDs are {self.host_cid_len} bytes, not {len(cid)}")
+        self.maps.update("fr_cids", L.cid_key(cid), ctypes.c_uint32(conn_idx))
+
+    def retire_host_cid(self, cid: bytes) -> None:
+        self.maps.delete("fr_cids", L.cid_key(cid))
+
+    def add_subscriber(self, upstream: Upstream, path: SubscriberPath, *,
+                       max_data: int, max_streams_uni: int, initial_max_stream_data: int,
+                       cwnd: int, first_uni_index: int = 0, protection: int = L.PROT_CLEAR,
+                       tag_len: int = 0, priority_threshold: int = 255) -> Subscriber:
+        ci, si = self._conns.take(), self._subs.take()
+        local, peer = ipaddress.ip_address(path.local[0]), ipaddress.ip_address(path.peer[0])
+        if local.version != peer.version:
+            raise FastrelayError("local and peer addresses of a subscriber differ in family")
+        sub = L.FrSub(largest_acked=L.PN_NONE, next_uni_index=first_uni_index,
+                      max_streams_uni=max_streams_uni, max_data=max_data,
+                      initial_max_stream_data=initial_max_stream_data, cwnd=cwnd,
+                      conn_idx=ci, ifindex=path.ifindex, flags=0, family=peer.version,
+                      dcid_len=len(path.dcid), priority_threshold=priority_threshold,
+                      src_port=_nbo16(path.local[1]), dst_port=_nbo16(path.peer[1]))
+        ctypes.memmove(sub.dcid, path.dcid, len(path.dcid))
+        ctypes.memmove(sub.src_mac, path.src_mac, 6)
+        ctypes.memmove(sub.dst_mac, path.dst_mac, 6)
+        ctypes.memmove(sub.src_addr, local.packed, len(local.packed))
+        ctypes.memmove(sub.dst_addr, peer.packed, len(peer.packed))
+        # Whole-value write while inactive; FR_SUB_ACTIVE goes on last, through the op.
+        self.maps.update("fr_subs", si, sub)
+        self.maps.update("fr_conns", ci, L.FrConn(role=L.ROLE_SUBSCRIBER, protection=protection,
+                                                  tag_len=tag_len, role_idx=si))
+        self.maps.update("fr_peers", L.addr_key(peer.packed, path.peer[1]), ctypes.c_uint32(ci))
+        self.maps.sub_write(si, "flags", L.SUB_ACTIVE.to_bytes(4, "little"))
+        self._up_lists[upstream.up_idx].append(si)
+        self._write_up_list(upstream.up_idx)
+        handle = Subscriber(ci, si, upstream)
+        self._sub_conn[si] = handle
+        return handle
+
+    def remove_subscriber(self, sub: Subscriber, peer: tuple[str, int]) -> None:
+        self.maps.sub_write(sub.sub_idx, "flags", (0).to_bytes(4, "little"))
+        self._up_lists[sub.upstream.up_idx].remove(sub.sub_idx)
+        self._write_up_list(sub.upstream.up_idx)
+        self.maps.delete("fr_peers", L.addr_key(ipaddress.ip_address(peer[0]).packed, peer[1]))
+        self.maps.update("fr_conns", sub.conn_idx, L.FrConn())
+        self._sub_conn.pop(sub.sub_idx, None)
+        self._conns.give(sub.conn_idx)
+        self._subs.give(sub.sub_idx)
+
+    def _write_up_list(self, up_idx: int) -> None:
+        subs = self._up_lists[up_idx]
+        value = self.Upstream(n_subs=len(subs))
+        for i, s in enumerate(subs[:self.caps.max_subscribers_per_upstream]):
+            value.subs[i] = s
+        self.maps.update("fr_upstreams", up_idx, value)
+
+    # --- tracks -----------------------------------------------------------------------------
+
+    def forward_track(self, upstream: Upstream, alias: int) -> None:
+        self.maps.update("fr_tracks", L.FrTrackKey(up_idx=upstream.up_idx, alias=alias),
+                         L.FrTrack(flags=L.TRACK_FORWARD))
+
+    def subscribe_track(self, sub: Subscriber, alias: int, sub_alias: int | None = None) -> None:
+        self.maps.update("fr_sub_tracks",
+                         L.FrSubTrackKey(sub_idx=sub.sub_idx, up_idx=sub.upstream.up_idx, alias=alias),
+                         L.FrSubTrack(sub_alias=alias if sub_alias is None else sub_alias))
+
+    def stream_id_allocator(self, sub: Subscriber) -> CounterStreamIdAllocator:
+        """Server-initiated uni ids from the same counter the egress program takes from."""
+        return CounterStreamIdAllocator(MapCounter(self.maps, sub.sub_idx), kind=3)
+
+    # --- events from the subscriber's connection -------------------------------------------
+
+    def on_event(self, sub: Subscriber, event: FastPathEvent) -> None:
+        si = sub.sub_idx
+        if isinstance(event, CreditChanged):
+            c = event.credit
+            self.maps.sub_store(si, "max_data", c.max_data)
+            self.maps.sub_store(si, "max_streams_uni", c.max_streams_uni)
+            self.maps.sub_store(si, "initial_max_stream_data", c.initial_max_stream_data_uni)
+        elif isinstance(event, CongestionChanged):
+            self.maps.sub_store(si, "cwnd", event.congestion.congestion_window)
+            self.maps.sub_store(si, "bytes_in_flight", event.congestion.bytes_in_flight)
+        elif isinstance(event, PeerConnectionIdChanged):
+            if len(event.new) > L.QUIC_MAX_CID_LEN:
+                raise FastrelayError("a connection id has at most 20 bytes")
+            self.maps.sub_write(si, "dcid", event.new.ljust(L.QUIC_MAX_CID_LEN, b"\0"))
+            self.maps.sub_write(si, "dcid_len", bytes([len(event.new)]))
+        elif isinstance(event, PeerAddressChanged):
+            raise FastrelayError("subscriber migration is not handled by the fast path yet")
+        elif isinstance(event, HostConnectionIdIssued):
+            pass  # subscribers' packets to us are never forwarded: no demux entry needed
+        elif isinstance(event, HostConnectionIdRetired):
+            pass
+
+    def set_largest_acked(self, sub: Subscriber, pn: int) -> None:
+        self.maps.sub_store(sub.sub_idx, "largest_acked", pn)
+
+    # --- ring records ------------------------------------------------------------------------
+
+    def translate(self, rec: Any) -> tuple[int, WireNumber | ForwardedPacket | Punt]:
+        """(subscriber index, what the record means for that subscriber's connection)."""
+        frames = list(rec.frames)[:rec.n_frames]
+        if rec.kind == L.REC_SENT_USER:
+            return rec.sub_idx, WireNumber(built_pn=rec.built_pn, wire_pn=rec.wire_pn,
+                                           size=rec.size, sent_time=rec.ts_ns * NS)
+        ff = tuple(ForwardedFrame(stream_id=f.sub_sid, offset=f.offset, length=f.length,
+                                  fin=bool(f.fin)) for f in frames if f.type < 0x30)
+        if rec.kind == L.REC_SENT_CLONE:
+            return rec.sub_idx, ForwardedPacket(wire_pn=rec.wire_pn, size=rec.size,
+                                                sent_time=rec.ts_ns * NS, frames=ff)
+        if rec.kind in (L.REC_PUNT_CLONE, L.REC_PUNT_USER):
+            return rec.sub_idx, Punt(sub_idx=rec.sub_idx, reason=Reason(rec.reason),
+                                     clone=rec.kind == L.REC_PUNT_CLONE, frames=ff,
+                                     upstream_stream_ids=tuple(f.up_sid for f in frames if f.type < 0x30),
+                                     built_pn=rec.built_pn if rec.kind == L.REC_PUNT_USER else None)
+        raise FastrelayError(f"unknown record kind {rec.kind}")
+
+    def dispatch(self, records: Iterable[Any],
+                 deliver: Callable[[int, WireNumber | ForwardedPacket | Punt], None]) -> int:
+        n = 0
+        for rec in records:
+            deliver(*self.translate(rec))
+            n += 1
+        return n
