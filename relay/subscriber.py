@@ -129,8 +129,12 @@ class Subscriber:
         self.track_alias: int | None = None
         self.rejections: list[str] = []
         self.track_ended = False
+        #: When the END_OF_TRACK object arrived: the end is known, but it travels on its own
+        #: stream and may overtake data still queued on lower-priority streams.
+        self.end_of_track_at: float | None = None
         self.done_streams: int | None = None
         self.done_at: float | None = None
+        self.streams_opened = 0
         self.streams_closed = 0
         self.closed: SessionClosed | None = None
         self.changed = asyncio.Event()
@@ -152,7 +156,7 @@ class Subscriber:
                 return
             header = event.header
             if header.status == ObjectStatus.END_OF_TRACK:
-                self.track_ended = True
+                self.end_of_track_at = time.monotonic()
             elif header.status == ObjectStatus.NORMAL:
                 ts = timestamp_us(header.extensions)
                 before = self.verifier.objects
@@ -162,6 +166,7 @@ class Subscriber:
                     self.delays_ns.append(now_ns - PAYLOAD_HEADER.unpack_from(event.payload)[-1])
         elif isinstance(event, SubgroupStreamOpened):
             if event.request_id == self.request_id and isinstance(event.header, SubgroupHeader):
+                self.streams_opened += 1
                 self.verifier.on_group(event.header.group_id)
         elif isinstance(event, SubgroupStreamClosed):
             if event.request_id != self.request_id or \
@@ -210,6 +215,11 @@ class Subscriber:
                 self.verifier.received() >= self.opts.expect_objects:
             return "complete"
         if self.track_ended:
+            return "track_ended"
+        if self.end_of_track_at is not None and (
+                self.streams_closed >= self.streams_opened
+                or time.monotonic() - self.end_of_track_at > DONE_GRACE):
+            self.track_ended = True
             return "track_ended"
         if self.done_streams is not None:
             assert self.done_at is not None
