@@ -44,7 +44,7 @@ from relay.core.actions import (
 )
 from relay.core.priority import CongestionState
 from relay.core.relay import RelayConfig, RelayCore
-from relay.moqt.constants import SubscribeErrorCode
+from relay.moqt.constants import SessionErrorCode, SubscribeErrorCode
 from relay.moqt.data import SubgroupHeader, encode_fetch_object
 from relay.moqt.messages import (
     FetchOk,
@@ -146,6 +146,8 @@ class RelayServer:
         self._timer: asyncio.TimerHandle | None = None
         self._stopped = False
         self.sessions_total = 0
+        #: Sessions this relay closed because of what the peer sent, by error code name.
+        self.sessions_failed: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -195,6 +197,7 @@ class RelayServer:
         return {
             "sessions": len([c for c in self._conns.values() if not c.upstream]),
             "sessions_total": self.sessions_total,
+            "sessions_failed": dict(self.sessions_failed),
             "upstream": (None if self.upstream_url is None else
                          {"url": self.upstream_url, "connected": self._upstream is not None
                           and self._upstream.ready, "error": self.upstream_error}),
@@ -278,6 +281,13 @@ class RelayServer:
             else:
                 actions = core.session_open(sid, event.peer_parameters, now)
         elif isinstance(event, SessionClosed):
+            if not event.by_peer and event.error_code != SessionErrorCode.NO_ERROR:
+                # We closed it on the peer's bytes (malformed message, violation): count it.
+                try:
+                    name = SessionErrorCode(event.error_code).name
+                except ValueError:
+                    name = f"code {event.error_code:#x}"
+                self.sessions_failed[name] = self.sessions_failed.get(name, 0) + 1
             actions = self._session_gone(conn, now)
         elif isinstance(event, ObjectChunk):
             if event.start:

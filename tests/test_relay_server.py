@@ -11,7 +11,8 @@ import pytest
 from relay.core.access import AccessConfig
 from relay.core.priority import CongestionState
 from relay.core.relay import RelayConfig
-from relay.moqt.quic import TlsOptions, generate_certificate
+from relay.moqt.constants import SessionErrorCode
+from relay.moqt.quic import TlsOptions, connect, generate_certificate
 from relay.publisher import PublisherOptions, run_publisher
 from relay.server import RelayServer
 from relay.subscriber import SubscriberOptions, run_subscriber
@@ -132,3 +133,42 @@ def test_skipped_subgroups_are_signalled(certificate: tuple[Path, Path, str]) ->
         groups, objects - groups, groups, 0), sub
     skipped = stats["counters"]["skipped"]
     assert sum(per["congestion"] for per in skipped.values()) == groups, stats
+
+
+def test_malformed_message_closes_only_that_session(certificate: tuple[Path, Path, str]) -> None:
+    """A client that sends a malformed control message is closed with PROTOCOL_VIOLATION; the
+    publisher and the subscriber beside it never notice."""
+    cert, key, fingerprint = certificate
+    tls = TlsOptions(fingerprint=fingerprint)
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        relay = RelayServer()
+        _, port = await relay.start(LOOPBACK, 0, cert, key)
+        url = f"moqt://{LOOPBACK}:{port}/r"
+        try:
+            sub = asyncio.ensure_future(run_subscriber(SubscriberOptions(
+                url=url, namespace=(b"demo", b"cam"), track=b"v", tls=tls, duration=15,
+                expect_objects=40)))
+            publisher = asyncio.ensure_future(run_publisher(PublisherOptions(
+                url=url, namespace=(b"demo", b"cam"), track=b"v", tls=tls, objects=40,
+                rate=100, object_size=200, group_length=5, wait_subscriber=5)))
+            async with connect(url, tls=tls) as bad:
+                # MAX_REQUEST_ID whose 16-bit length says 3 bytes: a 1-byte varint and two bytes
+                # of nothing, a length mismatch (draft-14 §9).
+                bad._quic.send_stream_data(0, bytes([0x15, 0x00, 0x03, 0x05, 0xAA, 0xBB]))
+                bad.transmit()
+                for _ in range(100):  # bounded wait for the relay's CONNECTION_CLOSE
+                    if bad.closed_event is not None:
+                        break
+                    await asyncio.sleep(0.05)
+                closed = bad.closed_event
+            return closed, await publisher, await sub, relay.stats()
+        finally:
+            await relay.stop()
+
+    closed, published, sub, stats = asyncio.run(asyncio.wait_for(scenario(), 40))
+    assert closed is not None and closed.by_peer, closed
+    assert closed.error_code == SessionErrorCode.PROTOCOL_VIOLATION, closed
+    assert published.ok, published
+    assert sub.ok and sub.objects == 40 and sub.lost == 0, sub
+    assert stats["sessions_failed"] == {"PROTOCOL_VIOLATION": 1}, stats
