@@ -4,7 +4,6 @@ moq-rs server + one publisher + two subscribers, each its own process."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from relay.media import (  # noqa: E402
     percentile,
 )
 from relay.media import PayloadHeader as ObjectHeader  # noqa: E402
+from tests.children import child_env, stop_child  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -236,13 +236,6 @@ def driver(*args: str) -> list[str]:
     return [sys.executable, "-m", "relay.interop.moq_rs", *args]
 
 
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["NO_COLOR"] = "1"  # plain Rust logs, so negotiated_versions() reads them
-    env.pop("RUST_LOG", None)  # keep --log-level in charge
-    return env
-
-
 def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     """First stdout line of `proc`, or fail after `timeout` seconds (readline alone can hang)."""
     stream = proc.stdout
@@ -253,17 +246,6 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     reader.join(timeout)
     assert box and box[0], f"no line from {proc.args!r} within {timeout} s"
     return box[0]
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    """End one child we started, by its PID: SIGTERM, then SIGKILL if it lingers."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 @pytest.fixture
@@ -277,7 +259,7 @@ def moq_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str
         assert listening["event"] == "listening"
         yield proc, listening
     finally:
-        stop(proc)
+        stop_child(proc)
 
 
 def last_json(path: Path) -> dict[str, object]:
@@ -316,7 +298,7 @@ def test_loopback_relay_two_subscribers(moq_server: tuple[subprocess.Popen[str],
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
     finally:
         for proc in children:
-            stop(proc)
+            stop_child(proc)
 
     published = last_json(tmp_path / "pub.out")
     assert pub.returncode == 0, published
@@ -339,7 +321,7 @@ def test_loopback_relay_two_subscribers(moq_server: tuple[subprocess.Popen[str],
         versions = negotiated_versions((tmp_path / f"sub{i}.err").read_text())
         assert versions and all(v.startswith("moq-lite") for v in versions), versions
 
-    stop(server)
+    stop_child(server)
     assert server.stdout is not None
     events = [json.loads(line) for line in server.stdout.read().splitlines() if line]
     assert [e["event"] for e in events][-1] == "stopped"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from relay.moqt.session import (
 )
 from relay.publisher import PublisherOptions, run_publisher
 from relay.subscriber import SubscriberOptions, run_subscriber
+from tests.children import child_env, stop_child
 from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -210,23 +210,6 @@ def test_wrong_fingerprint_one_line_error(certificate: tuple[Path, Path, str],
 # -- through moq-rs's server as the relay -------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["NO_COLOR"] = "1"
-    env.pop("RUST_LOG", None)
-    return env
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-
 def _first_line(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -253,13 +236,13 @@ def moq_rs_relay(tmp_path: Path) -> Iterator[dict[str, object]]:
     with open(out, "w") as stdout, open(tmp_path / "relay.err", "w") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "relay.interop.moq_rs", "server", "--bind", f"{LOOPBACK}:0",
-             "--duration", "60"], cwd=REPO, env=_env(), stdout=stdout, stderr=stderr)
+             "--duration", "60"], cwd=REPO, env=child_env(), stdout=stdout, stderr=stderr)
     try:
         listening = json.loads(_first_line(out, proc, timeout=10))
         assert listening["event"] == "listening"
         yield listening
     finally:
-        _stop(proc)
+        stop_child(proc)
 
 
 def test_publish_through_moq_rs_relay_to_fastrelay_and_moq_rs_subscribers(
@@ -273,7 +256,7 @@ def test_publish_through_moq_rs_relay_to_fastrelay_and_moq_rs_subscribers(
     def spawn(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with open(tmp_path / f"{name}.out", "w") as out, \
                 open(tmp_path / f"{name}.err", "w") as err:
-            proc = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=out, stderr=err)
+            proc = subprocess.Popen(argv, cwd=REPO, env=child_env(), stdout=out, stderr=err)
         children.append(proc)
         return proc
 
@@ -295,7 +278,7 @@ def test_publish_through_moq_rs_relay_to_fastrelay_and_moq_rs_subscribers(
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
     finally:
         for proc in children:
-            _stop(proc)
+            stop_child(proc)
 
     published = _json(tmp_path / "pub.out")
     assert pub.returncode == 0, published
@@ -422,7 +405,7 @@ def test_subscriber_exits_cleanly_on_sigterm(moq_rs_relay: dict[str, object],
         proc = subprocess.Popen(
             [sys.executable, "-m", "relay", "subscribe", "--url", url, "--namespace", "none/here",
              "--track", "t", "--insecure", "--duration", "30", "--json"],
-            cwd=REPO, env=_env(), stdout=out, stderr=err)
+            cwd=REPO, env=child_env(), stdout=out, stderr=err)
     try:
         time.sleep(1.5)  # connected and retrying a SUBSCRIBE for a track nobody announced
         assert proc.poll() is None
@@ -431,7 +414,7 @@ def test_subscriber_exits_cleanly_on_sigterm(moq_rs_relay: dict[str, object],
         proc.wait(timeout=10)
         assert time.monotonic() - t0 < 5
     finally:
-        _stop(proc)
+        stop_child(proc)
     summary = _json(tmp_path / "sub.out")
     assert (proc.returncode, summary["reason"], summary["objects"]) == (1, "signal", 0)
 

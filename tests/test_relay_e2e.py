@@ -10,7 +10,6 @@ every subscriber's verifying summary. Every wait is bounded, every child is ende
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.children import child_env, stop_child
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -30,13 +31,6 @@ MOQ_RS = [sys.executable, "-m", "relay.interop.moq_rs"]
 START_DELAY = 2.5
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["NO_COLOR"] = "1"
-    env.pop("RUST_LOG", None)
-    return env
-
-
 class Children:
     """Child processes of one test, their output in files, all ended by PID."""
 
@@ -47,7 +41,7 @@ class Children:
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with open(self.folder / f"{name}.out", "w") as out, \
                 open(self.folder / f"{name}.err", "w") as err:
-            proc = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=out, stderr=err)
+            proc = subprocess.Popen(argv, cwd=REPO, env=child_env(), stdout=out, stderr=err)
         self.procs[name] = proc
         return proc
 
@@ -105,13 +99,7 @@ class Children:
 
     def stop_all(self) -> None:
         for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
+            stop_child(proc)
 
 
 @pytest.fixture
