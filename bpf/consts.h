@@ -54,6 +54,13 @@
 #define RINGBUF_PAGES 256
 #endif
 
+/* Records submitted per CPU between two wakeups of the reader (power of two); the
+ * others go without a wakeup (a wakeup costs microseconds per packet), so the relay
+ * drains fr_events on its own timer too. */
+#ifndef RING_WAKEUP_EVERY
+#define RING_WAKEUP_EVERY 64
+#endif
+
 /* Frames walked per packet; a packet with more goes up untouched (FR_PASS_FRAME_LIMIT)
  * or, for a clone, is punted (FR_PUNT_FRAME_LIMIT). */
 #ifndef MAX_FRAMES

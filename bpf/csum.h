@@ -124,28 +124,47 @@ static __always_inline int fr_csum_write(struct __sk_buff *skb, __u32 l4_csum_of
 }
 
 /* Bytes fr_csum_zero overwrites at most (one PADDED frame). */
-#define FR_MAX_ZERO_WORDS 192		/* 8-byte words: 1536 bytes */
+#define FR_MAX_ZERO_BLOCKS 24		/* 64-byte blocks: 1536 bytes */
 
 /* Overwrite [off, end) of the UDP payload with zero bytes (PADDING frames) and take
- * their sum out of the UDP checksum. 0, or -1 if the range is longer than
- * FR_MAX_ZERO_WORDS words or runs past the packet. */
+ * their sum out of the UDP checksum: 64-byte stores (one helper call each), then 8-byte
+ * and single-store tails. 0, or -1 if the range is longer than FR_MAX_ZERO_BLOCKS
+ * blocks or runs past the packet. */
 static __always_inline int fr_csum_zero(struct __sk_buff *skb, __u32 l4_csum_off, __u32 off,
 					__u32 end)
 {
-	__u64 zero8 = 0, sum = 0, w = 0;
+	__u64 zero[8] = {};
+	__u64 sum = 0, w = 0;
 	__u32 plen = skb->len, start = off;
 	if (off >= end)
 		return 0;
-	if (end > plen || end - off > FR_MAX_ZERO_WORDS * 8 + 7)
+	if (end > plen || end - off > FR_MAX_ZERO_BLOCKS * 64 + 63)
 		return -1;
 #pragma clang loop unroll(disable)
-	for (int k = 0; k < FR_MAX_ZERO_WORDS; k++) {
+	for (int k = 0; k < FR_MAX_ZERO_BLOCKS; k++) {
+		if (end - off < 64)
+			break;
+		__u64 b[8];
+		if (bpf_skb_load_bytes(skb, off, b, 64))
+			return -1;
+		/* words as loaded (little-endian host): byte-swapped sums, swapped back below */
+		sum += fr_sum16x4(b[0]) + fr_sum16x4(b[1]) + fr_sum16x4(b[2]) + fr_sum16x4(b[3]) +
+		       fr_sum16x4(b[4]) + fr_sum16x4(b[5]) + fr_sum16x4(b[6]) + fr_sum16x4(b[7]);
+		if (bpf_skb_store_bytes(skb, off, zero, 64, 0))
+			return -1;
+		off += 64;
+	}
+	/* sum so far is over little-endian words: fold and swap to big-endian order */
+	__u16 le = fr_fold(sum);
+	sum = (__u16)((le >> 8) | (le << 8));
+#pragma clang loop unroll(disable)
+	for (int k = 0; k < 7; k++) {
 		if (end - off < 8)
 			break;
 		if (fr_load_be64(skb, off, plen, &w))
 			return -1;
 		sum += fr_sum16x4(w);
-		if (bpf_skb_store_bytes(skb, off, &zero8, 8, 0))
+		if (bpf_skb_store_bytes(skb, off, zero, 8, 0))
 			return -1;
 		off += 8;
 	}
@@ -157,7 +176,7 @@ static __always_inline int fr_csum_zero(struct __sk_buff *skb, __u32 l4_csum_off
 		if (fr_load_be64(skb, off, plen, &w))
 			return -1;
 		sum += fr_sum16x4(fr_be_head(w, r));
-		if (bpf_skb_store_bytes(skb, off, &zero8, r, 0))
+		if (bpf_skb_store_bytes(skb, off, zero, r, 0))
 			return -1;
 	}
 	__u16 old = fr_fold(sum);

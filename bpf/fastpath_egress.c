@@ -55,6 +55,17 @@ static __always_inline void fr_set_cb(struct __sk_buff *skb, const struct fr_con
 	skb->cb[FR_CB_LAYOUT] = (quic_off & 0xffff) | (dcid_len << 16) | (pn_len << 24);
 }
 
+/* Submit flags: wake the reader for one record in RING_WAKEUP_EVERY (per CPU). */
+static __always_inline __u64 fr_ring_flags(void)
+{
+	__u32 slot = FR_SCRATCH_EGRESS;
+	struct fr_scratch *w = fr_scratch.lookup(&slot);
+	if (!w)
+		return 0;
+	w->ring_count += 1;
+	return (w->ring_count & (RING_WAKEUP_EVERY - 1)) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
+}
+
 /* Emit a record without frames (userspace packets, clones with nothing walked). */
 static __always_inline void fr_emit_simple(__u8 kind, __u8 reason, __u32 sub_idx, __u32 conn_idx,
 					   __u64 wire_pn, __u32 pn_len, __u32 size, __u32 built_pn)
@@ -74,7 +85,7 @@ static __always_inline void fr_emit_simple(__u8 kind, __u8 reason, __u32 sub_idx
 	rec->ts_ns = bpf_ktime_get_ns();
 	rec->size = size;
 	rec->built_pn = built_pn;
-	fr_events.ringbuf_submit(rec, 0);
+	fr_events.ringbuf_submit(rec, fr_ring_flags());
 }
 
 /* Emit the record built in the scratch (clones). */
@@ -87,7 +98,7 @@ static __always_inline void fr_emit_scratch(struct fr_scratch *w)
 	}
 	__builtin_memcpy(rec, &w->rec, sizeof(*rec));
 	rec->ts_ns = bpf_ktime_get_ns();
-	fr_events.ringbuf_submit(rec, 0);
+	fr_events.ringbuf_submit(rec, fr_ring_flags());
 }
 
 /* A clone is withheld: mark its frames punted, emit the record, drop it. */

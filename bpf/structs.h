@@ -285,7 +285,7 @@ struct fr_scratch {
 	__u32 n_frames;			/* egress: record frames used */
 	__u32 n_sent;			/* egress: frames carried */
 	__u32 punt;			/* egress: punt reason, 0 if none */
-	__u32 _pad;
+	__u32 ring_count;		/* egress: records submitted on this CPU (wakeup pacing) */
 	struct fr_record rec;		/* egress: the record being built */
 };
 

@@ -30,6 +30,7 @@ class Capacities:
     max_upstream_streams: int = 65536
     max_subscriber_streams: int = 262144
     ringbuf_pages: int = 256
+    ring_wakeup_every: int = 64
     max_frames: int = 24
     max_ack_ranges: int = 16
     max_record_frames: int = 4
@@ -192,7 +193,7 @@ def scratch_struct(record: type[ctypes.Structure]) -> type[ctypes.Structure]:
         ("off", u32), ("end", u32), ("forwarded", u32), ("steps", u32), ("up_idx", u32),
         ("conn_idx", u32), ("sub_idx", u32), ("bytes", u32), ("pn_off", u32),
         ("csum_off", u32), ("new_bytes", u64), ("n_frames", u32), ("n_sent", u32),
-        ("punt", u32), ("_pad", u32), ("rec", record)]})
+        ("punt", u32), ("ring_count", u32), ("rec", record)]})
 
 
 FrScratch = scratch_struct(FrRecord)

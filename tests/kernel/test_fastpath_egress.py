@@ -32,6 +32,7 @@ UP_CID = bytes.fromhex("a1a2a3a4a5a6a7a8")
 SUB_DCID = bytes.fromhex("c1c2c3c4c5c6c7c8")
 ALIAS = 5
 UP_SID = 2                                   # publisher (client) uni stream
+OTHER_SID, OTHER_ALIAS = 30, 99              # a forwarded track this subscriber did not subscribe to
 RELAY_MAC, SUB_MAC = bytes.fromhex("02aa00000001"), bytes.fromhex("02bb00000002")
 SUB4, SUB6 = "10.0.9.9", "fd00::9"
 SUB_PORT, RELAY_PORT = 60000, 4433
@@ -112,6 +113,8 @@ class Sub:
         for sid in (UP_SID, UP_SID + 4, UP_SID + 8):
             fp.update("fr_up_streams", L.FrUpStreamKey(up_idx=0, sid=sid),
                       L.FrUpStream(alias=ALIAS, flags=L.UPS_FORWARD, priority=7))
+        fp.update("fr_up_streams", L.FrUpStreamKey(up_idx=0, sid=OTHER_SID),
+                  L.FrUpStream(alias=OTHER_ALIAS, flags=L.UPS_FORWARD, priority=7))
 
 
 def head(data: bytes = b"object-0") -> bytes:
@@ -145,6 +148,20 @@ def stream_out(sub_sid: int, data: bytes, **kw) -> bytes:
 
 
 CASES = [
+    Case("a stream of a track the subscriber does not get is padded (long frame)",
+         P.ping() + P.stream_frame(OTHER_SID, P.subgroup_header(OTHER_ALIAS, 1, 7) + bytes(range(256)) * 2 + b"xyz",
+                                   offset=0) + P.stream_frame(UP_SID, head(), offset=0),
+         P.ping() + P.padding(len(P.stream_frame(OTHER_SID, P.subgroup_header(OTHER_ALIAS, 1, 7)
+                                                 + bytes(range(256)) * 2 + b"xyz", offset=0)))
+         + P.stream_frame(3, head(), offset=0),
+         {R.EG_SEEN: 1, R.EG_SENT_CLONE: 1}),
+    Case("the same at the other checksum parity (no PING before it)",
+         P.stream_frame(OTHER_SID, P.subgroup_header(OTHER_ALIAS, 1, 7) + bytes(range(256)) * 2 + b"xyz",
+                        offset=0) + P.stream_frame(UP_SID, head(), offset=0),
+         P.padding(len(P.stream_frame(OTHER_SID, P.subgroup_header(OTHER_ALIAS, 1, 7)
+                                      + bytes(range(256)) * 2 + b"xyz", offset=0)))
+         + P.stream_frame(3, head(), offset=0),
+         {R.EG_SEEN: 1, R.EG_SENT_CLONE: 1}),
     Case("one STREAM at offset 0: id 2 -> 3, PN from the counter",
          P.stream_frame(UP_SID, head(), offset=0), P.stream_frame(3, head(), offset=0),
          {R.EG_SEEN: 1, R.EG_SENT_CLONE: 1},
