@@ -145,12 +145,7 @@ static __always_inline int fr_egress_user(struct __sk_buff *skb, __u32 bytes)
 	if (conn->role != FR_ROLE_SUBSCRIBER) {
 		/* An upstream connection: our packets to it keep aioquic's numbers. */
 		struct fr_short us = {};
-		__u32 zero = 0;
-		struct fr_config *cfg = fr_config.lookup(&zero);
-		__u32 dl = 0;
-		if (cfg && cfg->host_cid_len <= QUIC_MAX_CID_LEN)
-			dl = cfg->host_cid_len;	/* best effort: the shim re-derives it */
-		if (!fr_parse_short(&p, dl, conn->tag_len, &us))
+		if (!fr_parse_short(&p, conn->peer_cid_len, conn->tag_len, &us))
 			fr_set_cb(skb, conn, ci, p.quic_off, us.dcid_len, us.pn_len, 0);
 		return fr_eg_verdict(FR_EG_PASS_UPSTREAM, bytes, TC_ACT_UNSPEC);
 	}

@@ -90,7 +90,8 @@ struct fr_conn {
 	__u8 key_phase;			/* current key phase bit written on egress (0/1) */
 	__u32 role_idx;			/* index in fr_upstreams or fr_subs */
 	__u32 flags;			/* reserved, 0 */
-	__u32 _pad;
+	__u8 peer_cid_len;		/* DCID length of packets we send on it (the peer's CID) */
+	__u8 _pad[3];
 };
 
 /* fr_upstreams value: the subscribers an upstream connection fans out to. */

@@ -137,10 +137,11 @@ class FastPathController:
     # --- connections ------------------------------------------------------------------
 
     def add_upstream(self, host_cids: Iterable[bytes], *, protection: int = L.PROT_CLEAR,
-                     tag_len: int = 0) -> Upstream:
+                     tag_len: int = 0, peer_cid_len: int = 0) -> Upstream:
         ci, ui = self._conns.take(), self._ups.take()
         self.maps.update("fr_conns", ci, L.FrConn(role=L.ROLE_UPSTREAM, protection=protection,
-                                                  tag_len=tag_len, role_idx=ui))
+                                                  tag_len=tag_len, role_idx=ui,
+                                                  peer_cid_len=peer_cid_len))
         self.maps.update("fr_upstreams", ui, self.Upstream())
         self._up_lists[ui] = []
         for cid in host_cids:
@@ -177,7 +178,8 @@ class FastPathController:
         # Whole-value write while inactive; FR_SUB_ACTIVE goes on last, through the op.
         self.maps.update("fr_subs", si, sub)
         self.maps.update("fr_conns", ci, L.FrConn(role=L.ROLE_SUBSCRIBER, protection=protection,
-                                                  tag_len=tag_len, role_idx=si))
+                                                  tag_len=tag_len, role_idx=si,
+                                                  peer_cid_len=len(path.dcid)))
         self.maps.update("fr_peers", L.addr_key(peer.packed, path.peer[1]), ctypes.c_uint32(ci))
         self.maps.sub_write(si, "flags", L.SUB_ACTIVE.to_bytes(4, "little"))
         self._up_lists[upstream.up_idx].append(si)

@@ -98,7 +98,7 @@ class FrAddrKey(_S):
 
 class FrConn(_S):
     _fields_ = [("role", u8), ("protection", u8), ("tag_len", u8), ("key_phase", u8),
-                ("role_idx", u32), ("flags", u32), ("_pad", u32)]
+                ("role_idx", u32), ("flags", u32), ("peer_cid_len", u8), ("_pad", u8 * 3)]
 
 
 def upstream_struct(max_subscribers_per_upstream: int) -> type[ctypes.Structure]:

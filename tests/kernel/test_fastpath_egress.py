@@ -395,3 +395,27 @@ def test_truncated_and_random_clones_never_sent_malformed(fp: FastPath) -> None:
         if res.retval != TC_ACT_SHOT:
             assert TO_SUB4.udp_checksum_ok(res.data), f"mutation {i}"
             assert P.ipv4_header_ok(res.data), f"mutation {i}"
+
+
+def test_packets_to_an_upstream_keep_their_numbers(fp: FastPath) -> None:
+    """Our packets to the publisher are not renumbered; with offloaded crypto the shim gets
+    its verdict with the publisher's CID length."""
+    Sub().install(fp)
+    pub_addr = ipaddress_packed(P.IP4_B)
+    fp.update("fr_peers", L.addr_key(pub_addr, 50000), u32(0))
+    fp.update("fr_conns", 0, L.FrConn(role=L.ROLE_UPSTREAM, role_idx=0, protection=L.PROT_OFFLOAD_KEYS,
+                                      tag_len=16, peer_cid_len=5))
+    to_pub = P.Udp(P.IP4_A, P.IP4_B, RELAY_PORT, 50000)
+    frame = to_pub.frame(P.quic_short(b"\x07" * 5, 9, P.ack(4) + bytes(16)))
+    res = bpfload.prog_test_run(fp.egress.fd, frame, ctx=P.skb_ctx())
+    assert res.retval == TC_ACT_UNSPEC and res.data == frame
+    cb = [P.skb_ctx_field(res.ctx, "cb", i) for i in range(3)]
+    assert cb == [L.CB_MAGIC | L.CB_PROTECT, 0, to_pub.payload_offset | (5 << 16) | (2 << 24)]
+    assert {r: n for r, (n, _) in fp.counters().items()} == {R.EG_SEEN: 1, R.EG_PASS_UPSTREAM: 1}
+    assert fp.drain() == []
+
+
+def ipaddress_packed(addr: str) -> bytes:
+    import ipaddress
+
+    return ipaddress.ip_address(addr).packed
