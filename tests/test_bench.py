@@ -87,6 +87,15 @@ def test_unavailable_paths_need_no_lab(tmp_path: Path, capsys: pytest.CaptureFix
     assert doc["paths"][unavailable[0]]["reason"]
     for name in PLOTS:
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+    again = report.load_runs(tmp_path)
+    assert [(r.path, r.reason) for r in again] == [(unavailable[0], doc["runs"][0]["reason"])]
+
+
+def test_objects_are_whole_groups() -> None:
+    assert BenchConfig(subscribers=[1], paths=["userspace"], rate=100, duration=10,
+                       group_length=30).objects == 1020
+    assert BenchConfig(subscribers=[1], paths=["userspace"], rate=10, duration=3,
+                       group_length=30).objects == 30
 
 
 def test_percentiles_are_over_raw_values() -> None:

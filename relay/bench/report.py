@@ -80,7 +80,8 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
             "–" if share is None else f"{share * 100:.0f}%",
             "machine" if f["machine_limited"] else "–",
             _ratio(r, USERSPACE), _ratio(r, ANCHOR),
-            "" if f["objects_lost"] == 0 else f"{f['objects_lost']} objects lost",
+            "" if f["objects_lost"] == 0 else
+            f"{f['objects_lost']:,} objects lost or not delivered in time",
         ])
     return rows
 
@@ -130,10 +131,14 @@ def write_plots(runs: list[Run], out: Path) -> dict[str, str]:
     # 1. delay distribution per path, one panel per subscriber count
     from matplotlib.ticker import ScalarFormatter
 
-    fig, axes = plt.subplots(1, len(counts), figsize=(max(6.5, 4.2 * len(counts)), 4.0),
-                             squeeze=False,
-                             sharey=True)
-    for ax, n in zip(axes[0], counts):
+    ncols = min(3, len(counts))
+    nrows = -(-len(counts) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(6.5, 4.4 * ncols), 3.6 * nrows + 0.5),
+                             squeeze=False, sharey=True)
+    panels = [ax for row in axes for ax in row]
+    for ax in panels[len(counts):]:
+        ax.set_visible(False)
+    for ax, n in zip(panels, counts):
         if not any(r.subscribers == n for r in measured):
             ax.text(0.5, 0.5, "nothing measured", ha="center", transform=ax.transAxes)
         for r in (r for r in measured if r.subscribers == n):
@@ -148,8 +153,9 @@ def write_plots(runs: list[Run], out: Path) -> dict[str, str]:
         ax.set_title(f"{n} subscriber{'s' if n != 1 else ''}")
         ax.set_xlabel("one-way delay (ms)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("share of objects (CDF)")
-    axes[0][-1].legend(loc="lower right", fontsize="small")
+    for row in axes:
+        row[0].set_ylabel("share of objects (CDF)")
+    panels[len(counts) - 1].legend(loc="lower right", fontsize="small")
     fig.suptitle("Per-object one-way delay (all subscribers' objects)")
     fig.tight_layout()
     fig.savefig(out / "delay_distribution.png", dpi=110)
@@ -195,3 +201,17 @@ def write_plots(runs: list[Run], out: Path) -> dict[str, str]:
 
 def write_json(doc: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def load_runs(out: Path) -> list[Run]:
+    """The runs of an earlier `fastrelay bench` (results.json and its delay files), e.g. to
+    draw its plots again: `write_plots(load_runs(d), d)`."""
+    doc = json.loads((out / "results.json").read_text())
+    runs = []
+    for item in doc["runs"]:
+        run = Run(**item)
+        name = run.raw.get("delays_file")
+        if name:
+            run.delays_ns = [int(x) for x in (out / name).read_text().split()]
+        runs.append(run)
+    return runs

@@ -59,7 +59,10 @@ class BenchConfig:
 
     @property
     def objects(self) -> int:
-        return max(1, int(round(self.rate * self.duration)))
+        """rate × duration, rounded up to whole groups (a short last group would look like a
+        group with missing objects to a subscriber that sees its stream end)."""
+        wanted = max(1, int(round(self.rate * self.duration)))
+        return -(-wanted // self.group_length) * self.group_length
 
 
 Progress = Callable[[str], None]
