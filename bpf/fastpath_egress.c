@@ -277,6 +277,25 @@ int fastpath_egress(struct __sk_buff *skb)
 	return fr_egress_user(skb, bytes);
 }
 
+/* List a STREAM frame in the clone's record. 0, or -1 if the record is full. */
+static __always_inline int fr_record_frame(struct fr_scratch *w, const struct quic_frame *f,
+					   __u64 sub_sid)
+{
+	__u32 n = w->rec.n_frames;
+	if (n >= MAX_RECORD_FRAMES)
+		return -1;
+	struct fr_frame_rec *fr = &w->rec.frames[n & (MAX_RECORD_FRAMES - 1)];
+	fr->sub_sid = sub_sid;
+	fr->up_sid = f->sid;
+	fr->offset = f->offset;
+	fr->length = f->data_len;
+	fr->type = f->type;
+	fr->fin = f->fin;
+	fr->action = FR_FA_FORWARDED;
+	w->rec.n_frames = n + 1;
+	return 0;
+}
+
 /* The STREAM frame f of a clone: translate (0), pad (0 and *zero set) or punt (a reason). */
 static __always_inline __u32 fr_clone_stream(struct __sk_buff *skb, struct fr_scratch *w,
 					     const struct quic_frame *f, int *zero)
@@ -307,12 +326,14 @@ static __always_inline __u32 fr_clone_stream(struct __sk_buff *skb, struct fr_sc
 					nss.flags = FR_SS_SKIPPED;	/* skipped whole */
 				} else {
 					if (sub->next_uni_index >= sub->max_streams_uni)
-						return FR_PUNT_NO_MAX_STREAMS;
+						return fr_record_frame(w, f, FR_NO_SUB_SID) ?
+							FR_PUNT_RECORD_FRAMES : FR_PUNT_NO_MAX_STREAMS;
 					__u64 idx = __sync_fetch_and_add(&sub->next_uni_index, 1);
 					nss.sub_sid = idx * 4 + QUIC_SID_SERVER_UNI;
 				}
 				if (fr_sub_streams.update(&k, &nss))
-					return FR_PUNT_MAP_FULL;
+					return fr_record_frame(w, f, nss.sub_sid) ?
+						FR_PUNT_RECORD_FRAMES : FR_PUNT_MAP_FULL;
 				ss = fr_sub_streams.lookup(&k);
 				if (!ss)
 					return FR_PUNT_MAP_FULL;
@@ -329,31 +350,25 @@ static __always_inline __u32 fr_clone_stream(struct __sk_buff *skb, struct fr_sc
 		return 0;
 	}
 	if (!ss)
-		return FR_PUNT_MAP_FULL;
+		return fr_record_frame(w, f, FR_NO_SUB_SID) ? FR_PUNT_RECORD_FRAMES : FR_PUNT_MAP_FULL;
+	/* From here the frame is listed in the record and its range handed out whatever
+	 * happens: sent by the kernel, or by userspace if the copy is punted. */
+	__u32 reason = 0;
 	if (f->offset > ss->next_offset || f->offset + f->data_len < f->offset)
 		; /* a gap (publisher packet lost on its way to us): forward, keep next_offset */
 	else if (f->offset < ss->next_offset)
-		return FR_PUNT_STREAM_OVERLAP;
-	if (stop > ss->max_stream_data)
-		return FR_PUNT_NO_STREAM_CREDIT;
-
-	__u32 n = w->rec.n_frames;
-	if (n >= MAX_RECORD_FRAMES)
+		reason = FR_PUNT_STREAM_OVERLAP;
+	if (!reason && stop > ss->max_stream_data)
+		reason = FR_PUNT_NO_STREAM_CREDIT;
+	if (fr_record_frame(w, f, ss->sub_sid))
 		return FR_PUNT_RECORD_FRAMES;
-	struct fr_frame_rec *fr = &w->rec.frames[n & (MAX_RECORD_FRAMES - 1)];
-	fr->sub_sid = ss->sub_sid;
-	fr->up_sid = f->sid;
-	fr->offset = f->offset;
-	fr->length = f->data_len;
-	fr->type = f->type;
-	fr->fin = f->fin;
-	fr->action = FR_FA_FORWARDED;
-	w->rec.n_frames = n + 1;
-	if (f->offset == ss->next_offset) {
-		w->new_bytes += f->data_len;
+	if (f->offset <= ss->next_offset && stop > ss->next_offset) {
+		w->new_bytes += stop - ss->next_offset;
 		ss->next_offset = stop;
 	}
 	w->n_sent += 1;
+	if (reason)
+		return reason;
 
 	if (w->punt)
 		return 0;
@@ -571,6 +586,30 @@ int fastpath_sub_op(struct __sk_buff *skb)
 			}
 			op.status = 0;
 		}
+	}
+	bpf_skb_store_bytes(skb, FR_SUB_OP_OFF, &op, sizeof(op), 0);
+	return TC_ACT_OK;
+}
+
+/* Like fastpath_sub_op, for one fr_sub_streams entry (struct fr_stream_op). */
+int fastpath_stream_op(struct __sk_buff *skb)
+{
+	struct fr_stream_op op = {};
+	if (bpf_skb_load_bytes(skb, FR_SUB_OP_OFF, &op, sizeof(op)))
+		return TC_ACT_SHOT;
+	struct fr_sub_stream_key k = op.key;
+	struct fr_sub_stream *ss = fr_sub_streams.lookup(&k);
+	op.status = -1;
+	__u32 off = op.offset;
+	if (ss && off < 24 && !(off & 7) && (op.op == FR_SUB_OP_ADD || op.op == FR_SUB_OP_STORE)) {
+		__u64 *field = (__u64 *)((__u8 *)ss + (off & 0x18));
+		if (op.op == FR_SUB_OP_ADD) {
+			op.old = __sync_fetch_and_add(field, op.value);
+		} else {
+			op.old = *field;
+			*field = op.value;
+		}
+		op.status = 0;
 	}
 	bpf_skb_store_bytes(skb, FR_SUB_OP_OFF, &op, sizeof(op), 0);
 	return TC_ACT_OK;

@@ -215,6 +215,21 @@ struct fr_sub_stream {
 	__u32 _pad;
 };
 
+/* Userspace's changes to a live fr_sub_streams entry (MAX_STREAM_DATA, ...) go through
+ * fastpath_stream_op like fr_sub_op: ADD and STORE on one u64 field (offset < 24,
+ * multiple of 8). Deleting an entry is a plain map delete. */
+struct fr_stream_op {
+	struct fr_sub_stream_key key;
+	__u8 op;			/* FR_SUB_OP_ADD or FR_SUB_OP_STORE */
+	__u8 _pad0;
+	__u16 offset;			/* byte offset in struct fr_sub_stream */
+	__u32 _pad1;
+	__u64 value;
+	__u64 old;			/* out */
+	__s32 status;			/* out: 0 done, -1 refused (no entry, bad field) */
+	__u32 _pad2;
+};
+
 /* === counters ============================================================================ */
 
 /* fr_stats value, per CPU, indexed by reason (reasons.h). */
@@ -236,6 +251,10 @@ struct fr_counter {
 #define FR_FA_PADDED_RETX 2		/* range already handed out: overwritten with PADDING */
 #define FR_FA_PADDED_SKIP 3		/* stream not for this subscriber: overwritten with PADDING */
 #define FR_FA_PUNTED 4			/* the copy was withheld: userspace must send this range */
+
+/* fr_frame_rec.sub_sid of a punted frame whose stream has no subscriber id yet
+ * (MAX_STREAMS reached): userspace opens the stream itself. */
+#define FR_NO_SUB_SID 0xFFFFFFFFFFFFFFFFull
 
 /* One STREAM or DATAGRAM frame of a clone. */
 struct fr_frame_rec {

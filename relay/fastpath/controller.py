@@ -51,6 +51,7 @@ class MapAccess(Protocol):
     def sub_add(self, sub_idx: int, field: str, delta: int) -> int: ...
     def sub_store(self, sub_idx: int, field: str, value: int) -> int: ...
     def sub_write(self, sub_idx: int, field: str, data: bytes) -> None: ...
+    def stream_op(self, key: L.FrSubStreamKey, op: int, field: str, value: int) -> int: ...
 
 
 class MapCounter:
@@ -243,6 +244,11 @@ class FastPathController:
             pass  # subscribers' packets to us are never forwarded: no demux entry needed
         elif isinstance(event, HostConnectionIdRetired):
             pass
+
+    def set_stream_credit(self, sub: Subscriber, upstream_sid: int, max_stream_data: int) -> None:
+        """The subscriber's MAX_STREAM_DATA for the stream the kernel forwards from upstream_sid."""
+        key = L.FrSubStreamKey(sub_idx=sub.sub_idx, up_idx=sub.upstream.up_idx, up_sid=upstream_sid)
+        self.maps.stream_op(key, L.SUB_OP_STORE, "max_stream_data", max_stream_data)
 
     def set_largest_acked(self, sub: Subscriber, pn: int) -> None:
         self.maps.sub_store(sub.sub_idx, "largest_acked", pn)

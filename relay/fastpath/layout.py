@@ -67,6 +67,7 @@ TRACK_FORWARD = 0x1
 UPS_FORWARD = 0x1
 SS_SKIPPED = 0x1
 REC_SENT_CLONE, REC_SENT_USER, REC_PUNT_CLONE, REC_PUNT_USER = 1, 2, 3, 4
+NO_SUB_SID = 0xFFFFFFFFFFFFFFFF
 FA_FORWARDED, FA_PADDED_RETX, FA_PADDED_SKIP, FA_PUNTED = 1, 2, 3, 4
 SCRATCH_INGRESS, SCRATCH_EGRESS = 0, 1
 
@@ -167,6 +168,11 @@ class FrSubStream(_S):
                 ("flags", u32), ("_pad", u32)]
 
 
+class FrStreamOp(_S):
+    _fields_ = [("key", FrSubStreamKey), ("op", u8), ("_pad0", u8), ("offset", u16), ("_pad1", u32),
+                ("value", u64), ("old", u64), ("status", ctypes.c_int32), ("_pad2", u32)]
+
+
 class FrCounter(_S):
     _fields_ = [("packets", u64), ("bytes", u64)]
 
@@ -205,7 +211,7 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "fr_track_key": FrTrackKey, "fr_track": FrTrack, "fr_sub_track_key": FrSubTrackKey,
     "fr_sub_track": FrSubTrack, "fr_up_stream_key": FrUpStreamKey, "fr_up_stream": FrUpStream,
     "fr_sub_stream_key": FrSubStreamKey, "fr_sub_stream": FrSubStream,
-    "fr_counter": FrCounter, "fr_frame_rec": FrFrameRec, "fr_record": FrRecord,
+    "fr_stream_op": FrStreamOp, "fr_counter": FrCounter, "fr_frame_rec": FrFrameRec, "fr_record": FrRecord,
     "fr_scratch": FrScratch,
 }
 

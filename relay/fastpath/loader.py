@@ -33,6 +33,7 @@ SOURCES = ("fastpath_ingress.c", "fastpath_egress.c")
 INGRESS_FN = "fastpath_ingress"
 EGRESS_FN = "fastpath_egress"
 SUB_OP_FN = "fastpath_sub_op"
+STREAM_OP_FN = "fastpath_stream_op"
 #: tail-call stage index -> function
 STAGES = {
     layout.PROG_IN_WALK: "fastpath_ingress_walk",
@@ -87,6 +88,7 @@ class FastPath:
         self.egress = bpfload.load_sched_cls(self.bpf, EGRESS_FN)
         self.stages = {idx: bpfload.load_sched_cls(self.bpf, fn) for idx, fn in STAGES.items()}
         self.sub_op_prog = bpfload.load_sched_cls(self.bpf, SUB_OP_FN)
+        self.stream_op_prog = bpfload.load_sched_cls(self.bpf, STREAM_OP_FN)
         progs = self.bpf.get_table(b"fr_progs")
         for idx, fn in self.stages.items():
             progs[ctypes.c_int(idx)] = ctypes.c_int(fn.fd)
@@ -138,6 +140,16 @@ class FastPath:
     def sub_write(self, sub_idx: int, field: str, data: bytes) -> None:
         """Overwrite a non-counter field (addresses, DCID, MACs, flags...) of a live subscriber."""
         self.sub_op(sub_idx, layout.SUB_OP_WRITE, getattr(layout.FrSub, field).offset, data=data)
+
+    def stream_op(self, key: layout.FrSubStreamKey, op: int, field: str, value: int) -> int:
+        """ADD or STORE one u64 field of a live fr_sub_streams entry; returns old."""
+        req = layout.FrStreamOp(key=key, op=op, offset=getattr(layout.FrSubStream, field).offset,
+                                value=value & 0xFFFFFFFFFFFFFFFF)
+        res = bpfload.prog_test_run(self.stream_op_prog.fd, bytes(layout.SUB_OP_OFF) + bytes(req))
+        out = layout.FrStreamOp.from_buffer_copy(res.data, layout.SUB_OP_OFF)
+        if out.status != 0:
+            raise FastrelayError(f"stream {key.up_sid} of subscriber {key.sub_idx}: op refused")
+        return out.old
 
     def clear(self, name: str) -> None:
         self.bpf.get_table(name.encode()).clear()

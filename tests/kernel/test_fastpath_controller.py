@@ -113,3 +113,25 @@ def test_sub_ops(fp: FastPath) -> None:
         fp.sub_op(i, L.SUB_OP_ADD, 4, 1)                # misaligned
     with pytest.raises(FastrelayError, match="refused"):
         fp.sub_op(10**6, L.SUB_OP_ADD, 0, 1)            # no such slot
+
+
+def test_stream_credit_raised_live(fp: FastPath) -> None:
+    ctl = FastPathController(fp, host_cid_len=8)
+    up = ctl.add_upstream([UP_CID])
+    ctl.forward_track(up, ALIAS)
+    sub = ctl.add_subscriber(up, _path(0), max_data=1 << 30, max_streams_uni=100,
+                             initial_max_stream_data=30, cwnd=1 << 20)
+    ctl.subscribe_track(sub, ALIAS)
+    head = P.subgroup_header(ALIAS, 1, 3) + b"a" * 10
+    first = PUB.frame(P.quic_short(UP_CID, 7, P.stream_frame(2, head, offset=0)))
+    bpfload.prog_test_run(fp.ingress.fd, first, ctx=P.skb_ctx())
+    mark = P.skb_ctx(mark=L.clone_mark(sub.sub_idx))
+    assert bpfload.prog_test_run(fp.egress.fd, first, ctx=mark).retval == TC_ACT_UNSPEC
+    more = PUB.frame(P.quic_short(UP_CID, 8, P.stream_frame(2, b"b" * 40, offset=len(head))))
+    assert bpfload.prog_test_run(fp.egress.fd, more, ctx=mark).retval == 2      # over 30: punted
+    assert R.PUNT_NO_STREAM_CREDIT in fp.counters()
+    ctl.set_stream_credit(sub, 2, 1000)
+    more2 = PUB.frame(P.quic_short(UP_CID, 9, P.stream_frame(2, b"c" * 40, offset=len(head) + 40)))
+    assert bpfload.prog_test_run(fp.egress.fd, more2, ctx=mark).retval == TC_ACT_UNSPEC
+    with pytest.raises(FastrelayError, match="refused"):
+        ctl.set_stream_credit(sub, 6, 1000)                  # no such stream yet
