@@ -63,7 +63,8 @@ def capture_run(tmp_path: Path, crypto: list[str]) -> tuple[dict[str, object], l
         with open(tmp_path / "pub.out", "w") as out, open(tmp_path / "pub.err", "w") as err:
             pub = lab.popen(pub_host, [
                 *python, "publish", "--url", f"moqt://{lab.address(lab.relay, pub_host)}:{PORT}/x",
-                *common, "--objects", str(OBJECTS), "--rate", "100", "--wait-subscriber", "15"],
+                *common, "--objects", str(OBJECTS), "--rate", "100", "--wait-subscriber", "15",
+                "--layout", "single"],
                 stdout=out, stderr=err, env=env)
         frames: list[bytes] = []
         deadline = time.monotonic() + 40
@@ -84,12 +85,12 @@ def capture_run(tmp_path: Path, crypto: list[str]) -> tuple[dict[str, object], l
 
 def test_none_payload_visible_on_the_subscribers_wire(tmp_path: Path) -> None:
     summary, frames = capture_run(tmp_path, ["--crypto", "none"])
-    assert summary["objects"] == OBJECTS and summary["ok"], summary
+    assert summary["objects"] == OBJECTS and summary["ok"], json.dumps(summary)
     in_clear = sum(frame.count(PAYLOAD_MAGIC) for frame in frames)
     assert in_clear >= OBJECTS, f"{in_clear} payload markers in {len(frames)} frames"
 
 
 def test_standard_quic_hides_the_payload(tmp_path: Path) -> None:
     summary, frames = capture_run(tmp_path, [])
-    assert summary["objects"] == OBJECTS and summary["ok"], summary
+    assert summary["objects"] == OBJECTS and summary["ok"], json.dumps(summary)
     assert frames and not any(PAYLOAD_MAGIC in frame for frame in frames)
