@@ -155,6 +155,10 @@ class SoftShim:
         bpfload.map_update(self._config_fd, (0).to_bytes(4, "little"), bytes(config))
         self.clear_stats()
 
+    def close(self) -> None:
+        """Unload the programs and maps (filters already attached keep their programs)."""
+        self._bpf.cleanup()
+
     # --- keys ------------------------------------------------------------------------
 
     def install(self, local: Address, peer: Address, material: KeyMaterial, *, dcid_len: int,

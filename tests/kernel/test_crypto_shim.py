@@ -123,7 +123,9 @@ def plain_packet(rng: random.Random, size: int, dcid_len: int, expected: int, *,
 def shim() -> Iterator:
     from crypto_backends.soft_shim import SoftShim
 
-    yield SoftShim()
+    loaded = SoftShim()
+    yield loaded
+    loaded.close()
 
 
 @pytest.fixture

@@ -39,7 +39,9 @@ SIZES = (64, 512, 1200, 1400)
 def shim():
     from crypto_backends.soft_shim import SoftShim
 
-    return SoftShim()
+    loaded = SoftShim()
+    yield loaded
+    loaded.close()
 
 
 def test_cost_per_packet(shim) -> None:

@@ -77,7 +77,9 @@ class ShimBackend(CryptoBackend):
 def loaded_shim():
     from crypto_backends.soft_shim import SoftShim
 
-    return SoftShim()
+    loaded = SoftShim()
+    yield loaded
+    loaded.close()
 
 
 @pytest.fixture
