@@ -156,7 +156,8 @@ def test_records_translate() -> None:
     user = _rec(L.REC_SENT_USER, built_pn=0x1234, pn_len=2)
     assert ctl.translate(user) == (2, WireNumber(built_pn=0x1234, wire_pn=41, size=1200, sent_time=2.0))
     clone = _rec(L.REC_SENT_CLONE, n_frames=2)
-    clone.frames[0] = L.FrFrameRec(sub_sid=3, up_sid=2, offset=0, length=100, type=0x0e, action=L.FA_FORWARDED)
+    clone.frames[0] = L.FrFrameRec(sub_sid=3, up_sid=2, offset=0, length=100, type=0x0e,
+                                   action=L.FA_FORWARDED)
     clone.frames[1] = L.FrFrameRec(length=9, type=0x31, action=L.FA_FORWARDED)
     assert ctl.translate(clone) == (2, ForwardedPacket(wire_pn=41, size=1200, sent_time=2.0,
                                                        frames=(ForwardedFrame(3, 0, 100, False),)))
