@@ -144,7 +144,7 @@ def test_table_marks_unavailable_and_measured_rows() -> None:
         "delay": {"p50_us": 2000.0, "p99_us": 5000.0, "max_us": 9000.0},
         "objects_delivered": 400, "objects_expected": 400, "objects_lost": 0,
         "machine_cpu_us_per_packet": 4000.0, "machine_busy_share": 0.95,
-        "background_busy_share": 0.1, "lab_processes_cpu_us_per_packet": 2000.0,
+        "background_busy_share": 0.1, "machine_non_lab_share": 0.2, "lab_processes_cpu_us_per_packet": 2000.0,
         "relay_cpu_us_per_packet": 700.0, "ebpf": None, "packets_per_s_per_relay_core": 1429,
         "kernel_bytes_share": 0.0, "machine_limited": True})
     missing = Run("fastpath-none", 4, False, reason="eBPF fast path not built yet")

@@ -20,9 +20,11 @@ NOTES = [
     "would have, as the subscribers cost more than the relay on a small machine",
     "delay is one-way, per object, publisher send to subscriber receive (one clock), "
     "percentiles over every subscriber's raw delays together",
-    "busy = whole-machine busy share during the window; (bg) = the same in the second before "
-    "the publisher started: when it is high, other work shared the machine and the headline "
-    "includes it",
+    "busy = whole-machine busy share during the window; (not lab) = the part of it not spent "
+    "in the processes the bench started: other work on the machine plus kernel work outside "
+    "those processes (softirq); when it is high the headline includes other people's work. "
+    "The JSON also has both shares for the second before the publisher started "
+    "(background_busy_share, background_non_lab_share)",
     "lab procs CPU/packet = utime+stime of every process the bench started (relay, publisher, "
     "subscribers): not disturbed by other work on the machine, but without the kernel work "
     "done outside those processes (softirq elsewhere, eBPF on other CPUs)",
@@ -41,6 +43,10 @@ def _num(value: Any) -> str:
     return str(value)
 
 
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value * 100:.0f}%"
+
+
 def _ratio(run: Run, base: str) -> str:
     r = (run.figures.get("ratios") or {}).get(f"vs_{base.replace('-', '_')}")
     if not r or run.path == base:
@@ -50,7 +56,7 @@ def _ratio(run: Run, base: str) -> str:
 
 
 COLUMNS = ("Path", "Subs", "Objects", "Delay µs\np50/p99/max", "Machine CPU\nµs/pkt",
-           "Busy\n(bg)", "Lab procs\nµs/pkt", "Relay CPU\nµs/pkt", "eBPF\nµs/pkt",
+           "Busy\n(not lab)", "Lab procs\nµs/pkt", "Relay CPU\nµs/pkt", "eBPF\nµs/pkt",
            "Pkts/s per\nrelay core", "Kernel\nbytes", "Limit", "vs userspace\nCPU/p50",
            "vs moq-rs\nCPU/p50", "Note")
 
@@ -72,7 +78,7 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
             f"{f['objects_delivered']:,}/{f['objects_expected']:,}",
             f"{_num(d['p50_us'])}/{_num(d['p99_us'])}/{_num(d['max_us'])}",
             _num(f["machine_cpu_us_per_packet"]),
-            f"{f['machine_busy_share'] * 100:.0f}% ({f['background_busy_share'] * 100:.0f}%)",
+            f"{f['machine_busy_share'] * 100:.0f}% ({_pct(f.get('machine_non_lab_share'))})",
             _num(f.get("lab_processes_cpu_us_per_packet")),
             _num(f["relay_cpu_us_per_packet"]),
             "n/a" if ebpf is None else _num(ebpf.get("us_per_packet")),
@@ -129,7 +135,7 @@ def write_plots(runs: list[Run], out: Path) -> dict[str, str]:
     files: dict[str, str] = {}
 
     # 1. delay distribution per path, one panel per subscriber count
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     ncols = min(3, len(counts))
     nrows = -(-len(counts) // ncols)
@@ -150,6 +156,7 @@ def write_plots(runs: list[Run], out: Path) -> dict[str, str]:
         if any(r.subscribers == n for r in measured):
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{n} subscriber{'s' if n != 1 else ''}")
         ax.set_xlabel("one-way delay (ms)")
         ax.grid(True, which="both", alpha=0.3)

@@ -216,17 +216,19 @@ class Scenario:
                 raise FastrelayError(f"{who} before the publisher started "
                                      f"(logs: {self.logs})")
             time.sleep(0.1)
-        # other work on the machine, just before ours starts
-        b0 = measure.machine_cpu()
-        time.sleep(cfg.background_s)
-        b1 = measure.machine_cpu()
-        background = (b1.busy - b0.busy) / max(1, b1.total - b0.total)
-        self.say(f"publishing {cfg.objects} objects of {cfg.object_size} B at {cfg.rate:g}/s")
-        bpf = self.path.kernel_path
+        # the machine just before the publisher starts: all of it, and what is not the lab's
+        # processes (other people's work, or the kernel outside our processes)
         group = measure.ProcessGroupCpu()
         group.add(handle.pid)
         for p in procs.values():
             group.add(p.pid)
+        b0, g0 = measure.machine_cpu(), group.ticks()
+        time.sleep(cfg.background_s)
+        b1, g1 = measure.machine_cpu(), group.ticks()
+        total = max(1, b1.total - b0.total)
+        background = ((b1.busy - b0.busy) / total, max(0, b1.busy - b0.busy - (g1 - g0)) / total)
+        self.say(f"publishing {cfg.objects} objects of {cfg.object_size} B at {cfg.rate:g}/s")
+        bpf = self.path.kernel_path
         samples = [measure.take_sample(handle.pid, sub_ifaces, group)]
         bpf_samples = [measure.bpf_prog_stats(handle.pid)] if bpf else []
         pub = self._spawn(lab, lab.publishers[0], self._publisher_argv(lab, handle.client_args),
@@ -264,7 +266,8 @@ class Scenario:
         self._collect(run, samples, bpf_samples, background, procs, pub)
 
     def _collect(self, run: Run, samples: list[measure.Sample],
-                 bpf_samples: list[dict[int, tuple[int, int]]], background: float,
+                 bpf_samples: list[dict[int, tuple[int, int]]],
+                 background: tuple[float, float],
                  procs: dict[str, subprocess.Popen[bytes]],
                  pub: subprocess.Popen[bytes]) -> None:
         cfg = self.cfg
@@ -297,7 +300,8 @@ class Scenario:
         f["publisher_ok"] = bool(publisher.get("ok"))
         f["publisher_max_lateness_us"] = publisher.get("max_lateness_us")
         f["delay"] = delay_figures(delays)
-        f["background_busy_share"] = round(background, 4)
+        f["background_busy_share"] = round(background[0], 4)
+        f["background_non_lab_share"] = round(background[1], 4)
         window = _window(samples, 0)
         run.raw["samples"] = {
             "columns": ["t_s", "machine_busy_ticks", "machine_total_ticks", "machine_steal_ticks",
@@ -326,10 +330,11 @@ class Scenario:
         f["delivered_bytes"] = b.tx_bytes - a.tx_bytes
         f["delivered_pps"] = round(pkts / secs, 1)
         f["machine_busy_share"] = round(busy_share, 4)
+        lab_ticks = b.lab_ticks - a.lab_ticks
+        f["machine_non_lab_share"] = round(max(0, busy - lab_ticks) / total, 4) if total else None
         f["machine_busy_cores"] = round(busy / measure.USER_HZ / secs, 3)
         f["machine_cpu_us_per_packet"] = round(busy / measure.USER_HZ / pkts * 1e6, 2)
         f["machine_steal_ticks"] = b.machine.steal - a.machine.steal
-        lab_ticks = b.lab_ticks - a.lab_ticks
         f["lab_processes_cpu_us_per_packet"] = round(lab_ticks / measure.USER_HZ / pkts * 1e6, 2)
         f["relay_cpu_us_per_packet"] = round(relay_ticks / measure.USER_HZ / pkts * 1e6, 2)
         f["relay_cpu_cores"] = round(relay_ticks / measure.USER_HZ / secs, 3)
