@@ -27,6 +27,9 @@ from relay.errors import ConfigError, FastrelayError
 DEFAULT_SUBSCRIBERS = "1,4,16,32,64"
 QUICK_SUBSCRIBERS = [1, 4]
 QUICK_DURATION = 3.0
+QUICK_RATE = 100.0
+DEFAULT_RATE = 10.0
+DEFAULT_DURATION = 15.0
 MAX_SUBSCRIBERS = 256
 #: The table is wide; in a pipe or log give it this many columns rather than cut it.
 TABLE_WIDTH = 230
@@ -58,18 +61,21 @@ def bench_command(
         help=f"Subscriber counts to run [default: {DEFAULT_SUBSCRIBERS}; --quick: 1,4].")] = None,
     object_size: Annotated[int, typer.Option("--object-size", min=64, metavar="B",
                                              help="Payload bytes per object.")] = 1000,
-    rate: Annotated[float, typer.Option("--rate", min=1, metavar="R",
-                                        help="Objects per second the publisher sends.")] = 100.0,
+    rate: Annotated[float | None, typer.Option(
+        "--rate", min=1, metavar="R",
+        help="Objects per second the publisher sends [default: 10 (64 subscribers at 10/s "
+             "about fill 2 vCPUs); --quick: 100].")] = None,
     duration: Annotated[float | None, typer.Option(
         "--duration", min=1, metavar="S",
-        help="Seconds of publishing per scenario [default: 10; --quick: 3].")] = None,
+        help="Seconds of publishing per scenario [default: 15; --quick: 3].")] = None,
     paths: Annotated[str, typer.Option(
         "--paths", metavar="P,P,...",
         help=f"Paths to compare: {', '.join(PATHS)}.")] = ",".join(PATHS),
     group_length: Annotated[int, typer.Option("--group-length", min=1,
                                               help="Objects per group.")] = 30,
     quick: Annotated[bool, typer.Option(
-        "--quick", help="Smoke run: 1 and 4 subscribers, 3 s each (about a minute).")] = False,
+        "--quick", help="Smoke run: 1 and 4 subscribers, 3 s at 100 objects/s each (about a "
+                        "minute).")] = False,
     out: Annotated[Path | None, typer.Option(
         "--out", metavar="DIR", help="Where results go [default: bench-results/<timestamp>/].")]
     = None,
@@ -82,9 +88,11 @@ def bench_command(
     started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     if out is None:
         out = Path("bench-results") / started.strftime("%Y%m%dT%H%M%SZ")
+    if rate is None:
+        rate = QUICK_RATE if quick else DEFAULT_RATE
     cfg = BenchConfig(subscribers=counts, paths=names, object_size=object_size, rate=rate,
                       duration=duration if duration is not None else
-                      (QUICK_DURATION if quick else 10.0),
+                      (QUICK_DURATION if quick else DEFAULT_DURATION),
                       group_length=group_length, out=out,
                       start_delay=1.0, background_s=0.5 if quick else 1.0)
     if any(PATHS[n].unavailable() is None for n in names):
