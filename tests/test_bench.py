@@ -13,8 +13,7 @@ import pytest
 
 from relay.bench import measure, report
 from relay.bench.paths import PATHS
-from relay.bench.runner import BenchConfig, Run, _window, bench_topology, delay_figures, \
-    percentile
+from relay.bench.runner import BenchConfig, Run, _window, bench_topology, delay_figures, percentile
 from tests.conftest import run_cli, run_cli_process
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -26,8 +26,7 @@ from typing import Any, Callable
 
 from hw.topology import Topology, parse_topology
 from relay.bench import measure
-from relay.bench.paths import ANCHOR, FASTRELAY, PATHS, PORT, USERSPACE, BenchPath, \
-    PathUnavailable
+from relay.bench.paths import ANCHOR, FASTRELAY, PATHS, PORT, USERSPACE, BenchPath, PathUnavailable
 from relay.errors import FastrelayError
 
 NAMESPACE = "bench/live"
