@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from relay.bench import measure, report
-from relay.bench.paths import PATHS
+from relay.bench.paths import DEFAULT_PATHS, PATHS
 from relay.bench.runner import BenchConfig, Run, _window, bench_topology, delay_figures, percentile
 from tests.conftest import run_cli, run_cli_process
 
@@ -35,7 +35,7 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     assert "[1/" in proc.stderr  # the progress display
     runs = doc["runs"]
     assert {(r["path"], r["subscribers"]) for r in runs} == \
-        {(p, n) for p in PATHS for n in (1, 4)}
+        {(p, n) for p in DEFAULT_PATHS for n in (1, 4)}
     assert any(r["available"] for r in runs)
     for r in runs:
         where = f"{r['path']} x {r['subscribers']}"
@@ -67,7 +67,8 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
 
 def test_bad_options_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
     run_cli(["bench", "--paths", "userspace,nope"], capsys, exit_code=1,
-            stderr=r"^error: --paths: unknown path 'nope' \(paths: userspace, moq-rs")
+            stderr=r"^error: --paths: unknown path 'nope' \(paths: userspace, userspace-none, "
+                   r"moq-rs")
     run_cli(["bench", "--subscribers", "1,x"], capsys, exit_code=1,
             stderr=r"^error: --subscribers '1,x': expected counts")
     run_cli(["bench", "--subscribers", "0"], capsys, exit_code=1,

@@ -148,6 +148,10 @@ def _paths() -> dict[str, BenchPath]:
     return {p.name: p for p in (
         BenchPath("userspace", "fastrelay relay, userspace (aioquic), --fastpath off",
                   [*FASTRELAY, "relay", "--listen", listen]),
+        BenchPath("userspace-none", "fastrelay relay, userspace, 1-RTT crypto none (the "
+                  "baseline for fastpath-none: same wire, no eBPF)",
+                  [*FASTRELAY, "relay", "--listen", listen, "--crypto", "none"],
+                  client_args=["--crypto", "none"]),
         MoqRsPath("moq-rs", "anchor: moq-rs 0.5.1 server (Rust, quinn), same workload",
                   [*MOQ_RS, "server", "--bind", listen, "--log-level", "error"],
                   listening='"listening"'),
@@ -161,6 +165,8 @@ def _paths() -> dict[str, BenchPath]:
 
 
 PATHS: dict[str, BenchPath] = _paths()
+#: What `fastrelay bench` compares unless --paths says otherwise.
+DEFAULT_PATHS = ["userspace", "moq-rs", "fastpath-none", "fastpath-soft"]
 #: The baseline ratios are taken against.
 USERSPACE = "userspace"
 ANCHOR = "moq-rs"

@@ -19,7 +19,7 @@ import typer
 
 from relay import bpfload
 from relay.bench import measure, report
-from relay.bench.paths import PATHS
+from relay.bench.paths import DEFAULT_PATHS, PATHS
 from relay.bench.runner import BenchConfig, run_bench
 from relay.cli.output import JsonOption, emit_json, progress, stdout
 from relay.errors import ConfigError, FastrelayError
@@ -70,7 +70,7 @@ def bench_command(
         help="Seconds of publishing per scenario [default: 15; --quick: 3].")] = None,
     paths: Annotated[str, typer.Option(
         "--paths", metavar="P,P,...",
-        help=f"Paths to compare: {', '.join(PATHS)}.")] = ",".join(PATHS),
+        help=f"Paths to compare, of: {', '.join(PATHS)}.")] = ",".join(DEFAULT_PATHS),
     group_length: Annotated[int, typer.Option("--group-length", min=1,
                                               help="Objects per group.")] = 30,
     quick: Annotated[bool, typer.Option(
