@@ -158,3 +158,18 @@ def test_table_marks_unavailable_and_measured_rows() -> None:
                           finished="f", files={})
     assert doc["paths"]["userspace"]["available"] is True
     assert doc["runs"][1]["reason"] == "eBPF fast path not built yet"
+
+
+@pytest.mark.root
+def test_bpf_prog_stats_finds_a_program_this_process_holds() -> None:
+    from relay import bpfload
+
+    bcc = bpfload.import_bcc()
+    bpf = bcc.BPF(text=b"int bench_probe(struct __sk_buff *skb) { return 0; }")
+    try:
+        fn = bpf.load_func(b"bench_probe", bcc.BPF.SCHED_CLS)
+        stats = measure.bpf_prog_stats(os.getpid())
+        assert any(isinstance(k, int) and len(v) == 2 for k, v in stats.items()), stats
+        assert fn.fd >= 0
+    finally:
+        bpf.cleanup()
