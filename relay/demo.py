@@ -1,144 +1,116 @@
-"""The main job shown in the README: a lab, the probe, traffic publisher -> relay -> subscribers.
+"""The main job shown in the README: a lab, a publisher, the relay, several subscribers.
 
-Until the MoQ relay and the fast path exist, the relay host runs a plain userspace UDP
-fan-out: every datagram the publisher sends is copied to every subscriber. Each datagram
-carries its sequence number and send time, so each subscriber's losses and one-way delays
-(all namespaces share one clock) are measured per packet.
+Every party is a real `fastrelay` process in its own network namespace: the relay in the
+relay host, one subscriber per subscriber host (each verifies every object and measures
+its one-way delay; all namespaces share one clock), then the publisher. Until the relay
+drives the eBPF fast path, the relay runs its userspace path.
 """
 
 from __future__ import annotations
 
-import selectors
-import socket
-import struct
-import threading
+import json
+import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from hw.lab import Lab
 from hw.topology import Topology
+from relay.errors import FastrelayError
 
-DEMO_PORT = 4443
-#: sequence number, send time (CLOCK_MONOTONIC ns); the rest of a datagram is filler.
-_STAMP = struct.Struct("!QQ")
+RELAY_PORT = 4443
+NAMESPACE = "demo/cam"
+TRACK = "video"
+_FASTRELAY = [sys.executable, "-m", "relay"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class SubscriberResult:
     host: str
     address: str
-    received: int = 0
-    duplicates: int = 0
-    delays_ns: list[int] = field(default_factory=list)
+    summary: dict[str, Any]
 
-    def lost(self, sent: int) -> int:
-        return sent - self.received
-
-    def delay_percentile_us(self, q: float) -> float | None:
-        if not self.delays_ns:
-            return None
-        ordered = sorted(self.delays_ns)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000
+    @property
+    def ok(self) -> bool:
+        return bool(self.summary.get("ok"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoResult:
     lab: str
     publisher: str
     relay: str
-    sent: int
-    forwarded: int
+    crypto: str | None
+    objects: int
     subscribers: list[SubscriberResult]
+    relay_stats: dict[str, Any]
 
     @property
     def complete(self) -> bool:
-        return all(s.received == self.sent for s in self.subscribers)
+        return all(s.ok and s.summary.get("objects") == self.objects for s in self.subscribers)
 
 
-def _fan_out(sock: socket.socket, targets: list[tuple[str, int]], stop: threading.Event,
-             counter: list[int]) -> None:
-    sock.settimeout(0.05)
-    while not stop.is_set():
-        try:
-            data = sock.recv(65535)
-        except socket.timeout:
-            continue
-        for target in targets:
-            sock.sendto(data, target)
-        counter[0] += 1
+def _wait_for_line(path: Path, prefix: str, proc: Any, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in path.read_text().splitlines() if path.exists() else []:
+            if line.startswith(prefix):
+                return line
+        if proc.poll() is not None:
+            raise FastrelayError(f"the relay exited ({proc.returncode}) before listening: "
+                                 f"{path.with_suffix('.err').read_text().strip()[-300:]}")
+        time.sleep(0.05)
+    raise FastrelayError(f"the relay did not listen within {timeout:g} s")
 
 
-def run_demo(topology: Topology, *, packets: int = 200, size: int = 1200,
-             interval_s: float = 0.001, lab_name: str | None = None) -> DemoResult:
-    """Bring a lab up, relay `packets` datagrams through the relay host, bring it down."""
-    if size < _STAMP.size:
-        raise ValueError(f"datagram size must be at least {_STAMP.size} bytes")
-    with Lab.up(topology, name=lab_name) as lab:
-        relay = lab.relay
+def _json_summary(path: Path, who: str) -> dict[str, Any]:
+    text = path.read_text().strip()
+    if not text:
+        err = path.with_suffix(".err").read_text().strip()
+        raise FastrelayError(f"{who} printed no summary: {err[-300:] or 'no output'}")
+    return json.loads(text)
+
+
+def run_demo(topology: Topology, *, objects: int = 300, rate: float = 100.0,
+             object_size: int = 1000, group_length: int = 30, crypto: str | None = None,
+             lab_name: str | None = None, timeout: float = 60.0) -> DemoResult:
+    """Bring a lab up, run relay, subscribers and publisher in it, bring it down."""
+    crypto_args = ["--crypto", crypto] if crypto else []
+    with tempfile.TemporaryDirectory(prefix="fastrelay-demo-") as tmp, \
+            Lab.up(topology, name=lab_name) as lab:
+        folder = Path(tmp)
+
+        def start(host: str, name: str, argv: list[str]) -> Any:
+            with open(folder / f"{name}.out", "w") as out, open(folder / f"{name}.err", "w") as err:
+                return lab.popen(host, [*_FASTRELAY, *argv], stdout=out, stderr=err)
+
+        relay = start(lab.relay, "relay", ["relay", "--listen", f"0.0.0.0:{RELAY_PORT}",
+                                           *crypto_args])
+        _wait_for_line(folder / "relay.out", "listening", relay, timeout=30)
+        common = ["--namespace", NAMESPACE, "--track", TRACK, "--insecure", *crypto_args]
+        subs = {host: start(host, host, [
+            "subscribe", "--url", f"moqt://{lab.address(lab.relay, host)}:{RELAY_PORT}/demo",
+            *common, "--expect-objects", str(objects), "--duration", str(timeout), "--json"])
+            for host in lab.subscribers}
         publisher = lab.publishers[0]
-        subscribers = lab.subscribers
-        relay_in = lab.address(relay, publisher)
-
-        fanout_sock = lab.socket(relay, socket.AF_INET, socket.SOCK_DGRAM)
-        fanout_sock.bind((relay_in, DEMO_PORT))
-        results: dict[int, SubscriberResult] = {}
-        sub_socks: list[socket.socket] = []
-        selector = selectors.DefaultSelector()
-        targets = []
-        for host in subscribers:
-            address = lab.address(host, relay)
-            sock = lab.socket(host, socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            sock.bind((address, DEMO_PORT))
-            sock.setblocking(False)
-            selector.register(sock, selectors.EVENT_READ)
-            results[sock.fileno()] = SubscriberResult(host=host, address=address)
-            sub_socks.append(sock)
-            targets.append((address, DEMO_PORT))
-        pub_sock = lab.socket(publisher, socket.AF_INET, socket.SOCK_DGRAM)
-
-        stop = threading.Event()
-        forwarded = [0]
-        relay_thread = threading.Thread(target=_fan_out, args=(fanout_sock, targets, stop, forwarded),
-                                        name="demo-fanout", daemon=True)
-        relay_thread.start()
-        seen: dict[int, set[int]] = {fd: set() for fd in results}
-        filler = bytes(size - _STAMP.size)
-        try:
-            next_send = time.monotonic()
-            sent = 0
-            deadline = time.monotonic() + packets * interval_s + 5.0
-            while time.monotonic() < deadline:
-                now = time.monotonic()
-                if sent < packets and now >= next_send:
-                    pub_sock.sendto(_STAMP.pack(sent, time.monotonic_ns()) + filler, (relay_in, DEMO_PORT))
-                    sent += 1
-                    next_send += interval_s
-                for key, _ in selector.select(timeout=0.001):
-                    _drain(key.fileobj, results[key.fd], seen[key.fd])  # type: ignore[arg-type]
-                if sent == packets and all(len(s) == packets for s in seen.values()):
-                    break
-        finally:
-            stop.set()
-            relay_thread.join(timeout=2)
-            for sock in (fanout_sock, pub_sock, *sub_socks):
-                sock.close()
-            selector.close()
-        return DemoResult(lab=lab.name, publisher=publisher, relay=relay, sent=packets,
-                          forwarded=forwarded[0], subscribers=list(results.values()))
-
-
-def _drain(sock: socket.socket, result: SubscriberResult, seen: set[int]) -> None:
-    for _ in range(1024):  # bounded: the selector calls again while data remains
-        try:
-            data = sock.recv(65535)
-        except BlockingIOError:
-            return
-        received_ns = time.monotonic_ns()
-        sequence, sent_ns = _STAMP.unpack_from(data)
-        if sequence in seen:
-            result.duplicates += 1
-            continue
-        seen.add(sequence)
-        result.received += 1
-        result.delays_ns.append(received_ns - sent_ns)
+        pub = start(publisher, "publisher", [
+            "publish", "--url", f"moqt://{lab.address(lab.relay, publisher)}:{RELAY_PORT}/demo",
+            *common, "--objects", str(objects), "--rate", str(rate), "--object-size",
+            str(object_size), "--group-length", str(group_length), "--layout", "single",
+            # every subscriber process is up and subscribed before the first object
+            "--wait-subscriber", "20", "--start-delay", "2", "--json"])
+        deadline = time.monotonic() + timeout + 30
+        for proc in (*subs.values(), pub):
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        relay.terminate()
+        relay.wait(timeout=10)
+        stats_lines = [line for line in (folder / "relay.out").read_text().splitlines()
+                       if line.startswith("stats ")]
+        results = [SubscriberResult(host, lab.address(host, lab.relay),
+                                    _json_summary(folder / f"{host}.out", host))
+                   for host in lab.subscribers]
+        return DemoResult(lab=lab.name, publisher=publisher, relay=lab.relay, crypto=crypto,
+                          objects=objects, subscribers=results,
+                          relay_stats=json.loads(stats_lines[-1][6:]) if stats_lines else {})

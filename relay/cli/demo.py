@@ -15,13 +15,15 @@ from relay.demo import run_demo
 
 def demo(
     topology: Annotated[str, typer.Option(help="Topology name in hw/topologies or a TOML path.")] = "default",
-    packets: Annotated[int, typer.Option(min=1, max=1_000_000, help="Datagrams the publisher sends.")] = 500,
-    size: Annotated[int, typer.Option(min=16, max=1400, help="Datagram size in bytes.")] = 1200,
-    rate: Annotated[int, typer.Option(min=1, max=100_000, help="Datagrams per second.")] = 1000,
+    objects: Annotated[int, typer.Option(min=1, max=100_000, help="Objects the publisher sends.")] = 300,
+    rate: Annotated[float, typer.Option(min=1, max=10_000, help="Objects per second.")] = 100.0,
+    object_size: Annotated[int, typer.Option(min=64, max=100_000, help="Bytes per object.")] = 1000,
+    crypto: Annotated[str | None, typer.Option(
+        "--crypto", metavar="BACKEND", help="Run every party with --crypto BACKEND.")] = None,
 ) -> None:
-    """Bring a lab up, probe the machine, send traffic publisher -> relay -> subscribers, print the result.
+    """Lab up, probe, a publisher -> the relay -> every subscriber (each verifying every object), lab down.
 
-    Exits 1 when any subscriber missed a datagram.
+    Exits 1 when any subscriber missed an object.
     """
     require_root("the demo")
     progress("probing this machine's eBPF and offload capabilities ...")
@@ -29,21 +31,27 @@ def demo(
     emit_table(("Crypto backend", "Usable", "Why not"),
                [(b.name, "yes" if b.usable else "no", "; ".join(b.reasons)) for b in report.backends],
                as_json=False, title="Probe verdicts")
+    progress(f"lab '{topology}': relay, subscribers and a publisher of {objects} objects "
+             f"({object_size} B at {rate:g}/s), each in its own network namespace ...")
+    result = run_demo(load_topology(topology), objects=objects, rate=rate,
+                      object_size=object_size, crypto=crypto)
 
-    progress(f"bringing up lab '{topology}' and sending {packets} datagrams of {size} B at {rate}/s ...")
-    result = run_demo(load_topology(topology), packets=packets, size=size, interval_s=1 / rate)
-
-    def us(value: float | None) -> str:
-        return "-" if value is None else f"{value:.1f}"
+    def us(value: object) -> str:
+        return "-" if value is None else f"{value:,}"
 
     emit_table(
-        ("Subscriber", "Address", "Received", "Lost", "Delay p50 (µs)", "Delay p99 (µs)"),
-        [(s.host, s.address, s.received, s.lost(result.sent), us(s.delay_percentile_us(0.5)),
-          us(s.delay_percentile_us(0.99))) for s in result.subscribers],
+        ("Subscriber", "Address", "Objects", "Lost", "Skipped", "Intact", "Delay p50 (µs)",
+         "Delay p99 (µs)"),
+        [(s.host, s.address, f"{s.summary['objects']}/{result.objects}", s.summary["lost"],
+          s.summary["skipped"], "yes" if s.ok else "no", us(s.summary["delay"]["p50_us"]),
+          us(s.summary["delay"]["p99_us"])) for s in result.subscribers],
         as_json=False,
-        title=(f"Lab {result.lab}: {result.publisher} -> {result.relay} (userspace UDP fan-out)"
-               " -> subscribers"),
+        title=(f"Lab {result.lab}: {result.publisher} -> {result.relay} (MoQT draft-14, "
+               f"{'--crypto ' + result.crypto if result.crypto else 'standard QUIC'}, "
+               "userspace path) -> subscribers"),
     )
-    progress(f"lab {result.lab} is down again")
+    counters = result.relay_stats.get("counters", {})
+    progress(f"relay: {counters.get('objects_in', '?')} objects in, "
+             f"{counters.get('objects_out', '?')} out; lab {result.lab} is down again")
     if not result.complete:
         raise typer.Exit(1)
