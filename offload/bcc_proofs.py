@@ -186,4 +186,6 @@ def run_bcc_proofs() -> BccProofs:
         proofs.update(unit_proofs)
         if unit == "default":
             default_module = module
+        elif module is not None:
+            module.cleanup()  # a proof, once made, needs nothing loaded
     return BccProofs(proofs, default_module)

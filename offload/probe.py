@@ -423,7 +423,11 @@ def run_probe(root: Path = Path("/"), *, active: bool = False,
     syms = sysfs.kallsyms(root, symbols)
 
     bcc = run_bcc_proofs() if live else BccProofs(not_probed("recorded tree"), None)
-    active_result = run_active(bcc.default_module) if active else None
+    try:
+        active_result = run_active(bcc.default_module) if active else None
+    finally:
+        if bcc.default_module is not None:
+            bcc.default_module.cleanup()  # the probe is read-only: leave nothing loaded
 
     version_line = sysfs.read_line(root, "proc/version")
     kernel = KernelInfo(
