@@ -9,7 +9,7 @@ drives the eBPF fast path, the relay runs its userspace path.
 from __future__ import annotations
 
 import json
-import sys
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,12 +18,11 @@ from typing import Any
 
 from hw.lab import Lab
 from hw.topology import Topology
+from relay.bench.paths import FASTRELAY, PATHS, PORT, BenchPath
 from relay.errors import FastrelayError
 
-RELAY_PORT = 4443
 NAMESPACE = "demo/cam"
 TRACK = "video"
-_FASTRELAY = [sys.executable, "-m", "relay"]
 
 
 @dataclass(frozen=True)
@@ -52,19 +51,6 @@ class DemoResult:
         return all(s.ok and s.summary.get("objects") == self.objects for s in self.subscribers)
 
 
-def _wait_for_line(path: Path, prefix: str, proc: Any, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in path.read_text().splitlines() if path.exists() else []:
-            if line.startswith(prefix):
-                return line
-        if proc.poll() is not None:
-            raise FastrelayError(f"the relay exited ({proc.returncode}) before listening: "
-                                 f"{path.with_suffix('.err').read_text().strip()[-300:]}")
-        time.sleep(0.05)
-    raise FastrelayError(f"the relay did not listen within {timeout:g} s")
-
-
 def _json_summary(path: Path, who: str) -> dict[str, Any]:
     text = path.read_text().strip()
     if not text:
@@ -73,30 +59,37 @@ def _json_summary(path: Path, who: str) -> dict[str, Any]:
     return json.loads(text)
 
 
+def relay_path(crypto: str | None) -> BenchPath:
+    """How the demo starts its relay: the benchmark's userspace path, with --crypto if asked."""
+    if crypto is None:
+        return PATHS["userspace"]
+    return BenchPath(f"userspace-{crypto}", f"fastrelay relay, userspace, --crypto {crypto}",
+                     [*FASTRELAY, "relay", "--listen", f"0.0.0.0:{PORT}", "--crypto", crypto],
+                     client_args=["--crypto", crypto])
+
+
 def run_demo(topology: Topology, *, objects: int = 300, rate: float = 100.0,
              object_size: int = 1000, group_length: int = 30, crypto: str | None = None,
              lab_name: str | None = None, timeout: float = 60.0) -> DemoResult:
     """Bring a lab up, run relay, subscribers and publisher in it, bring it down."""
-    crypto_args = ["--crypto", crypto] if crypto else []
+    path = relay_path(crypto)
     with tempfile.TemporaryDirectory(prefix="fastrelay-demo-") as tmp, \
             Lab.up(topology, name=lab_name) as lab:
         folder = Path(tmp)
 
         def start(host: str, name: str, argv: list[str]) -> Any:
             with open(folder / f"{name}.out", "w") as out, open(folder / f"{name}.err", "w") as err:
-                return lab.popen(host, [*_FASTRELAY, *argv], stdout=out, stderr=err)
+                return lab.popen(host, [*FASTRELAY, *argv], stdout=out, stderr=err)
 
-        relay = start(lab.relay, "relay", ["relay", "--listen", f"0.0.0.0:{RELAY_PORT}",
-                                           *crypto_args])
-        _wait_for_line(folder / "relay.out", "listening", relay, timeout=30)
-        common = ["--namespace", NAMESPACE, "--track", TRACK, "--insecure", *crypto_args]
+        relay = path.start(lab, folder, dict(os.environ))
+        common = ["--namespace", NAMESPACE, "--track", TRACK, *relay.client_args]
         subs = {host: start(host, host, [
-            "subscribe", "--url", f"moqt://{lab.address(lab.relay, host)}:{RELAY_PORT}/demo",
+            "subscribe", "--url", f"moqt://{lab.address(lab.relay, host)}:{PORT}/demo",
             *common, "--expect-objects", str(objects), "--duration", str(timeout), "--json"])
             for host in lab.subscribers}
         publisher = lab.publishers[0]
         pub = start(publisher, "publisher", [
-            "publish", "--url", f"moqt://{lab.address(lab.relay, publisher)}:{RELAY_PORT}/demo",
+            "publish", "--url", f"moqt://{lab.address(lab.relay, publisher)}:{PORT}/demo",
             *common, "--objects", str(objects), "--rate", str(rate), "--object-size",
             str(object_size), "--group-length", str(group_length), "--layout", "single",
             # every subscriber process is up and subscribed before the first object
@@ -104,13 +97,10 @@ def run_demo(topology: Topology, *, objects: int = 300, rate: float = 100.0,
         deadline = time.monotonic() + timeout + 30
         for proc in (*subs.values(), pub):
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        relay.terminate()
-        relay.wait(timeout=10)
-        stats_lines = [line for line in (folder / "relay.out").read_text().splitlines()
-                       if line.startswith("stats ")]
+        relay.stop()
         results = [SubscriberResult(host, lab.address(host, lab.relay),
                                     _json_summary(folder / f"{host}.out", host))
                    for host in lab.subscribers]
         return DemoResult(lab=lab.name, publisher=publisher, relay=lab.relay, crypto=crypto,
                           objects=objects, subscribers=results,
-                          relay_stats=json.loads(stats_lines[-1][6:]) if stats_lines else {})
+                          relay_stats=path.stats(relay) or {})

@@ -8,8 +8,6 @@ import json
 import os
 import select
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,44 +15,36 @@ import pytest
 from pyroute2 import netns
 
 from hw.lab import Lab
+from relay.bench.paths import FASTRELAY, PATHS, PORT, BenchPath
 from relay.media import PAYLOAD_MAGIC
 
 pytestmark = pytest.mark.root
 
-PORT = 4443
 OBJECTS = 40
 ETH_P_ALL = 0x0003
 
 
-def wait_for_line(path: Path, prefix: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in (path.read_text() if path.exists() else "").splitlines():
-            if line.startswith(prefix):
-                return line
-        assert proc.poll() is None, f"relay exited {proc.returncode}: {path.with_suffix('.err').read_text()}"
-        time.sleep(0.05)
-    raise AssertionError(f"no {prefix!r} line within {timeout} s")
+# The relay as users start it: the `fastrelay --crypto none ...` shorthand, or plain standard QUIC.
+RELAYS = {
+    "none": BenchPath("shorthand-none", "fastrelay --crypto none",
+                      [*FASTRELAY, "--crypto", "none", "--listen", f"0.0.0.0:{PORT}"],
+                      client_args=["--crypto", "none"]),
+    None: PATHS["userspace"],
+}
 
 
-def capture_run(tmp_path: Path, crypto: list[str]) -> tuple[dict[str, object], list[bytes]]:
+def capture_run(tmp_path: Path, crypto: str | None) -> tuple[dict[str, object], list[bytes]]:
     """Run relay, subscriber and publisher in a fresh lab; return the summary and the frames."""
     env = dict(os.environ, NO_COLOR="1")
-    python = [sys.executable, "-m", "relay"]
+    python = FASTRELAY
     with Lab.up("default") as lab:
-        relay_out = tmp_path / "relay.out"
-        with open(relay_out, "w") as out, open(tmp_path / "relay.err", "w") as err:
-            relay = lab.popen(lab.relay, [*python, *crypto, "--listen", f"0.0.0.0:{PORT}"]
-                              if crypto else [*python, "relay", "--listen", f"0.0.0.0:{PORT}"],
-                              stdout=out, stderr=err, env=env)
-        wait_for_line(relay_out, "listening", relay, timeout=20)
+        relay = RELAYS[crypto].start(lab, tmp_path, env)
         sub_host, pub_host = lab.subscribers[0], lab.publishers[0]
         sniffer = netns.create_socket(lab.netns(sub_host), socket.AF_PACKET, socket.SOCK_RAW,
                                       socket.htons(ETH_P_ALL))
         sniffer.bind((lab.interface(sub_host, lab.relay), 0))
         sniffer.setblocking(False)
-        client_crypto = ["--crypto", "none"] if crypto else []
-        common = ["--namespace", "lab/cam", "--track", "video", "--insecure", *client_crypto]
+        common = ["--namespace", "lab/cam", "--track", "video", *relay.client_args]
         with open(tmp_path / "sub.out", "w") as out, open(tmp_path / "sub.err", "w") as err:
             sub = lab.popen(sub_host, [
                 *python, "subscribe", "--url", f"moqt://{lab.address(lab.relay, sub_host)}:{PORT}/x",
@@ -84,13 +74,13 @@ def capture_run(tmp_path: Path, crypto: list[str]) -> tuple[dict[str, object], l
 
 
 def test_none_payload_visible_on_the_subscribers_wire(tmp_path: Path) -> None:
-    summary, frames = capture_run(tmp_path, ["--crypto", "none"])
+    summary, frames = capture_run(tmp_path, "none")
     assert summary["objects"] == OBJECTS and summary["ok"], json.dumps(summary)
     in_clear = sum(frame.count(PAYLOAD_MAGIC) for frame in frames)
     assert in_clear >= OBJECTS, f"{in_clear} payload markers in {len(frames)} frames"
 
 
 def test_standard_quic_hides_the_payload(tmp_path: Path) -> None:
-    summary, frames = capture_run(tmp_path, [])
+    summary, frames = capture_run(tmp_path, None)
     assert summary["objects"] == OBJECTS and summary["ok"], json.dumps(summary)
     assert frames and not any(PAYLOAD_MAGIC in frame for frame in frames)
