@@ -117,6 +117,13 @@ class PublisherOptions:
         if self.rate < 0:
             raise ValueError("--rate must not be negative")
 
+    def objects_in_group(self, group: int) -> int:
+        """The group's real length: the last group of an `--objects` run may be shorter, and
+        its payloads must say so or a subscriber would count the rest as lost."""
+        if self.objects is None:
+            return self.group_length
+        return max(1, min(self.group_length, self.objects - group * self.group_length))
+
 
 @dataclass
 class _Subscription:
@@ -177,7 +184,7 @@ class Publisher:
     def send_object(self, group: int, obj: int, payload: bytes, send_us: int) -> None:
         ext = timestamp_extension(send_us)
         split = self.opts.layout == Layout.SPLIT
-        last = obj == self.opts.group_length - 1
+        last = obj == self.opts.objects_in_group(group) - 1
         for sub in list(self.subscriptions.values()):
             if obj == 0:
                 for stream in sub.streams:
@@ -305,12 +312,12 @@ async def run_publisher(opts: PublisherOptions) -> PublishSummary:
             group, obj = divmod(index, opts.group_length)
             send_ns = time.time_ns()
             payload = encode_object(PayloadHeader(group=group, object=obj,
-                                                  objects_in_group=opts.group_length,
+                                                  objects_in_group=opts.objects_in_group(group),
                                                   size=opts.object_size, send_ns=send_ns))
             pub.send_object(group, obj, payload, send_ns // 1000)
             sent += 1
             sent_bytes += len(payload)
-            if obj == opts.group_length - 1:
+            if obj == opts.objects_in_group(group) - 1:
                 groups += 1
             index += 1
         t_last = time.perf_counter()
