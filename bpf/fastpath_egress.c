@@ -317,7 +317,8 @@ static __always_inline __u32 fr_clone_stream(struct __sk_buff *skb, struct fr_sc
 		} else {
 			struct fr_sub_track_key tk = {.sub_idx = sub_idx, .up_idx = w->up_idx,
 						      .alias = us->alias};
-			if (!fr_sub_tracks.lookup(&tk)) {
+			struct fr_sub_track *st = fr_sub_tracks.lookup(&tk);
+			if (!st || us->group < st->start_group) {
 				pad = 1;
 			} else {
 				struct fr_sub_stream nss = {};

@@ -31,10 +31,10 @@
 #include "quic.h"
 #include "csum.h"
 
-/* Read the MoQT SUBGROUP_HEADER at the start of a stream: track alias and publisher
- * priority. 0, or -1 if it is not one or is cut. */
+/* Read the MoQT SUBGROUP_HEADER at the start of a stream: track alias, group and
+ * publisher priority. 0, or -1 if it is not one or is cut. */
 static __always_inline int fr_subgroup_header(struct __sk_buff *skb, __u32 off, __u32 end,
-					      __u64 *alias, __u8 *priority)
+					      __u64 *alias, __u64 *group, __u8 *priority)
 {
 	__u64 type = 0, v = 0;
 	__u32 n = 0;
@@ -46,7 +46,7 @@ static __always_inline int fr_subgroup_header(struct __sk_buff *skb, __u32 off, 
 	if (quic_varint_load(skb, off, end, alias, &n))	/* track alias */
 		return -1;
 	off += n;
-	if (quic_varint_load(skb, off, end, &v, &n))	/* group id */
+	if (quic_varint_load(skb, off, end, group, &n))	/* group id */
 		return -1;
 	off += n;
 	if ((type & 0x6) == 0x4) {			/* subgroup id field present */
@@ -71,7 +71,8 @@ static __always_inline int fr_stream_forwarded(struct __sk_buff *skb, __u32 up_i
 		return 0;
 
 	struct fr_up_stream nus = {};
-	if (fr_subgroup_header(skb, f->data_off, f->data_off + f->data_len, &nus.alias, &nus.priority))
+	if (fr_subgroup_header(skb, f->data_off, f->data_off + f->data_len, &nus.alias, &nus.group,
+			       &nus.priority))
 		return 0;
 	struct fr_track_key tk = {.up_idx = up_idx, .alias = nus.alias};
 	struct fr_track *t = fr_tracks.lookup(&tk);

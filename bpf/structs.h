@@ -184,6 +184,8 @@ struct fr_sub_track {
 	__u64 sub_alias;		/* alias in the subscriber's session (same varint width) */
 	__u32 flags;			/* reserved, 0 */
 	__u32 _pad;
+	__u64 start_group;		/* streams of earlier groups are not this subscriber's: the
+					 * relay serves them (joining FETCH, or from mid-stream) */
 };
 
 /* fr_up_streams key/value: an upstream stream the ingress program saw start (offset 0). */
@@ -198,6 +200,7 @@ struct fr_up_stream {
 	__u32 flags;			/* FR_UPS_* */
 	__u8 priority;			/* publisher priority from the subgroup header */
 	__u8 _pad[3];
+	__u64 group;			/* group id from the subgroup header */
 };
 
 /* fr_sub_streams key/value: how one subscriber gets one upstream stream. */

@@ -148,7 +148,7 @@ class FrSubTrackKey(_S):
 
 
 class FrSubTrack(_S):
-    _fields_ = [("sub_alias", u64), ("flags", u32), ("_pad", u32)]
+    _fields_ = [("sub_alias", u64), ("flags", u32), ("_pad", u32), ("start_group", u64)]
 
 
 class FrUpStreamKey(_S):
@@ -156,7 +156,8 @@ class FrUpStreamKey(_S):
 
 
 class FrUpStream(_S):
-    _fields_ = [("alias", u64), ("flags", u32), ("priority", u8), ("_pad", u8 * 3)]
+    _fields_ = [("alias", u64), ("flags", u32), ("priority", u8), ("_pad", u8 * 3),
+                ("group", u64)]
 
 
 class FrSubStreamKey(_S):

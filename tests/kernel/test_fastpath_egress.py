@@ -73,6 +73,7 @@ class Sub:
     protection: int = L.PROT_CLEAR
     key_phase: int = 0
     subscribed: bool = True
+    start_group: int = 0
 
     def install(self, fp: FastPath, cid_len: int = 8) -> None:
         for name in ("fr_cids", "fr_peers", "fr_tracks", "fr_sub_tracks", "fr_up_streams",
@@ -108,11 +109,11 @@ class Sub:
         fp.update("fr_peers", L.addr_key(dst, SUB_PORT), u32(1))
         if self.subscribed:
             fp.update("fr_sub_tracks", L.FrSubTrackKey(sub_idx=0, up_idx=0, alias=ALIAS),
-                      L.FrSubTrack(sub_alias=ALIAS))
+                      L.FrSubTrack(sub_alias=ALIAS, start_group=self.start_group))
         # what the ingress program learnt from the stream's first frame
         for sid in (UP_SID, UP_SID + 4, UP_SID + 8):
             fp.update("fr_up_streams", L.FrUpStreamKey(up_idx=0, sid=sid),
-                      L.FrUpStream(alias=ALIAS, flags=L.UPS_FORWARD, priority=7))
+                      L.FrUpStream(alias=ALIAS, flags=L.UPS_FORWARD, priority=7, group=1))
         fp.update("fr_up_streams", L.FrUpStreamKey(up_idx=0, sid=OTHER_SID),
                   L.FrUpStream(alias=OTHER_ALIAS, flags=L.UPS_FORWARD, priority=7))
 
@@ -246,6 +247,12 @@ CASES = [
          {R.EG_SEEN: 1, R.PUNT_PROTECTED: 1}, Sub(protection=L.PROT_USERSPACE)),
     Case("subscriber not on the track: all padded, dropped", P.stream_frame(UP_SID, head(), offset=0), None,
          {R.EG_SEEN: 1, R.EG_DROP_EMPTY: 1}, Sub(subscribed=False)),
+    Case("stream of a group before the subscriber's start (served by the relay): padded",
+         P.stream_frame(UP_SID, head(), offset=0), None,
+         {R.EG_SEEN: 1, R.EG_DROP_EMPTY: 1}, Sub(start_group=2)),
+    Case("stream of the subscriber's start group: forwarded",
+         P.stream_frame(UP_SID, head(), offset=0), P.stream_frame(3, head(), offset=0),
+         {R.EG_SEEN: 1, R.EG_SENT_CLONE: 1}, Sub(start_group=1)),
     Case("priority above the threshold: skipped whole", P.stream_frame(UP_SID, head(), offset=0), None,
          {R.EG_SEEN: 1, R.EG_DROP_EMPTY: 1}, Sub(priority_threshold=3)),
     Case("stream joined late (not from offset 0): padded", P.stream_frame(UP_SID, b"mid", offset=300), None,

@@ -186,7 +186,7 @@ def test_stream_learnt_at_offset_0(fp: FastPath) -> None:
     World().install(fp)
     _run(fp, pkt(stream0(priority=42)))
     us = fp.lookup("fr_up_streams", L.FrUpStreamKey(up_idx=0, sid=UP_SID), L.FrUpStream)
-    assert (us.alias, us.flags, us.priority) == (ALIAS, L.UPS_FORWARD, 42)
+    assert (us.alias, us.flags, us.priority, us.group) == (ALIAS, L.UPS_FORWARD, 42, 1)
     # later frames of that stream are forwarded by the entry, whatever their offset
     fp.reset_counters()
     _run(fp, pkt(P.stream_frame(UP_SID, b"more", offset=500)))
