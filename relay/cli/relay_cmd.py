@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 
+from relay.control import ControlServer
 from relay.core.access import AccessConfig
 from relay.core.cache import CacheConfig
 from relay.core.relay import RelayConfig
@@ -58,16 +59,19 @@ async def _serve(server: RelayServer, host: str, port: int, cert: Path, key: Pat
         raise FastrelayError(f"cannot listen on {host}:{port}: {why}") from None
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     _say(f"listening {shown}:{bound_port}")
+    ctl = ControlServer(server.stats, listen=f"{shown}:{bound_port}")
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        await ctl.start()
         await asyncio.wait_for(stop.wait(), duration)
     except asyncio.TimeoutError:
         pass
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        await ctl.stop()
         await server.stop()
 
 
