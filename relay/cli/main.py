@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from relay import __version__, publisher, subscriber
-from relay.cli import bench, demo, lab, probe, relay_cmd, stats_cmd
+from relay.cli import bench, cleanup_cmd, demo, lab, probe, relay_cmd, stats_cmd
 from relay.errors import FastrelayError
 
 app = typer.Typer(
@@ -33,6 +33,7 @@ app.command("publish", rich_help_panel="MoQ")(publisher.publish_command)
 app.command("subscribe", rich_help_panel="MoQ")(subscriber.subscribe_command)
 app.command("relay", rich_help_panel="MoQ")(relay_cmd.relay_command)
 app.command("stats", rich_help_panel="MoQ")(stats_cmd.stats_command)
+app.command("cleanup", rich_help_panel="Machine")(cleanup_cmd.cleanup_command)
 app.command("bench", rich_help_panel="Lab")(bench.bench_command)
 
 _debug = False

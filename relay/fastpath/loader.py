@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from relay import bpfload
+from relay import bpfload, control
 from relay.errors import FastrelayError
 from relay.fastpath import layout
 from relay.fastpath.layout import Capacities
@@ -221,6 +221,10 @@ class FastPath:
                     raise FastrelayError(f"cannot attach {fn.name.decode()} on ifindex "
                                          f"{ifindex}: {exc.args[-1]}") from None
                 self._attached.append((ifindex, parent, prio, netns))
+                registry = control.current_registry()
+                if registry is not None:
+                    registry.register_attachment(ifindex, netns, parent, prio, FILTER_HANDLE,
+                                                 fn.name.decode())
 
     def detach(self) -> None:
         """Remove every filter attach() added (the clsact qdisc stays: others may use it)."""
@@ -236,6 +240,9 @@ class FastPath:
             except NetlinkError as exc:
                 if exc.code not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
                     raise
+            registry = control.current_registry()
+            if registry is not None:
+                registry.unregister_attachment(ifindex, netns, parent, prio, FILTER_HANDLE)
 
     def close(self) -> None:
         self.detach()

@@ -1,0 +1,304 @@
+"""`fastrelay cleanup`: remove what a killed relay left in the kernel.
+
+1. Every `<pid>.json` record in the relays directory (relay/control.py) whose process is
+   dead: each TC filter it recorded is deleted, in the recorded namespace, by parent, prio
+   and handle, only while the filter there is still a BPF program named `fastpath_*` or
+   `shim_*` that no live process holds; then the record and the stale socket go.
+2. This network namespace's interfaces: bpf filters named `fastpath_*` / `shim_*` on clsact
+   ingress/egress that no live relay recorded and no live process holds a descriptor of.
+3. Pins of dead relays under /sys/fs/bpf/fastrelay/relays/<pid>...
+
+A filter whose program some live process still holds (a running relay, a test, the lab) is
+never touched, whatever the records say; the lab's lossy_link filters never match the names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Iterator
+
+import typer
+
+from relay import control
+from relay.bpfload import require_root
+from relay.cli.output import JsonOption, emit_table, stdout
+from relay.control import Attachment, RelayRecord
+from relay.errors import FastrelayError
+
+OURS = ("fastpath_", "shim_")
+HOOKS = {"ffff:fff2": "ingress", "ffff:fff3": "egress"}
+NETNS_DIR = Path("/run/netns")
+TCA_BPF_ID = 11          # include/uapi/linux/pkt_cls.h: the attached program's id (u32)
+COLUMNS = ("Action", "What", "Where", "Detail")
+
+DryRunOption = Annotated[
+    bool, typer.Option("--dry-run", help="Say what would be removed; remove nothing.")
+]
+
+
+@dataclass
+class Row:
+    action: str
+    what: str
+    where: str
+    detail: str
+
+    def cells(self) -> tuple[str, str, str, str]:
+        return (self.action, self.what, self.where, self.detail)
+
+
+def tc_handle(text: str | int) -> int:
+    """"ffff:fff2" -> 0xfffffff2, ":1" -> 1 (tc's major:minor, hex)."""
+    if isinstance(text, int):
+        return text
+    if ":" not in text:
+        return int(text, 16)
+    major, minor = (int(x or "0", 16) for x in text.split(":", 1))
+    return (major << 16) | minor
+
+
+# --- who holds which program -----------------------------------------------------------------
+
+def held_programs() -> dict[int, int]:
+    """BPF program id -> pid of a live process holding a descriptor of it."""
+    held: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) != "anon_inode:bpf-prog":
+                    continue
+                info = (proc / "fdinfo" / fd.name).read_text()
+            except OSError:
+                continue
+            m = re.search(r"^prog_id:\s*(\d+)", info, re.M)
+            if m:
+                held.setdefault(int(m.group(1)), int(proc.name))
+    return held
+
+
+# --- filters -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Filter:
+    ifindex: int
+    parent: str
+    prio: int
+    handle: int
+    name: str
+    prog_id: int | None
+
+
+def _prog_id(options: Any) -> int | None:
+    """TCA_BPF_ID from the raw TCA_OPTIONS (pyroute2 does not decode it)."""
+    data, off, length = options.data, options.offset, options.length
+    pos, end = off + 4, off + length
+    while pos + 4 <= end:
+        nla_len, nla_type = struct.unpack_from("HH", data, pos)
+        if nla_len < 4:
+            break
+        if (nla_type & 0x3FFF) == TCA_BPF_ID and nla_len >= 8:
+            return int(struct.unpack_from("I", data, pos + 4)[0])
+        pos += (nla_len + 3) & ~3
+    return None
+
+
+def bpf_filters(ipr: Any, ifindex: int) -> Iterator[Filter]:
+    """The bpf filters on an interface's clsact hooks (none when it has no clsact)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    for parent in HOOKS:
+        try:
+            found = ipr.get_filters(index=ifindex, parent=tc_handle(parent))
+        except NetlinkError as exc:
+            if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+                continue
+            raise
+        for f in found:
+            options = f.get_attr("TCA_OPTIONS")
+            if f.get_attr("TCA_KIND") != "bpf" or not f["handle"] or options is None:
+                continue
+            yield Filter(ifindex, parent, f["info"] >> 16, f["handle"],
+                         options.get_attr("TCA_BPF_NAME") or "", _prog_id(options))
+
+
+def _where(netns: str | None, ifname: str | int, parent: str, prio: int) -> str:
+    ns = f"netns {netns}" if netns else "this netns"
+    return f"{ns}, {ifname} {HOOKS.get(parent, parent)} prio {prio}"
+
+
+def _delete(ipr: Any, f: Filter) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        ipr.tc("del-filter", "bpf", index=f.ifindex, handle=f.handle, parent=f.parent,
+               prio=f.prio)
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENOENT, errno.ENODEV):
+            raise FastrelayError(f"cannot delete filter {f.name} on ifindex {f.ifindex}: "
+                                 f"{exc.args[-1]}") from None
+
+
+@contextlib.contextmanager
+def _ipr(netns: str | None) -> Iterator[Any]:
+    from pyroute2 import IPRoute
+
+    # flags=0: never create a namespace that is gone (pyroute2's default would).
+    with IPRoute(**({"netns": netns, "flags": 0} if netns else {})) as ipr:
+        yield ipr
+
+
+class Cleaner:
+    def __init__(self, *, dry_run: bool) -> None:
+        self.dry_run = dry_run
+        self.rows: list[Row] = []
+        self.held = held_programs()
+        self.removing = "would remove" if dry_run else "removed"
+
+    def _held_by(self, f: Filter) -> int | None:
+        return None if f.prog_id is None else self.held.get(f.prog_id)
+
+    def _remove_filter(self, ipr: Any, f: Filter, where: str, why: str) -> None:
+        if not self.dry_run:
+            _delete(ipr, f)
+        self.rows.append(Row(self.removing, f"tc filter {f.name}", where, why))
+
+    def recorded(self, record: RelayRecord) -> None:
+        """A dead relay's filters, then its files."""
+        owner = f"relay {record.pid} (dead)"
+        by_ns: dict[str | None, list[Attachment]] = {}
+        for a in record.interfaces:
+            by_ns.setdefault(a.netns, []).append(a)
+        for netns, attachments in by_ns.items():
+            if netns and not (NETNS_DIR / netns).exists():
+                for a in attachments:
+                    self.rows.append(Row("gone", f"tc filter {a.program or '?'}",
+                                         _where(netns, a.ifindex, a.parent, a.prio),
+                                         f"{owner}: the namespace no longer exists"))
+                continue
+            with _ipr(netns) as ipr:
+                for a in attachments:
+                    self._recorded_one(ipr, a, owner)
+        self._remove_file(record.path, f"record of {owner}")
+        self._remove_file(control.socket_path(record.pid, record.path.parent if record.path
+                                              else None), f"control socket of {owner}")
+
+    def _recorded_one(self, ipr: Any, a: Attachment, owner: str) -> None:
+        where = _where(a.netns, a.ifindex, a.parent, a.prio)
+        want = (a.parent, a.prio, tc_handle(a.handle))
+        match = [f for f in bpf_filters(ipr, a.ifindex) if (f.parent, f.prio, f.handle) == want]
+        if not match:
+            self.rows.append(Row("gone", f"tc filter {a.program or '?'}", where,
+                                 f"{owner}: already removed"))
+            return
+        f = match[0]
+        holder = self._held_by(f)
+        if not f.name.startswith(OURS):
+            self.rows.append(Row("kept", f"tc filter {f.name or '?'}", where,
+                                 f"{owner} recorded it, but it is not a fastpath_/shim_ "
+                                 "program now"))
+        elif holder is not None:
+            self.rows.append(Row("kept", f"tc filter {f.name}", where,
+                                 f"{owner} recorded it, but live process {holder} holds "
+                                 "its program"))
+        else:
+            self._remove_filter(ipr, f, where, f"left by {owner}")
+
+    def _remove_file(self, path: Path | None, what: str) -> None:
+        if path is None or not (path.exists() or path.is_symlink()):
+            return
+        if not self.dry_run:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self.rows.append(Row(self.removing, "file", str(path), what))
+
+    def stale_sockets(self, directory: Path) -> None:
+        """Sockets of dead pids with no record beside them."""
+        for sock in sorted(directory.glob("*.sock")):
+            if sock.stem.isdigit() and not control.record_path(int(sock.stem),
+                                                                directory).exists() \
+                    and not control.pid_alive(int(sock.stem)):
+                self._remove_file(sock, f"control socket of relay {sock.stem} (dead)")
+
+    def orphans(self, live: list[RelayRecord]) -> None:
+        """Our programs' filters in this namespace that nobody alive owns."""
+        protected = {(a.ifindex, a.parent, a.prio, tc_handle(a.handle))
+                     for r in live for a in r.interfaces if a.netns is None}
+        with _ipr(None) as ipr:
+            for link in ipr.get_links():
+                ifname = link.get_attr("IFLA_IFNAME") or str(link["index"])
+                for f in bpf_filters(ipr, link["index"]):
+                    if not f.name.startswith(OURS) or self._held_by(f) is not None or \
+                            (f.ifindex, f.parent, f.prio, f.handle) in protected:
+                        continue
+                    self._remove_filter(ipr, f, _where(None, ifname, f.parent, f.prio),
+                                        "orphan: no live relay recorded it or holds it")
+
+    def pins(self, base: Path) -> None:
+        """bpffs entries named after a dead relay's pid (`<pid>` or `<pid>_...`)."""
+        if not base.is_dir():
+            return
+        for entry in sorted(base.iterdir()):
+            m = re.match(r"(\d+)", entry.name)
+            if m is None or control.pid_alive(int(m.group(1))):
+                continue
+            if not self.dry_run:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            self.rows.append(Row(self.removing, "bpf pin", str(entry),
+                                 f"pinned by relay {m.group(1)} (dead)"))
+
+
+def cleanup(*, dry_run: bool = False, directory: Path | None = None,
+            pins: Path | None = None) -> list[Row]:
+    directory = directory or control.relays_dir()
+    cleaner = Cleaner(dry_run=dry_run)
+    live: list[RelayRecord] = []
+    if directory.is_dir():
+        for path in sorted(directory.glob("*.json")):
+            if not path.stem.isdigit():
+                continue
+            try:
+                record = RelayRecord.load(path)
+            except (ValueError, OSError) as exc:
+                cleaner.rows.append(Row("kept", "file", str(path), f"unreadable: {exc}"))
+                continue
+            if record.alive():
+                live.append(record)
+            else:
+                cleaner.recorded(record)
+        cleaner.stale_sockets(directory)
+    cleaner.orphans(live)
+    cleaner.pins(pins or control.pins_dir())
+    return cleaner.rows
+
+
+def cleanup_command(
+    as_json: JsonOption = False,
+    dry_run: DryRunOption = False,
+) -> None:
+    """Remove the TC filters, records, sockets and pins a killed relay left behind."""
+    require_root("fastrelay cleanup")
+    rows = cleanup(dry_run=dry_run)
+    if as_json:
+        emit_table(COLUMNS, [r.cells() for r in rows], as_json=True)
+    elif not rows:
+        stdout.print("nothing to clean up: no dead relay's records, orphan fast-path filters "
+                     "or pins")
+    else:
+        emit_table(COLUMNS, [r.cells() for r in rows], as_json=False,
+                   title="Cleanup (dry run)" if dry_run else "Cleanup")
