@@ -73,6 +73,15 @@ def process_start_ticks(pid: int) -> int | None:
     return int(fields[19])
 
 
+def netns_inode(path: str | Path = "/proc/self/ns/net") -> int | None:
+    """The inode that names a network namespace (of this process, or of a
+    /run/netns/<name> bind mount); None when it cannot be read."""
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
 def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
     """True when /proc/<pid> is a live process (and, if given, the one started then)."""
     ticks = process_start_ticks(pid)
@@ -118,12 +127,15 @@ class RelayRecord:
     started: str
     listen: str
     start_ticks: int | None = None
+    netns_inode: int | None = None
+    """The relay's own network namespace (what an attachment's netns None means)."""
     interfaces: list[Attachment] = field(default_factory=list)
     path: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": RECORD_VERSION, "pid": self.pid, "started": self.started,
-                "start_ticks": self.start_ticks, "listen": self.listen,
+                "start_ticks": self.start_ticks, "netns_inode": self.netns_inode,
+                "listen": self.listen,
                 "interfaces": [a.to_dict() for a in self.interfaces]}
 
     @classmethod
@@ -133,6 +145,7 @@ class RelayRecord:
             d = json.loads(path.read_text())
             return cls(pid=int(d["pid"]), started=str(d.get("started", "")),
                        listen=str(d.get("listen", "")), start_ticks=d.get("start_ticks"),
+                       netns_inode=d.get("netns_inode"),
                        interfaces=[Attachment.from_dict(a) for a in d.get("interfaces", [])],
                        path=path)
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
@@ -218,6 +231,7 @@ class ControlServer:
         self.socket_path = socket_path(self.pid, self.directory)
         self.record = RelayRecord(pid=self.pid, started=_utc_now(), listen=listen,
                                   start_ticks=process_start_ticks(self.pid),
+                                  netns_inode=netns_inode(f"/proc/{self.pid}/ns/net"),
                                   path=record_path(self.pid, self.directory))
         self.registry = RelayRegistry(self.record)
         self.requests = 0

@@ -151,6 +151,15 @@ def _delete(ipr: Any, f: Filter) -> None:
                                  f"{exc.args[-1]}") from None
 
 
+def _named_netns(inode: int | None) -> str | None:
+    """The /run/netns name of the namespace with this inode, if it has one."""
+    try:
+        names = sorted(os.listdir(NETNS_DIR))
+    except OSError:
+        return None
+    return next((n for n in names if control.netns_inode(NETNS_DIR / n) == inode), None)
+
+
 @contextlib.contextmanager
 def _ipr(netns: str | None) -> Iterator[Any]:
     from pyroute2 import IPRoute
@@ -166,6 +175,7 @@ class Cleaner:
         self.rows: list[Row] = []
         self.held = held_programs()
         self.removing = "would remove" if dry_run else "removed"
+        self.here = control.netns_inode()
 
     def _held_by(self, f: Filter) -> int | None:
         return None if f.prog_id is None else self.held.get(f.prog_id)
@@ -175,28 +185,42 @@ class Cleaner:
             _delete(ipr, f)
         self.rows.append(Row(self.removing, f"tc filter {f.name}", where, why))
 
+    def _namespace_of(self, record: RelayRecord, a: Attachment) -> tuple[str | None, str | None]:
+        """(namespace name to open, None for this one; why it cannot be, or None)."""
+        if a.netns is not None:
+            if not (NETNS_DIR / a.netns).exists():
+                return a.netns, "the namespace no longer exists"
+            return a.netns, None
+        if record.netns_inode in (None, self.here):
+            return None, None
+        named = _named_netns(record.netns_inode)
+        if named is not None:
+            return named, None
+        return None, (f"the relay ran in network namespace net:[{record.netns_inode}], which "
+                      "has no name in /run/netns (gone, or run cleanup inside it)")
+
     def recorded(self, record: RelayRecord) -> None:
         """A dead relay's filters, then its files."""
         owner = f"relay {record.pid} (dead)"
         by_ns: dict[str | None, list[Attachment]] = {}
         for a in record.interfaces:
-            by_ns.setdefault(a.netns, []).append(a)
-        for netns, attachments in by_ns.items():
-            if netns and not (NETNS_DIR / netns).exists():
-                for a in attachments:
-                    self.rows.append(Row("gone", f"tc filter {a.program or '?'}",
-                                         _where(netns, a.ifindex, a.parent, a.prio),
-                                         f"{owner}: the namespace no longer exists"))
+            netns, unreachable = self._namespace_of(record, a)
+            if unreachable is not None:
+                self.rows.append(Row("gone", f"tc filter {a.program or '?'}",
+                                     _where(netns, a.ifindex, a.parent, a.prio),
+                                     f"{owner}: {unreachable}"))
                 continue
+            by_ns.setdefault(netns, []).append(a)
+        for netns, attachments in by_ns.items():
             with _ipr(netns) as ipr:
                 for a in attachments:
-                    self._recorded_one(ipr, a, owner)
+                    self._recorded_one(ipr, netns, a, owner)
         self._remove_file(record.path, f"record of {owner}")
         self._remove_file(control.socket_path(record.pid, record.path.parent if record.path
                                               else None), f"control socket of {owner}")
 
-    def _recorded_one(self, ipr: Any, a: Attachment, owner: str) -> None:
-        where = _where(a.netns, a.ifindex, a.parent, a.prio)
+    def _recorded_one(self, ipr: Any, netns: str | None, a: Attachment, owner: str) -> None:
+        where = _where(netns, a.ifindex, a.parent, a.prio)
         want = (a.parent, a.prio, tc_handle(a.handle))
         match = [f for f in bpf_filters(ipr, a.ifindex) if (f.parent, f.prio, f.handle) == want]
         if not match:
@@ -235,7 +259,9 @@ class Cleaner:
     def orphans(self, live: list[RelayRecord]) -> None:
         """Our programs' filters in this namespace that nobody alive owns."""
         protected = {(a.ifindex, a.parent, a.prio, tc_handle(a.handle))
-                     for r in live for a in r.interfaces if a.netns is None}
+                     for r in live for a in r.interfaces
+                     if self._namespace_of(r, a) == (None, None)
+                     or (a.netns and control.netns_inode(NETNS_DIR / a.netns) == self.here)}
         with _ipr(None) as ipr:
             for link in ipr.get_links():
                 ifname = link.get_attr("IFLA_IFNAME") or str(link["index"])

@@ -54,7 +54,7 @@ async def main(ns, ifindex, record):
         await ControlServer(lambda: {}, listen="test").start()
     fp = FastPath()
     # pyroute2's synchronous IPRoute runs its own loop: not inside this one.
-    await asyncio.to_thread(fp.attach, ifindex, netns=ns)
+    await asyncio.to_thread(fp.attach, ifindex, netns=ns or None)
     print("attached", flush=True)
     await asyncio.sleep(600)
 
@@ -113,12 +113,16 @@ ATTACHED = {("ingress", FASTPATH_INGRESS_PRIO, "fastpath_ingress"),
             ("egress", FASTPATH_EGRESS_PRIO, "fastpath_egress")}
 
 
-def killed_relay(ns: Namespace, ifname: str, *, record: bool) -> int:
+def killed_relay(ns: Namespace, ifname: str, *, record: bool, inside: bool = False) -> int:
     """Run a relay stand-in that attaches the fast path to ifname, SIGKILL it once it has;
-    returns its (now dead, reaped) pid."""
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RELAY, ns.name, str(ns.ifindex[ifname]),
-                             "record" if record else "no-record"], cwd=REPO, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    returns its (now dead, reaped) pid. inside: the relay runs in the namespace itself (its
+    record then names no namespace), else it reaches in by name."""
+    argv = [sys.executable, "-c", KILLED_RELAY, "" if inside else ns.name,
+            str(ns.ifindex[ifname]), "record" if record else "no-record"]
+    if inside:
+        argv = ["ip", "netns", "exec", ns.name, *argv]
+    proc = subprocess.Popen(argv, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + ATTACH_TIMEOUT
@@ -203,6 +207,24 @@ def test_dead_relays_filters_and_files_go_live_ones_stay(
     finally:
         fp.close()
     assert our_filters(namespace.name, namespace.ifindex[VETH_B]) == set()
+
+
+@pytest.mark.root
+def test_relay_that_ran_inside_a_namespace(namespace: Namespace, dirs: tuple[Path, Path],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Its record says "my own namespace" (netns None) and that namespace's inode; cleanup
+    run from elsewhere finds the namespace by that inode, not this namespace's ifindex."""
+    relays, _ = dirs
+    dead = killed_relay(namespace, VETH_A, record=True, inside=True)
+    record = RelayRecord.load(control.record_path(dead, relays))
+    assert {a.netns for a in record.interfaces} == {None}
+    assert record.netns_inode == control.netns_inode(NETNS_DIR / namespace.name)
+    assert record.netns_inode != control.netns_inode()
+    rows = json.loads(run_cli(["cleanup", "--json"], capsys).stdout)
+    assert rows_for(rows, namespace.name) == [("removed", "tc filter fastpath_egress"),
+                                              ("removed", "tc filter fastpath_ingress")]
+    assert our_filters(namespace.name, namespace.ifindex[VETH_A]) == set()
+    assert list(relays.iterdir()) == []
 
 
 @pytest.mark.root
