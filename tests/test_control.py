@@ -284,7 +284,8 @@ def test_stats_against_a_real_relay(relays: Path, tmp_path: Path,
             assert proc.poll() is None, (tmp_path / "err").read_text()
             assert time.monotonic() < deadline, "the relay made no control socket"
             time.sleep(0.05)
-        listening = (tmp_path / "out").read_text().splitlines()[1]
+        listening = next(line for line in (tmp_path / "out").read_text().splitlines()
+                         if line.startswith("listening "))
         reply = json.loads(run_cli(["stats", "--json"], capsys).stdout)
         assert reply["pid"] == proc.pid
         assert listening == f"listening {reply['listen']}"
