@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
+import re
 import socket
+import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -217,6 +220,115 @@ def running_relays(directory: Path | None = None) -> list[RelayRecord]:
     return sorted(found, key=lambda r: r.pid)
 
 
+# --- filters in the kernel --------------------------------------------------------------------
+
+#: Names of the programs fastrelay attaches to TC (the fast path, the soft crypto shim).
+OURS = ("fastpath_", "shim_")
+HOOKS = {"ffff:fff2": "ingress", "ffff:fff3": "egress"}
+TCA_BPF_ID = 11          # include/uapi/linux/pkt_cls.h: the attached program's id (u32)
+
+
+def tc_handle(text: str | int) -> int:
+    """"ffff:fff2" -> 0xfffffff2, ":1" -> 1 (tc's major:minor, hex)."""
+    if isinstance(text, int):
+        return text
+    if ":" not in text:
+        return int(text, 16)
+    major, minor = (int(x or "0", 16) for x in text.split(":", 1))
+    return (major << 16) | minor
+
+
+def held_programs(pids: Iterable[int] | None = None) -> dict[int, int]:
+    """BPF program id -> pid of a live process holding a descriptor of it (every process,
+    or only those pids)."""
+    held: dict[int, int] = {}
+    procs = (Path("/proc").iterdir() if pids is None
+             else (Path(f"/proc/{pid}") for pid in pids))
+    for proc in procs:
+        if not proc.name.isdigit():
+            continue
+        try:
+            fds = list((proc / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) != "anon_inode:bpf-prog":
+                    continue
+                info = (proc / "fdinfo" / fd.name).read_text()
+            except OSError:
+                continue
+            m = re.search(r"^prog_id:\s*(\d+)", info, re.M)
+            if m:
+                held.setdefault(int(m.group(1)), int(proc.name))
+    return held
+
+
+@dataclass(frozen=True)
+class Filter:
+    ifindex: int
+    parent: str
+    prio: int
+    handle: int
+    name: str
+    prog_id: int | None
+
+
+def _prog_id(options: Any) -> int | None:
+    """TCA_BPF_ID from the raw TCA_OPTIONS (pyroute2 does not decode it)."""
+    data, off, length = options.data, options.offset, options.length
+    pos, end = off + 4, off + length
+    while pos + 4 <= end:
+        nla_len, nla_type = struct.unpack_from("HH", data, pos)
+        if nla_len < 4:
+            break
+        if (nla_type & 0x3FFF) == TCA_BPF_ID and nla_len >= 8:
+            return int(struct.unpack_from("I", data, pos + 4)[0])
+        pos += (nla_len + 3) & ~3
+    return None
+
+
+def bpf_filters(ipr: Any, ifindex: int) -> Iterator[Filter]:
+    """The bpf filters on an interface's clsact hooks (none when it has no clsact)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    for parent in HOOKS:
+        try:
+            found = ipr.get_filters(index=ifindex, parent=tc_handle(parent))
+        except NetlinkError as exc:
+            if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+                continue
+            raise
+        for f in found:
+            options = f.get_attr("TCA_OPTIONS")
+            if f.get_attr("TCA_KIND") != "bpf" or not f["handle"] or options is None:
+                continue
+            yield Filter(ifindex, parent, f["info"] >> 16, f["handle"],
+                         options.get_attr("TCA_BPF_NAME") or "", _prog_id(options))
+
+
+def format_handle(handle: int) -> str:
+    """1 -> ":1", 0xfffffff2 -> "ffff:fff2" (tc's notation, as the loader writes it)."""
+    major, minor = handle >> 16, handle & 0xFFFF
+    return f"{major:x}:{minor:x}" if major else f":{minor:x}"
+
+
+def filters_held_by(pid: int) -> list[Attachment]:
+    """Our programs' filters in this network namespace whose program the process holds:
+    what it attached before its registry existed (the fast path, the soft shim)."""
+    from pyroute2 import IPRoute
+
+    held = held_programs([pid])
+    found = []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            for f in bpf_filters(ipr, link["index"]):
+                if f.name.startswith(OURS) and f.prog_id in held:
+                    found.append(Attachment(f.ifindex, None, f.parent, f.prio,
+                                            format_handle(f.handle), f.name))
+    return found
+
+
 # --- the server ----------------------------------------------------------------------------
 
 class ControlServer:
@@ -252,6 +364,7 @@ class ControlServer:
             # Our pid's name: anything there was left by a dead process that had this pid.
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
+            await self._adopt_earlier_filters()
             self.record.write()
             self._server = await asyncio.start_unix_server(
                 self._client, path=str(self.socket_path), limit=MAX_REQUEST)
@@ -264,6 +377,20 @@ class ControlServer:
                   "reach this relay", file=sys.stderr, flush=True)
             return
         _current = self.registry
+
+    async def _adopt_earlier_filters(self) -> None:
+        """Record the filters this relay attached before the registry existed."""
+        try:
+            # pyroute2's synchronous API runs its own event loop: not inside this one.
+            found = await asyncio.to_thread(filters_held_by, self.pid)
+        except Exception as exc:  # the record is a help for cleanup, never a reason to stop
+            print(f"warning: cannot list this relay's TC filters for {self.record.path} "
+                  f"({type(exc).__name__}: {exc}); `fastrelay cleanup` will find them as "
+                  "orphans", file=sys.stderr, flush=True)
+            return
+        for a in found:
+            if not any(a.same_filter(b) for b in self.record.interfaces):
+                self.record.interfaces.append(a)
 
     async def stop(self) -> None:
         global _current

@@ -19,7 +19,6 @@ import errno
 import os
 import re
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterator
@@ -29,13 +28,19 @@ import typer
 from relay import control
 from relay.bpfload import require_root
 from relay.cli.output import JsonOption, emit_table, stdout
-from relay.control import Attachment, RelayRecord
+from relay.control import (
+    HOOKS,
+    OURS,
+    Attachment,
+    Filter,
+    RelayRecord,
+    bpf_filters,
+    held_programs,
+    tc_handle,
+)
 from relay.errors import FastrelayError
 
-OURS = ("fastpath_", "shim_")
-HOOKS = {"ffff:fff2": "ingress", "ffff:fff3": "egress"}
 NETNS_DIR = Path("/run/netns")
-TCA_BPF_ID = 11          # include/uapi/linux/pkt_cls.h: the attached program's id (u32)
 COLUMNS = ("Action", "What", "Where", "Detail")
 
 DryRunOption = Annotated[
@@ -52,86 +57,6 @@ class Row:
 
     def cells(self) -> tuple[str, str, str, str]:
         return (self.action, self.what, self.where, self.detail)
-
-
-def tc_handle(text: str | int) -> int:
-    """"ffff:fff2" -> 0xfffffff2, ":1" -> 1 (tc's major:minor, hex)."""
-    if isinstance(text, int):
-        return text
-    if ":" not in text:
-        return int(text, 16)
-    major, minor = (int(x or "0", 16) for x in text.split(":", 1))
-    return (major << 16) | minor
-
-
-# --- who holds which program -----------------------------------------------------------------
-
-def held_programs() -> dict[int, int]:
-    """BPF program id -> pid of a live process holding a descriptor of it."""
-    held: dict[int, int] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fds = list((proc / "fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(fd) != "anon_inode:bpf-prog":
-                    continue
-                info = (proc / "fdinfo" / fd.name).read_text()
-            except OSError:
-                continue
-            m = re.search(r"^prog_id:\s*(\d+)", info, re.M)
-            if m:
-                held.setdefault(int(m.group(1)), int(proc.name))
-    return held
-
-
-# --- filters -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Filter:
-    ifindex: int
-    parent: str
-    prio: int
-    handle: int
-    name: str
-    prog_id: int | None
-
-
-def _prog_id(options: Any) -> int | None:
-    """TCA_BPF_ID from the raw TCA_OPTIONS (pyroute2 does not decode it)."""
-    data, off, length = options.data, options.offset, options.length
-    pos, end = off + 4, off + length
-    while pos + 4 <= end:
-        nla_len, nla_type = struct.unpack_from("HH", data, pos)
-        if nla_len < 4:
-            break
-        if (nla_type & 0x3FFF) == TCA_BPF_ID and nla_len >= 8:
-            return int(struct.unpack_from("I", data, pos + 4)[0])
-        pos += (nla_len + 3) & ~3
-    return None
-
-
-def bpf_filters(ipr: Any, ifindex: int) -> Iterator[Filter]:
-    """The bpf filters on an interface's clsact hooks (none when it has no clsact)."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    for parent in HOOKS:
-        try:
-            found = ipr.get_filters(index=ifindex, parent=tc_handle(parent))
-        except NetlinkError as exc:
-            if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
-                continue
-            raise
-        for f in found:
-            options = f.get_attr("TCA_OPTIONS")
-            if f.get_attr("TCA_KIND") != "bpf" or not f["handle"] or options is None:
-                continue
-            yield Filter(ifindex, parent, f["info"] >> 16, f["handle"],
-                         options.get_attr("TCA_BPF_NAME") or "", _prog_id(options))
 
 
 def _where(netns: str | None, ifname: str | int, parent: str, prio: int) -> str:

@@ -42,25 +42,28 @@ NS_PREFIX = "frclean-"
 VETH_A, VETH_B = "cl0", "cl1"
 ATTACH_TIMEOUT = 120.0   # the child compiles the fast path (seconds)
 
-# A relay stand-in: (optionally) a control server with its registry, the fast path
-# attached to one interface, then nothing until it is killed.
+# A relay stand-in: the fast path attached to one interface, then nothing until it is
+# killed. mode: "record" starts the control server (its registry) first, so the loader
+# records each filter; "adopt" attaches first, as the relay does, and the control server
+# finds the filters this process holds when it starts; "none" has no control server.
 KILLED_RELAY = """
 import asyncio, sys
 from relay.control import ControlServer
 from relay.fastpath.loader import FastPath
 
-async def main(ns, ifindex, record):
-    if record:
+async def main(ns, ifindex, mode):
+    if mode == "record":
         await ControlServer(lambda: {}, listen="test").start()
     fp = FastPath()
     # pyroute2's synchronous IPRoute runs its own loop: not inside this one.
     await asyncio.to_thread(fp.attach, ifindex, netns=ns or None)
+    if mode == "adopt":
+        await ControlServer(lambda: {}, listen="test").start()
     print("attached", flush=True)
     await asyncio.sleep(600)
 
-asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "record"))
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
 """
-
 
 @dataclass
 class Namespace:
@@ -113,12 +116,12 @@ ATTACHED = {("ingress", FASTPATH_INGRESS_PRIO, "fastpath_ingress"),
             ("egress", FASTPATH_EGRESS_PRIO, "fastpath_egress")}
 
 
-def killed_relay(ns: Namespace, ifname: str, *, record: bool, inside: bool = False) -> int:
+def killed_relay(ns: Namespace, ifname: str, *, mode: str, inside: bool = False) -> int:
     """Run a relay stand-in that attaches the fast path to ifname, SIGKILL it once it has;
     returns its (now dead, reaped) pid. inside: the relay runs in the namespace itself (its
     record then names no namespace), else it reaches in by name."""
     argv = [sys.executable, "-c", KILLED_RELAY, "" if inside else ns.name,
-            str(ns.ifindex[ifname]), "record" if record else "no-record"]
+            str(ns.ifindex[ifname]), mode]
     if inside:
         argv = ["ip", "netns", "exec", ns.name, *argv]
     proc = subprocess.Popen(argv, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
@@ -156,7 +159,7 @@ def test_dead_relays_filters_and_files_go_live_ones_stay(
         namespace: Namespace, dirs: tuple[Path, Path],
         capsys: pytest.CaptureFixture[str]) -> None:
     relays, pins = dirs
-    dead = killed_relay(namespace, VETH_A, record=True)
+    dead = killed_relay(namespace, VETH_A, mode="record")
     record = RelayRecord.load(control.record_path(dead, relays))
     assert {(a.netns, a.ifindex, a.program) for a in record.interfaces} == {
         (namespace.name, namespace.ifindex[VETH_A], "fastpath_ingress"),
@@ -212,12 +215,19 @@ def test_dead_relays_filters_and_files_go_live_ones_stay(
 @pytest.mark.root
 def test_relay_that_ran_inside_a_namespace(namespace: Namespace, dirs: tuple[Path, Path],
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """Its record says "my own namespace" (netns None) and that namespace's inode; cleanup
-    run from elsewhere finds the namespace by that inode, not this namespace's ifindex."""
+    """It attached before its control server started (the control server adopted the
+    filters it holds), in its own namespace: the record says netns None plus that
+    namespace's inode, and cleanup run from elsewhere finds the namespace by that inode,
+    not this namespace's ifindex."""
     relays, _ = dirs
-    dead = killed_relay(namespace, VETH_A, record=True, inside=True)
+    dead = killed_relay(namespace, VETH_A, mode="adopt", inside=True)
     record = RelayRecord.load(control.record_path(dead, relays))
-    assert {a.netns for a in record.interfaces} == {None}
+    assert {(a.netns, a.ifindex, a.parent, a.prio, a.handle, a.program)
+            for a in record.interfaces} == {
+        (None, namespace.ifindex[VETH_A], TC_INGRESS, FASTPATH_INGRESS_PRIO, FILTER_HANDLE,
+         "fastpath_ingress"),
+        (None, namespace.ifindex[VETH_A], TC_EGRESS, FASTPATH_EGRESS_PRIO, FILTER_HANDLE,
+         "fastpath_egress")}
     assert record.netns_inode == control.netns_inode(NETNS_DIR / namespace.name)
     assert record.netns_inode != control.netns_inode()
     rows = json.loads(run_cli(["cleanup", "--json"], capsys).stdout)
@@ -230,7 +240,7 @@ def test_relay_that_ran_inside_a_namespace(namespace: Namespace, dirs: tuple[Pat
 @pytest.mark.root
 def test_orphans_in_this_namespace(namespace: Namespace, tmp_path: Path) -> None:
     """A relay killed before it recorded anything: the scan of the namespace finds them."""
-    killed_relay(namespace, VETH_A, record=False)
+    killed_relay(namespace, VETH_A, mode="none")
     env = child_env()
     env[control.RELAYS_DIR_ENV] = str(tmp_path / "relays")
     env[control.PINS_DIR_ENV] = str(tmp_path / "pins")
