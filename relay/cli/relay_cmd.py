@@ -58,8 +58,8 @@ async def _serve(server: RelayServer, host: str, port: int, cert: Path, key: Pat
             (exc.strerror or str(exc))
         raise FastrelayError(f"cannot listen on {host}:{port}: {why}") from None
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    _say(f"listening {shown}:{bound_port}")
     ctl = ControlServer(server.stats, listen=f"{shown}:{bound_port}")
+    _say(f"listening {shown}:{bound_port}")
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
