@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from crypto_backends.base import CryptoBackend, Direction, KeyMaterial, KeyTrigger, PhaseKeys
+from crypto_backends.base import (
+    ConnectionPath,
+    CryptoBackend,
+    Direction,
+    KeyMaterial,
+    KeyTrigger,
+    OffloadRefused,
+    PhaseKeys,
+)
 from crypto_backends.nic import NicBackend
 from crypto_backends.none import NoneBackend
 from crypto_backends.soft import SoftBackend
@@ -25,5 +33,6 @@ def usable_backend(name: str) -> CryptoBackend:
     return backend
 
 
-__all__ = ["CryptoBackend", "Direction", "KeyMaterial", "KeyTrigger", "PhaseKeys", "get_backend",
-           "usable_backend", "NoneBackend", "SoftBackend", "NicBackend"]
+__all__ = ["ConnectionPath", "CryptoBackend", "Direction", "OffloadRefused", "KeyMaterial",
+           "KeyTrigger", "PhaseKeys", "get_backend", "usable_backend", "NoneBackend",
+           "SoftBackend", "NicBackend"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from aioquic.tls import CipherSuite
 
@@ -24,6 +24,26 @@ AEAD_TAG_SIZE = 16
 class Direction(enum.Enum):
     SEND = "send"
     RECV = "recv"
+
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class ConnectionPath:
+    """Where one direction of a connection's 1-RTT packets travel, as seen from this host."""
+
+    #: The UDP socket's own address; an unspecified host (0.0.0.0, ::) means "whatever the
+    #: route to the peer uses", for the backend to resolve.
+    local: Address
+    peer: Address
+    #: Length of the destination connection id in this direction's short headers.
+    dcid_len: int
+
+
+class OffloadRefused(Exception):
+    """The backend will not protect this connection (suite it cannot do, no path, shim not
+    running): the connection keeps aioquic's standard 1-RTT crypto. The message says why."""
 
 
 class KeyTrigger(enum.Enum):
@@ -57,6 +77,8 @@ class KeyMaterial:
     hp_key: bytes
     current: PhaseKeys
     next: PhaseKeys
+    #: The connection's addresses, when the endpoint knows them.
+    path: ConnectionPath | None = None
 
 
 class CryptoBackend(ABC):
@@ -74,6 +96,12 @@ class CryptoBackend(ABC):
     def cipher_suites(self) -> tuple[CipherSuite, ...]:
         """The suites this backend can protect, in the relay's order of preference."""
 
+    def tls_cipher_suites(self, *, is_client: bool) -> tuple[CipherSuite, ...]:
+        """What the TLS handshake offers (client) or accepts in order of preference (server).
+
+        By default only the suites this backend protects."""
+        return self.cipher_suites
+
     def check(self) -> None:
         """Raise MissingCapabilityError, with the probe's reason, when this backend cannot run here."""
         from offload.probe import require_backend
@@ -85,8 +113,22 @@ class CryptoBackend(ABC):
         """The per-boot secret the shim or driver writes into the tag slot of a verified packet."""
         return None
 
+    def start(self) -> None:
+        """Set up what the backend needs in this process before the first connection (the
+        relay calls it); a backend that needs nothing does nothing."""
+
+    def close(self) -> None:
+        """Undo start(): nothing of the backend stays behind in the kernel."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the relay's stats() `crypto` section."""
+        return {"backend": self.name}
+
     def install(self, material: KeyMaterial) -> None:
-        """Keys for one direction were installed or updated; called before the first packet needing them."""
+        """Keys for one direction were installed or updated; called before the first packet needing them.
+
+        Raise OffloadRefused (at the first install of a connection) to leave the connection
+        to aioquic's standard crypto."""
 
     def teardown(self, connection: int, direction: Direction) -> None:
         """The connection's keys for that direction are gone; the kernel must stop using them."""

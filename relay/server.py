@@ -154,6 +154,8 @@ class RelayServer:
     async def start(self, host: str, port: int, cert: str | os.PathLike[str],
                     key: str | os.PathLike[str]) -> tuple[str, int]:
         self._loop = asyncio.get_running_loop()
+        if self.crypto is not None:  # e.g. soft: load and attach the kernel shim
+            self.crypto.start()
         self.server = await serve(host, port, cert, key, self._on_new_connection,
                                   session_config=SessionConfig(is_client=False,
                                                                deliver_chunks=True),
@@ -190,6 +192,8 @@ class RelayServer:
         await asyncio.sleep(0.05)  # let the CONNECTION_CLOSE frames leave
         if self.server is not None:
             self.server.close()
+        if self.crypto is not None:
+            self.crypto.close()
 
     def stats(self) -> dict[str, Any]:
         """A JSON-ready snapshot: sessions, tracks, subscriptions and the core's counters."""
@@ -207,6 +211,7 @@ class RelayServer:
             "subscriptions": len(registry.subscriptions),
             "open_streams": len(self._senders),
             "counters": self.core.counters.as_dict(),
+            "crypto": None if self.crypto is None else self.crypto.stats(),
         }
 
     # -- connections -----------------------------------------------------------------------

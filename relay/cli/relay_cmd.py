@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 
+from crypto_backends.soft import SoftBackend
 from relay.control import ControlServer
 from relay.core.access import AccessConfig
 from relay.core.cache import CacheConfig
@@ -105,6 +106,10 @@ def relay_command(
         help="1-RTT protection for every connection: none (encryption negotiated off with "
              "disable_1rtt_encryption; peers must agree), soft (kernel shim), nic (NIC). "
              "Default: standard QUIC.")] = None,
+    crypto_interface: Annotated[list[str] | None, typer.Option(
+        "--crypto-interface", metavar="IFNAME",
+        help="With --crypto soft: attach the shim to this interface (repeatable). Default: "
+             "every up non-loopback interface of the relay's network namespace.")] = None,
     duration: Annotated[float | None, typer.Option(
         "--duration", min=0.0, metavar="S", help="Stop after S seconds.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
@@ -114,6 +119,10 @@ def relay_command(
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # An unusable backend stops the command with the probe's reason before anything is set up.
     backend = crypto_option(crypto)
+    if crypto_interface:
+        if not isinstance(backend, SoftBackend):
+            raise ConfigError("--crypto-interface goes with --crypto soft")
+        backend.interfaces = list(crypto_interface)
     host, port = parse_listen(listen)
     if (cert is None) != (key is None):
         raise ConfigError("--cert and --key go together")

@@ -98,6 +98,11 @@ class MoqtProtocol(QuicConnectionProtocol):
         if isinstance(quic, FastrelayQuicConnection):
             quic.stream_priority = session.stream_priorities.get
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if isinstance(self._quic, FastrelayQuicConnection):  # offloading crypto keys by it
+            self._quic.local_address = transport.get_extra_info("sockname")
+
     # -- QUIC -> session -----------------------------------------------------------------------
 
     def quic_event_received(self, event: quic_events.QuicEvent) -> None:

@@ -54,7 +54,7 @@ from aioquic.quic.packet_builder import QuicDeliveryState, QuicSentPacket
 from aioquic.quic.rangeset import RangeSet
 from aioquic.quic.stream import QuicStream
 
-from crypto_backends.base import CryptoBackend
+from crypto_backends.base import ConnectionPath, CryptoBackend, Direction
 from crypto_backends.none import DISABLE_1RTT_ENCRYPTION
 from relay.quic.crypto import OneRttCryptoPair, OneRttMode
 from relay.quic.fastpath import (
@@ -151,8 +151,11 @@ class FastrelayQuicConnection(QuicConnection):
         self.connection_number = next(_connection_numbers)
         if crypto_backend is not None:
             # As TLS server this order decides; as client it is all we offer.
-            configuration = dataclasses.replace(
-                configuration, cipher_suites=list(crypto_backend.cipher_suites))
+            configuration = dataclasses.replace(configuration, cipher_suites=list(
+                crypto_backend.tls_cipher_suites(is_client=configuration.is_client)))
+        #: The UDP socket's own address (set by the I/O adapter); offloading backends key
+        #: the kernel's per-connection state by it.
+        self.local_address: NetworkAddress | None = None
         self.listener = listener
         self.stream_id_allocator = stream_id_allocator
         self.fastpath = FastPathStats()
@@ -227,7 +230,18 @@ class FastrelayQuicConnection(QuicConnection):
             recv_teardown_cb=stock.recv._teardown_cb,
             send_setup_cb=stock.send._setup_cb,
             send_teardown_cb=stock.send._teardown_cb,
+            path_of=self._connection_path,
         )
+
+    def _connection_path(self, direction: Direction) -> ConnectionPath | None:
+        """This connection's addresses for the crypto backend, None while unknown."""
+        peer = self.get_peer_address()
+        if self.local_address is None or peer is None:
+            return None
+        # Short headers carry our CID inbound and the peer's outbound (RFC 9000 §17.3).
+        cid = self.host_cid if direction is Direction.RECV else self._peer_cid.cid
+        return ConnectionPath(local=(self.local_address[0], self.local_address[1]),
+                              peer=(peer[0], peer[1]), dcid_len=len(cid))
 
     def _wants_null_crypto(self) -> bool:
         return self.crypto_backend is not None and self.crypto_backend.name == "none"

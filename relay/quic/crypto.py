@@ -30,14 +30,17 @@ from aioquic.tls import cipher_suite_hash, hkdf_expand_label
 
 from crypto_backends.base import (
     AEAD_TAG_SIZE,
+    ConnectionPath,
     CryptoBackend,
     Direction,
     KeyMaterial,
     KeyTrigger,
+    OffloadRefused,
     PhaseKeys,
 )
 
 Callback = Callable[[str], None]
+PathOf = Callable[[Direction], "ConnectionPath | None"]
 
 
 class OneRttMode(enum.Enum):
@@ -73,10 +76,16 @@ class OneRttCryptoPair(CryptoPair):
         recv_teardown_cb: Callback = NoCallback,
         send_setup_cb: Callback = NoCallback,
         send_teardown_cb: Callback = NoCallback,
+        path_of: PathOf = lambda direction: None,
     ) -> None:
         self._backend = backend
         self._connection = connection
+        self._path_of = path_of
         self._hp_keys: dict[Direction, bytes] = {}
+        #: Directions whose keys the backend holds (teardown tells it about these only).
+        self._exported: set[Direction] = set()
+        #: Why the backend left this connection to standard crypto (None: it did not).
+        self.refused: str | None = None
         super().__init__(
             recv_setup_cb=self._chain_setup(Direction.RECV, recv_setup_cb),
             recv_teardown_cb=self._chain_teardown(Direction.RECV, recv_teardown_cb),
@@ -103,19 +112,39 @@ class OneRttCryptoPair(CryptoPair):
     def _chain_setup(self, direction: Direction, qlog_cb: Callback) -> Callback:
         def setup(trigger: str) -> None:
             qlog_cb(trigger)
-            if self._backend.offloads_1rtt:
+            if self.mode is not OneRttMode.PASS_THROUGH:
+                return
+            # Runs inside CryptoContext.setup / the key rotation, before the first packet
+            # that needs these keys is protected or unprotected.
+            try:
                 self._backend.install(self._key_material(direction, KeyTrigger(trigger)))
+            except OffloadRefused as refused:
+                self._refuse(str(refused))
+                return
+            self._exported.add(direction)
 
         return setup
 
     def _chain_teardown(self, direction: Direction, qlog_cb: Callback) -> Callback:
         def teardown(trigger: str) -> None:
             qlog_cb(trigger)
-            if self._backend.offloads_1rtt:
-                self._hp_keys.pop(direction, None)
+            self._hp_keys.pop(direction, None)
+            if direction in self._exported:
+                self._exported.discard(direction)
                 self._backend.teardown(self._connection, direction)
 
         return teardown
+
+    def _refuse(self, reason: str) -> None:
+        """The backend will not protect this connection: aioquic's own AEAD from now on.
+
+        Only before any 1-RTT packet used the plaintext layout (the first install of each
+        direction); keys already handed over for the other direction are withdrawn."""
+        self.refused = reason
+        self.mode = OneRttMode.STANDARD
+        for direction in sorted(self._exported, key=lambda d: d.value):
+            self._backend.teardown(self._connection, direction)
+        self._exported.clear()
 
     def _key_material(self, direction: Direction, trigger: KeyTrigger) -> KeyMaterial:
         context = self.recv if direction is Direction.RECV else self.send
@@ -136,6 +165,7 @@ class OneRttCryptoPair(CryptoPair):
             hp_key=self._hp_keys[direction],
             current=current,
             next=following,
+            path=self._path_of(direction),
         )
 
     # --- packet protection ----------------------------------------------------------
