@@ -101,11 +101,19 @@ static __always_inline void fr_emit_scratch(struct fr_scratch *w)
 	fr_events.ringbuf_submit(rec, fr_ring_flags());
 }
 
-/* A clone is withheld: mark its frames punted, emit the record, drop it. */
+/* A clone is withheld: mark its frames punted, emit the record, drop it. Its new stream
+ * bytes were handed out (next_offset moved): userspace sends them, and they use the
+ * subscriber's MAX_DATA credit all the same. */
 static __always_inline int fr_punt_clone(struct fr_scratch *w, __u32 reason)
 {
 	w->rec.kind = FR_REC_PUNT_CLONE;
 	w->rec.reason = reason;
+	if (w->new_bytes) {
+		__u32 sub_idx = w->sub_idx;
+		struct fr_sub *sub = fr_subs.lookup(&sub_idx);
+		if (sub)
+			__sync_fetch_and_add(&sub->data_used, w->new_bytes);
+	}
 #pragma clang loop unroll(disable)
 	for (int k = 0; k < MAX_RECORD_FRAMES; k++) {
 		if (k >= w->rec.n_frames)

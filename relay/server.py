@@ -13,6 +13,10 @@ aioquic adapter (`relay.moqt.quic`) and its per-connection `MoqtSession`s.
   broadcasts only that way.
 - `SubscribeUpstream(publisher=None)` goes to the `--upstream` relay, dialled at start and
   again on demand if it went away; requests wait for it (failures answer SUBSCRIBE_ERROR).
+- With the fast path (`relay.fastpath.runtime`), the core is mirrored into the kernel's maps
+  after every control event, and each subscriber copy of an upstream stream the core opens
+  is first offered to the kernel (`claim`): if the kernel already forwards it, the core's
+  writes for that copy are dropped here (the runtime shadow-writes the upstream's bytes).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crypto_backends import CryptoBackend
 from relay.core.actions import (
@@ -77,6 +81,9 @@ from relay.moqt.session import (
     UnsubscribeReceived,
 )
 
+if TYPE_CHECKING:
+    from relay.fastpath.runtime import FastPathRuntime
+
 logger = logging.getLogger(__name__)
 
 SOCKET_BUFFER = 4 << 20
@@ -100,8 +107,14 @@ class RelayServer:
     def __init__(self, config: RelayConfig | None = None, *, upstream_url: str | None = None,
                  upstream_tls: TlsOptions = TlsOptions(insecure=True),
                  connect_timeout: float = 5.0, queue_budget: int = 0,
-                 crypto: CryptoBackend | None = None) -> None:
+                 crypto: CryptoBackend | None = None,
+                 fastpath: FastPathRuntime | None = None) -> None:
         self.upstream_url = upstream_url
+        #: The kernel fast path (None: every packet goes through userspace).
+        self.fastpath = fastpath
+        self._kernel_streams: dict[tuple[int, int], int] = {}
+        """(subscriber session, core stream handle) -> subscriber stream id the kernel sends."""
+        self._fastpath_dirty = False
         #: 1-RTT protection of every connection, downstream and upstream (None: standard QUIC).
         self.crypto = crypto
         self.queue_budget = queue_budget
@@ -169,6 +182,8 @@ class RelayServer:
                     pass
         if self.upstream_url is not None:
             self._ensure_upstream()
+        if self.fastpath is not None:
+            self.fastpath.start(self._loop)
         return server_address(self.server)
 
     async def stop(self) -> None:
@@ -210,6 +225,8 @@ class RelayServer:
             "tracks": len(registry.tracks),
             "subscriptions": len(registry.subscriptions),
             "open_streams": len(self._senders),
+            "kernel_streams": len(self._kernel_streams),
+            "fastpath": self.fastpath.stats() if self.fastpath is not None else {"enabled": False},
             "counters": self.core.counters.as_dict(),
             "crypto": None if self.crypto is None else self.crypto.stats(),
         }
@@ -248,6 +265,7 @@ class RelayServer:
                     self._handle(p, e)
                 except Exception:
                     logger.exception("relay failed handling %s", type(e).__name__)
+            self._sync_fastpath()
         finally:
             self._busy = False
         self._schedule_flush()
@@ -279,6 +297,8 @@ class RelayServer:
         conn = self._conn_for(protocol)
         sid, core, now = conn.sid, self.core, self._now()
         actions: list[Action] = []
+        if not isinstance(event, (ObjectChunk, SubgroupStreamOpened, SubgroupStreamClosed)):
+            self._fastpath_dirty = True  # tracks or subscriptions may have changed
         if isinstance(event, SessionReady):
             conn.ready = True
             if conn.upstream:
@@ -308,6 +328,8 @@ class RelayServer:
         elif isinstance(event, SubgroupStreamClosed):
             if isinstance(event.header, SubgroupHeader):
                 key = (sid, event.request_id)
+                if self.fastpath is not None and event.reset_code is not None:
+                    self.fastpath.upstream_ended(sid, event.stream_id)
                 self._up_open.get(key, set()).discard(event.stream_id)
                 self._up_closed[key] = self._up_closed.get(key, 0) + 1
                 actions = core.subgroup_stream_ended(sid, event.stream_id, now,
@@ -371,6 +393,19 @@ class RelayServer:
                 prefixes.remove(tuple(event.prefix))
         self._dispatch(actions)
 
+    def _sync_fastpath(self) -> None:
+        if self.fastpath is None or not self._fastpath_dirty:
+            return
+        self._fastpath_dirty = False
+        try:
+            self.fastpath.reconcile(list(self.core.registry.tracks.values()), self._protocol_of)
+        except Exception:
+            logger.exception("fast path reconcile failed")
+
+    def _protocol_of(self, sid: int) -> MoqtProtocol | None:
+        conn = self._conns.get(sid)
+        return conn.protocol if conn is not None and conn.ready else None
+
     def _report_congestion(self, now: float) -> None:
         """Each subscriber connection's load, just before the core decides (once, at the
         start of a subgroup) whether to forward it."""
@@ -414,6 +449,10 @@ class RelayServer:
         self._dirty.pop(id(conn.protocol), None)
         for key in [k for k in self._senders if k[0] == sid]:
             del self._senders[key]
+        for key in [k for k in self._kernel_streams if k[0] == sid]:
+            del self._kernel_streams[key]
+        if self.fastpath is not None:
+            self.fastpath.session_gone(sid)
         self._ns_subs.pop(sid, None)
         self._ns_pushed.pop(sid, None)
         for key in [k for k in self._pending_fetch_ok if k[0] == sid]:
@@ -493,8 +532,13 @@ class RelayServer:
                     self._touch(conn)
             return
         if isinstance(action, SetPriorityThreshold):
-            return  # for the fast path's map
+            if self.fastpath is not None:
+                self.fastpath.set_threshold(action.session, action.threshold)
+            return
         if isinstance(action, SkipSubgroup):
+            if self.fastpath is not None and action.upstream is not None and \
+                    self.fastpath.claim(action.session, action.upstream) is not None:
+                return  # the kernel saw the stream under the old threshold: it forwards it
             self._signal_skip(action)
             return
         conn = self._conns.get(action.session)
@@ -514,17 +558,31 @@ class RelayServer:
                 return
             session.send(msg)
         elif isinstance(action, OpenSubgroupStream):
+            if self.fastpath is not None and action.fast_path:
+                stream_id = self.fastpath.claim(action.session, action.upstream)
+                if stream_id is not None:
+                    self._kernel_streams[(action.session, action.stream)] = stream_id
+                    return
             h = action.header
             sender = session.open_subgroup(action.request_id, h.group_id, h.subgroup_id,
                                            h.publisher_priority, header=h)
             self._senders[(action.session, action.stream)] = sender
         elif isinstance(action, WriteStream):
+            key = (action.session, action.stream)
+            if key in self._kernel_streams:
+                if action.fin:
+                    del self._kernel_streams[key]
+                return
             sender = self._senders.get((action.session, action.stream))
             if sender is not None:
                 sender.write_raw(action.data, action.fin)
                 if action.fin:
                     del self._senders[(action.session, action.stream)]
         elif isinstance(action, ResetStream):
+            kernel_stream = self._kernel_streams.pop((action.session, action.stream), None)
+            if kernel_stream is not None and self.fastpath is not None:
+                self.fastpath.reset(action.session, kernel_stream, action.error_code)
+                return
             sender = self._senders.pop((action.session, action.stream), None)
             if sender is not None:
                 sender.reset(action.error_code)

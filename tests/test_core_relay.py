@@ -374,7 +374,7 @@ def test_congested_subscriber_skips_low_priority_subgroups() -> None:
     assert sim.received(S1) == [(0, 0), (0, 1), (0, 2), (1, 0)]
     assert sim.received(S2) == [(0, 0), (1, 0)]
     skips = [a for a in sim.actions if isinstance(a, SkipSubgroup)]
-    assert skips == [SkipSubgroup(S2, 2, 0, 1, 200, 63, "congestion")]
+    assert skips == [SkipSubgroup(S2, 2, 0, 1, 200, 63, "congestion", (PUB, delta))]
     assert sim.core.counters.skipped == {S2: {"congestion": 1}}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 
 import pytest
 
@@ -32,7 +33,12 @@ class FakeMaps:
         return key.to_bytes(4, "little") if isinstance(key, int) else bytes(key)
 
     def update(self, name, key, value, flags=0) -> None:
+        if flags == 1 and (name, self._k(key)) in self.data:  # BPF_NOEXIST
+            raise OSError(errno.EEXIST, "exists")
         self.data[(name, self._k(key))] = bytes(value)
+
+    def keys(self, name) -> list[bytes]:
+        return [k for n, k in self.data if n == name]
 
     def lookup(self, name, key, cls):
         raw = self.data.get((name, self._k(key)))
@@ -170,3 +176,40 @@ def test_records_translate() -> None:
     seen = []
     assert ctl.dispatch([user, clone, punt], lambda s, r: seen.append((s, type(r).__name__))) == 3
     assert seen == [(2, "WireNumber"), (2, "ForwardedPacket"), (2, "Punt")]
+
+
+def test_stream_ownership_is_decided_once() -> None:
+    maps = FakeMaps()
+    ctl = FastPathController(maps, host_cid_len=8)
+    up = ctl.add_upstream([bytes(8)])
+    sub = ctl.add_subscriber(up, PATH, max_data=1 << 20, max_streams_uni=100,
+                             initial_max_stream_data=1 << 16, cwnd=1 << 16)
+    # the kernel forwarded stream 2 first: it owns it, with the id it took
+    key = L.FrSubStreamKey(sub_idx=sub.sub_idx, up_idx=up.up_idx, up_sid=2)
+    maps.update("fr_sub_streams", key, L.FrSubStream(sub_sid=7))
+    assert ctl.claim_stream(sub, up, 2) == 7
+    # stream 6 nobody forwarded yet: userspace takes it, the kernel will pad it
+    assert ctl.claim_stream(sub, up, 6) is None
+    taken = maps.lookup("fr_sub_streams", L.FrSubStreamKey(sub_idx=sub.sub_idx, up_idx=up.up_idx,
+                                                           up_sid=6), L.FrSubStream)
+    assert taken.flags & L.SS_SKIPPED
+    assert ctl.claim_stream(sub, up, 6) is None  # and stays userspace's
+    ctl.forget_stream(up, 2, [sub.sub_idx])
+    assert maps.lookup("fr_sub_streams", key, L.FrSubStream) is None
+
+
+def test_track_start_group_and_upstream_removal() -> None:
+    maps = FakeMaps()
+    ctl = FastPathController(maps, host_cid_len=8)
+    up = ctl.add_upstream([bytes(8), bytes([1] * 8)])
+    sub = ctl.add_subscriber(up, PATH, max_data=1 << 20, max_streams_uni=100,
+                             initial_max_stream_data=1 << 16, cwnd=1 << 16)
+    ctl.forward_track(up, 5)
+    ctl.subscribe_track(sub, 5, start_group=12)
+    st = maps.lookup("fr_sub_tracks", L.FrSubTrackKey(sub_idx=sub.sub_idx, up_idx=up.up_idx,
+                                                      alias=5), L.FrSubTrack)
+    assert (st.sub_alias, st.start_group) == (5, 12)
+    ctl.remove_upstream(up, [bytes(8), bytes([1] * 8)])
+    left = {name for name, _ in maps.data if name in ("fr_cids", "fr_tracks", "fr_sub_tracks")}
+    assert left == set()
+    assert maps.lookup("fr_conns", up.conn_idx, L.FrConn).role == 0

@@ -25,6 +25,17 @@ def test_bad_listen_and_upstream(capsys: pytest.CaptureFixture[str]) -> None:
             stderr=r"^error: --upstream: 'https://x/y' is not a moqt://host:port/path URL\n$")
 
 
+def test_fastpath_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # `on` refuses (one line, before anything is set up) where the fast path cannot run
+    run_cli(["relay", "--listen", "127.0.0.1:0", "--fastpath", "on"], capsys, exit_code=1,
+            stderr=r"^error: --fastpath on: standard QUIC is protected in userspace; "
+                   r"the fast path needs --crypto none.*\n$")
+    run_cli(["relay", "--listen", "127.0.0.1:0", "--fastpath", "off", "--interface", "eth0"],
+            capsys, exit_code=1, stderr=r"^error: --interface goes with --fastpath on or auto\n$")
+    run_cli(["relay", "--listen", "127.0.0.1:0", "--fastpath", "sometimes"], capsys,
+            exit_code=2, stderr=r"--fastpath")
+
+
 def test_missing_cert_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     result = run_cli(["relay", "--listen", "127.0.0.1:0", "--cert", str(tmp_path / "c.pem"),
                       "--key", str(tmp_path / "k.pem")], capsys, exit_code=1)
@@ -52,7 +63,9 @@ def test_given_certificate_and_duration(capsys: pytest.CaptureFixture[str],
     lines = result.stdout.splitlines()
     assert lines[0] == f"fingerprint sha256:{fingerprint}"
     assert lines[1].startswith("listening 127.0.0.1:")
-    assert lines[2].startswith("stats {")
+    # standard QUIC cannot be offloaded: auto says so and stays in userspace
+    assert lines[2].startswith("fastpath off: standard QUIC is protected in userspace")
+    assert lines[3].startswith("stats {")
 
 
 def test_sigterm_is_a_clean_exit(tmp_path: Path) -> None:

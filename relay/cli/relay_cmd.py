@@ -1,7 +1,8 @@
 """`fastrelay relay`: run the userspace MoQ relay (MoQT draft-14, raw QUIC, ALPN `moq-00`).
 
 stdout: `fingerprint sha256:<hex>` (the certificate's SHA-256, for clients' --fingerprint),
-then `listening <host>:<port>` once serving; on exit one `stats {...}` JSON line.
+then `listening <host>:<port>` once serving, then `fastpath on: <interfaces>` or
+`fastpath off: <why>`; on exit one `stats {...}` JSON line.
 Runs until SIGINT/SIGTERM (exit 0) or --duration.
 """
 
@@ -24,7 +25,8 @@ from relay.control import ControlServer
 from relay.core.access import AccessConfig
 from relay.core.cache import CacheConfig
 from relay.core.relay import RelayConfig
-from relay.errors import ConfigError, FastrelayError
+from relay.errors import ConfigError, FastrelayError, MissingCapabilityError
+from relay.fastpath.runtime import FastPathMode, FastPathRuntime, unavailable_reason
 from relay.moqt.quic import (
     TlsOptions,
     certificate_fingerprint,
@@ -50,7 +52,7 @@ def _say(line: str) -> None:
 
 
 async def _serve(server: RelayServer, host: str, port: int, cert: Path, key: Path,
-                 duration: float | None) -> None:
+                 duration: float | None, fastpath_line: str = "") -> None:
     loop = asyncio.get_running_loop()
     try:
         bound_host, bound_port = await server.start(host, port, cert, key)
@@ -59,8 +61,12 @@ async def _serve(server: RelayServer, host: str, port: int, cert: Path, key: Pat
             (exc.strerror or str(exc))
         raise FastrelayError(f"cannot listen on {host}:{port}: {why}") from None
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    if server.fastpath is not None:
+        server.fastpath.port = bound_port
     ctl = ControlServer(server.stats, listen=f"{shown}:{bound_port}")
     _say(f"listening {shown}:{bound_port}")
+    if fastpath_line:
+        _say(fastpath_line)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -110,6 +116,15 @@ def relay_command(
         "--crypto-interface", metavar="IFNAME",
         help="With --crypto soft: attach the shim to this interface (repeatable). Default: "
              "every up non-loopback interface of the relay's network namespace.")] = None,
+    fastpath: Annotated[FastPathMode, typer.Option(
+        "--fastpath", case_sensitive=False,
+        help="Forward publishers' packets to subscribers from the kernel (eBPF on TC): auto "
+             "uses it where this machine and --crypto allow and says so at start; on "
+             "refuses to start without it.")] = FastPathMode.AUTO,
+    interface: Annotated[list[str] | None, typer.Option(
+        "--interface", metavar="IFNAME",
+        help="Attach the fast path to this interface (repeatable). Default: every up "
+             "non-loopback interface of the relay's network namespace.")] = None,
     duration: Annotated[float | None, typer.Option(
         "--duration", min=0.0, metavar="S", help="Stop after S seconds.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
@@ -149,6 +164,11 @@ def relay_command(
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"--access {access}: {exc}") from None
     config = RelayConfig(cache=cache, access=access_config, upstream_relay=upstream is not None)
+    if interface and fastpath == FastPathMode.OFF:
+        raise ConfigError("--interface goes with --fastpath on or auto")
+    fastpath_reason = None if fastpath == FastPathMode.OFF else unavailable_reason(crypto)
+    if fastpath == FastPathMode.ON and fastpath_reason is not None:
+        raise MissingCapabilityError(f"--fastpath on: {fastpath_reason}")
     with tempfile.TemporaryDirectory(prefix="fastrelay-cert-") as tmp:
         if cert is None or key is None:
             cert_pem, key_pem, fingerprint = generate_certificate(
@@ -165,10 +185,21 @@ def relay_command(
             except ValueError as exc:
                 raise ConfigError(f"--cert {cert}: not a PEM certificate ({exc})") from None
         _say(f"fingerprint sha256:{fingerprint}")
+        runtime: FastPathRuntime | None = None
+        if fastpath == FastPathMode.OFF:
+            fastpath_line = "fastpath off: --fastpath off"
+        elif fastpath_reason is not None:
+            fastpath_line = f"fastpath off: {fastpath_reason}"
+        else:
+            runtime = FastPathRuntime.open(port=port, interface_names=interface)
+            fastpath_line = "fastpath on: " + ", ".join(name for _, name in runtime.interfaces)
         server = RelayServer(config, upstream_url=upstream, upstream_tls=upstream_tls,
-                             queue_budget=queue_budget, crypto=backend)
+                             queue_budget=queue_budget, crypto=backend, fastpath=runtime)
         try:
-            asyncio.run(_serve(server, host, port, cert, key, duration))
+            asyncio.run(_serve(server, host, port, cert, key, duration, fastpath_line))
+            _say("stats " + json.dumps(server.stats(), sort_keys=True))
         except ValueError as exc:  # e.g. a key that does not match the certificate
             raise ConfigError(f"cannot use --cert/--key: {exc}") from None
-        _say("stats " + json.dumps(server.stats(), sort_keys=True))
+        finally:
+            if runtime is not None:
+                runtime.close()

@@ -103,6 +103,8 @@ class SkipSubgroup:
     publisher_priority: int
     threshold: int
     reason: str
+    upstream: tuple[SessionId, int] | None = None
+    """(publisher session, upstream stream id) skipped, when it is a stream."""
 
 
 @dataclass(frozen=True)

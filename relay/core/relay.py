@@ -558,7 +558,8 @@ class RelayCore:
             up.downs[sub.key] = _Down(SKIP)
             self.counters.skip(sub.session, SkipReason.CONGESTION)
             return [SkipSubgroup(sub.session, sub.request_id, up.header.group_id, up.subgroup_id,
-                                 prio, threshold, SkipReason.CONGESTION.value)]
+                                 prio, threshold, SkipReason.CONGESTION.value,
+                                 (up.publisher, up.stream_id))]
         assert sub.alias is not None
         h = up.header
         if offset_zero:

@@ -1,22 +1,23 @@
-"""Fast-path controller skeleton: slots, map writes and record translation, with the map
-access injected (a `FastPath` in the relay, an in-memory fake in unit tests).
+"""Fast-path controller: slots, map writes and record translation, with the map access
+injected (a `FastPath` in the relay, an in-memory fake in unit tests).
 
-What it does now:
 - allocates connection, upstream and subscriber slots and writes their map entries
-  (fr_conns, fr_cids, fr_peers, fr_upstreams, fr_subs, fr_tracks, fr_sub_tracks);
+  (fr_conns, fr_cids, fr_peers, fr_upstreams, fr_subs, fr_tracks, fr_sub_tracks), and
+  removes every entry of a connection that leaves;
 - changes live subscribers only through the race-free sub-op program (`sub_add`,
   `sub_store`, `sub_write`), never by rewriting the whole value;
+- decides who owns a subscriber's copy of an upstream stream (`claim_stream`): the kernel
+  if it already forwarded its first byte, else userspace, race-free through BPF_NOEXIST;
 - turns the relay connection's fast-path events (relay.quic.fastpath) into those writes;
 - hands each subscriber connection a `StreamIdAllocator` over the kernel's counter;
-- translates ring records into `WireNumber` / `ForwardedPacket` / `Punt` for the relay.
-
-Next session: driving it from relay/server.py (registration, shadow writes, punts as
-userspace sends), cleanup of per-stream entries, and `fastrelay cleanup`.
+- translates ring records into `WireNumber` / `ForwardedPacket` / `Punt` for the relay
+  (relay.fastpath.runtime drives all of this from the relay's event loop).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from relay.quic.fastpath import (
 )
 
 NS = 1e-9
+BPF_NOEXIST = 1
 
 
 class MapAccess(Protocol):
@@ -52,6 +54,7 @@ class MapAccess(Protocol):
     def sub_store(self, sub_idx: int, field: str, value: int) -> int: ...
     def sub_write(self, sub_idx: int, field: str, data: bytes) -> None: ...
     def stream_op(self, key: L.FrSubStreamKey, op: int, field: str, value: int) -> int: ...
+    def keys(self, name: str) -> list[bytes]: ...
 
 
 class MapCounter:
@@ -87,7 +90,8 @@ class Upstream:
 class Subscriber:
     conn_idx: int
     sub_idx: int
-    upstream: Upstream
+    upstream: Upstream | None = None
+    """The upstream it was added with (tracks of others join through `subscribe_track`)."""
 
 
 @dataclass(frozen=True)
@@ -157,15 +161,42 @@ class FastPathController:
     def retire_host_cid(self, cid: bytes) -> None:
         self.maps.delete("fr_cids", L.cid_key(cid))
 
-    def add_subscriber(self, upstream: Upstream, path: SubscriberPath, *,
+    def remove_upstream(self, upstream: Upstream, host_cids: Iterable[bytes]) -> None:
+        """The upstream connection left: its CIDs, tracks and streams go, its subscribers stay
+        (they may have other upstreams' tracks) but lose it."""
+        for cid in host_cids:
+            self.retire_host_cid(cid)
+        self._delete_where("fr_tracks", L.FrTrackKey, lambda k: k.up_idx == upstream.up_idx)
+        self._delete_where("fr_up_streams", L.FrUpStreamKey, lambda k: k.up_idx == upstream.up_idx)
+        self._delete_where("fr_sub_tracks", L.FrSubTrackKey, lambda k: k.up_idx == upstream.up_idx)
+        self._delete_where("fr_sub_streams", L.FrSubStreamKey, lambda k: k.up_idx == upstream.up_idx)
+        self.maps.update("fr_upstreams", upstream.up_idx, self.Upstream())
+        self.maps.update("fr_conns", upstream.conn_idx, L.FrConn())
+        self._up_lists.pop(upstream.up_idx, None)
+        self._conns.give(upstream.conn_idx)
+        self._ups.give(upstream.up_idx)
+
+    def _delete_where(self, name: str, key_cls: type[ctypes.Structure],
+                      match: Callable[[Any], bool]) -> int:
+        n = 0
+        for raw in self.maps.keys(name):
+            key = key_cls.from_buffer_copy(raw)
+            if match(key):
+                self.maps.delete(name, key)
+                n += 1
+        return n
+
+    def add_subscriber(self, upstream: Upstream | None, path: SubscriberPath, *,
                        max_data: int, max_streams_uni: int, initial_max_stream_data: int,
-                       cwnd: int, first_uni_index: int = 0, protection: int = L.PROT_CLEAR,
-                       tag_len: int = 0, priority_threshold: int = 255) -> Subscriber:
+                       cwnd: int, first_uni_index: int = 0, next_pn: int = 0,
+                       protection: int = L.PROT_CLEAR, tag_len: int = 0,
+                       priority_threshold: int = 255, data_used: int = 0) -> Subscriber:
         ci, si = self._conns.take(), self._subs.take()
         local, peer = ipaddress.ip_address(path.local[0]), ipaddress.ip_address(path.peer[0])
         if local.version != peer.version:
             raise FastrelayError("local and peer addresses of a subscriber differ in family")
-        sub = L.FrSub(largest_acked=L.PN_NONE, next_uni_index=first_uni_index,
+        sub = L.FrSub(next_pn=next_pn, largest_acked=L.PN_NONE, next_uni_index=first_uni_index,
+                      data_used=data_used,
                       max_streams_uni=max_streams_uni, max_data=max_data,
                       initial_max_stream_data=initial_max_stream_data, cwnd=cwnd,
                       conn_idx=ci, ifindex=path.ifindex, flags=0, family=peer.version,
@@ -183,16 +214,21 @@ class FastPathController:
                                                   peer_cid_len=len(path.dcid)))
         self.maps.update("fr_peers", L.addr_key(peer.packed, path.peer[1]), ctypes.c_uint32(ci))
         self.maps.sub_write(si, "flags", L.SUB_ACTIVE.to_bytes(4, "little"))
-        self._up_lists[upstream.up_idx].append(si)
-        self._write_up_list(upstream.up_idx)
+        if upstream is not None:
+            self._up_lists[upstream.up_idx].append(si)
+            self._write_up_list(upstream.up_idx)
         handle = Subscriber(ci, si, upstream)
         self._sub_conn[si] = handle
         return handle
 
     def remove_subscriber(self, sub: Subscriber, peer: tuple[str, int]) -> None:
         self.maps.sub_write(sub.sub_idx, "flags", (0).to_bytes(4, "little"))
-        self._up_lists[sub.upstream.up_idx].remove(sub.sub_idx)
-        self._write_up_list(sub.upstream.up_idx)
+        for up_idx, subs in self._up_lists.items():
+            if sub.sub_idx in subs:
+                subs.remove(sub.sub_idx)
+                self._write_up_list(up_idx)
+        self._delete_where("fr_sub_tracks", L.FrSubTrackKey, lambda k: k.sub_idx == sub.sub_idx)
+        self._delete_where("fr_sub_streams", L.FrSubStreamKey, lambda k: k.sub_idx == sub.sub_idx)
         self.maps.delete("fr_peers", L.addr_key(ipaddress.ip_address(peer[0]).packed, peer[1]))
         self.maps.update("fr_conns", sub.conn_idx, L.FrConn())
         self._sub_conn.pop(sub.sub_idx, None)
@@ -212,10 +248,55 @@ class FastPathController:
         self.maps.update("fr_tracks", L.FrTrackKey(up_idx=upstream.up_idx, alias=alias),
                          L.FrTrack(flags=L.TRACK_FORWARD))
 
-    def subscribe_track(self, sub: Subscriber, alias: int, sub_alias: int | None = None) -> None:
+    def unforward_track(self, upstream: Upstream, alias: int) -> None:
+        self.maps.delete("fr_tracks", L.FrTrackKey(up_idx=upstream.up_idx, alias=alias))
+
+    def subscribe_track(self, sub: Subscriber, alias: int, sub_alias: int | None = None, *,
+                        upstream: Upstream | None = None, start_group: int = 0) -> None:
+        """`sub` gets the upstream track `alias` from group `start_group` on (earlier groups
+        are the relay's to serve); the upstream joins the subscriber's fan-out list."""
+        up = upstream or sub.upstream
+        if up is None:
+            raise FastrelayError("subscribe_track needs the upstream the track comes from")
+        if sub.sub_idx not in self._up_lists[up.up_idx]:
+            self._up_lists[up.up_idx].append(sub.sub_idx)
+            self._write_up_list(up.up_idx)
         self.maps.update("fr_sub_tracks",
-                         L.FrSubTrackKey(sub_idx=sub.sub_idx, up_idx=sub.upstream.up_idx, alias=alias),
-                         L.FrSubTrack(sub_alias=alias if sub_alias is None else sub_alias))
+                         L.FrSubTrackKey(sub_idx=sub.sub_idx, up_idx=up.up_idx, alias=alias),
+                         L.FrSubTrack(sub_alias=alias if sub_alias is None else sub_alias,
+                                      start_group=start_group))
+
+    def unsubscribe_track(self, sub: Subscriber, upstream: Upstream, alias: int) -> None:
+        self.maps.delete("fr_sub_tracks",
+                         L.FrSubTrackKey(sub_idx=sub.sub_idx, up_idx=upstream.up_idx, alias=alias))
+
+    # --- streams ------------------------------------------------------------------------------
+
+    def claim_stream(self, sub: Subscriber, upstream: Upstream, up_sid: int) -> int | None:
+        """Who sends `sub` its copy of upstream stream `up_sid`: the subscriber stream id when
+        the kernel forwards it, None when userspace does (from now on the kernel pads it)."""
+        key = L.FrSubStreamKey(sub_idx=sub.sub_idx, up_idx=upstream.up_idx, up_sid=up_sid)
+        try:
+            self.maps.update("fr_sub_streams", key, L.FrSubStream(flags=L.SS_SKIPPED),
+                             BPF_NOEXIST)
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+        entry = self.maps.lookup("fr_sub_streams", key, L.FrSubStream)
+        if entry is None or entry.flags & L.SS_SKIPPED:
+            return None
+        return int(entry.sub_sid)
+
+    def forget_stream(self, upstream: Upstream, up_sid: int, sub_idxs: Iterable[int]) -> None:
+        """An upstream stream is over: its entries go (after a linger, see the runtime)."""
+        self.maps.delete("fr_up_streams", L.FrUpStreamKey(up_idx=upstream.up_idx, sid=up_sid))
+        for si in sub_idxs:
+            self.maps.delete("fr_sub_streams",
+                             L.FrSubStreamKey(sub_idx=si, up_idx=upstream.up_idx, up_sid=up_sid))
+
+    def set_priority_threshold(self, sub: Subscriber, threshold: int) -> None:
+        self.maps.sub_write(sub.sub_idx, "priority_threshold", bytes([max(0, min(255, threshold))]))
 
     def stream_id_allocator(self, sub: Subscriber) -> CounterStreamIdAllocator:
         """Server-initiated uni ids from the same counter the egress program takes from."""
@@ -233,6 +314,7 @@ class FastPathController:
         elif isinstance(event, CongestionChanged):
             self.maps.sub_store(si, "cwnd", event.congestion.congestion_window)
             self.maps.sub_store(si, "bytes_in_flight", event.congestion.bytes_in_flight)
+            self.maps.sub_store(si, "largest_acked", event.congestion.largest_acked)
         elif isinstance(event, PeerConnectionIdChanged):
             if len(event.new) > L.QUIC_MAX_CID_LEN:
                 raise FastrelayError("a connection id has at most 20 bytes")
@@ -245,9 +327,13 @@ class FastPathController:
         elif isinstance(event, HostConnectionIdRetired):
             pass
 
-    def set_stream_credit(self, sub: Subscriber, upstream_sid: int, max_stream_data: int) -> None:
+    def set_stream_credit(self, sub: Subscriber, upstream_sid: int, max_stream_data: int,
+                          upstream: Upstream | None = None) -> None:
         """The subscriber's MAX_STREAM_DATA for the stream the kernel forwards from upstream_sid."""
-        key = L.FrSubStreamKey(sub_idx=sub.sub_idx, up_idx=sub.upstream.up_idx, up_sid=upstream_sid)
+        up = upstream or sub.upstream
+        if up is None:
+            raise FastrelayError("set_stream_credit needs the upstream of the stream")
+        key = L.FrSubStreamKey(sub_idx=sub.sub_idx, up_idx=up.up_idx, up_sid=upstream_sid)
         self.maps.stream_op(key, L.SUB_OP_STORE, "max_stream_data", max_stream_data)
 
     def set_largest_acked(self, sub: Subscriber, pn: int) -> None:

@@ -151,6 +151,10 @@ class FastPath:
             raise FastrelayError(f"stream {key.up_sid} of subscriber {key.sub_idx}: op refused")
         return out.old
 
+    def keys(self, name: str) -> list[bytes]:
+        """Every key of a hash map (a snapshot)."""
+        return [bytes(k) for k in self.bpf.get_table(name.encode()).keys()]
+
     def clear(self, name: str) -> None:
         self.bpf.get_table(name.encode()).clear()
 

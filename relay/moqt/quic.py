@@ -95,6 +95,9 @@ class MoqtProtocol(QuicConnectionProtocol):
         self._fingerprint = fingerprint
         self._session_timer: asyncio.TimerHandle | None = None
         self._parked_resets: dict[int, int] = {}  # stream id -> code, once data is acked
+        #: Sees every stream's bytes in order before the session does (the fast path keeps
+        #: forwarded upstream streams this way): (stream id, data, end of stream).
+        self.stream_tap: Callable[[int, bytes, bool], None] | None = None
         if isinstance(quic, FastrelayQuicConnection):
             quic.stream_priority = session.stream_priorities.get
 
@@ -109,6 +112,8 @@ class MoqtProtocol(QuicConnectionProtocol):
         now = self._loop.time()
         session = self.session
         if isinstance(event, quic_events.StreamDataReceived):
+            if self.stream_tap is not None:
+                self.stream_tap(event.stream_id, event.data, event.end_stream)
             session.stream_data_received(event.stream_id, event.data, event.end_stream, now)
         elif isinstance(event, quic_events.DatagramFrameReceived):
             session.datagram_received(event.data, now)

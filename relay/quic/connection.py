@@ -327,7 +327,9 @@ class FastrelayQuicConnection(QuicConnection):
 
     def congestion_snapshot(self) -> CongestionSnapshot:
         return CongestionSnapshot(self._loss.congestion_window, self._loss.bytes_in_flight,
-                                  self._loss.parked_packets)
+                                  self._loss.parked_packets,
+                                  self._spaces[tls.Epoch.ONE_RTT].largest_acked_packet
+                                  if tls.Epoch.ONE_RTT in self._spaces else 0)
 
     # --- credit frames (bound through self in aioquic's frame table) ----------------------
 
@@ -468,6 +470,21 @@ class FastrelayQuicConnection(QuicConnection):
 
     # --- registration: packets the kernel numbered or sent ------------------------------------
 
+    def hand_numbering_to_kernel(self, allocator: StreamIdAllocator) -> int:
+        """The fast path takes this live connection over: from now on the kernel numbers its
+        1-RTT packets and both paths take stream ids from `allocator`. Returns the first wire
+        packet number the kernel must give (aioquic's next one), so numbers never repeat.
+        Call it with nothing of this connection waiting in the socket."""
+        self.stream_id_allocator = allocator
+        self._peeked_stream_ids.clear()
+        self._loss.hand_numbering_to_kernel(self._packet_number)
+        return self._packet_number
+
+    @property
+    def next_local_uni_index(self) -> int:
+        """Index (id // 4) of the next server- or client-initiated uni stream aioquic would open."""
+        return self._local_next_stream_id_uni // 4
+
     def on_wire_number(self, number: WireNumber) -> None:
         """The kernel gave wire number `number.wire_pn` to the packet aioquic numbered `built_pn`."""
         self.fastpath.wire_numbers += 1
@@ -526,6 +543,13 @@ class FastrelayQuicConnection(QuicConnection):
             self.fastpath.deliveries_parked += 1
             return
         sender.on_data_delivery(delivery, start, stop, fin)
+
+    def resend_range(self, stream_id: int, start: int, stop: int, fin: bool = False) -> None:
+        """The kernel handed this range out but did not send it (punted): aioquic sends it,
+        once it is shadow-written if the punt record came first."""
+        if stream_id not in self._streams and not self._stream_is_discarded(stream_id):
+            self.open_send_stream(stream_id)
+        self._stream_delivery(stream_id, QuicDeliveryState.LOST, start, stop, fin)
 
     def shadow_write(self, stream_id: int, data: bytes, *, offset: int | None = None,
                      end_stream: bool = False) -> None:

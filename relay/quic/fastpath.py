@@ -94,6 +94,8 @@ class CongestionSnapshot:
     bytes_in_flight: int
     #: Userspace-built packets the kernel has not reported yet (not in bytes_in_flight).
     parked_packets: int = 0
+    #: Largest 1-RTT packet number the peer acknowledged (the kernel sizes packet numbers by it).
+    largest_acked: int = 0
 
     @property
     def available(self) -> int:

@@ -135,6 +135,14 @@ class FastPathRecovery(QuicPacketRecovery):
                 last_ack_eliciting, self._time_of_last_sent_ack_eliciting_packet)
         return True
 
+    def hand_numbering_to_kernel(self, next_pn: int) -> None:
+        """From now on 1-RTT packets wait for their wire number; those below `next_pn` were
+        numbered by aioquic and are tracked already."""
+        self.kernel_numbers_packets = True
+        self.track_external()
+        if next_pn > 0:
+            self._registered.add(0, next_pn)
+
     def track_external(self) -> None:
         """Packets will be registered from outside (forwarded): remember early ACKs from now on."""
         self._tracks_external = True

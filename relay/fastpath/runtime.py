@@ -1,0 +1,563 @@
+"""The fast path inside the relay: programs attached, connections handed over, records applied.
+
+`RelayServer` owns one `FastPathRuntime` when `--fastpath` is on. The server stays the
+userspace relay it always was; the runtime tells it which subscriber copies of which
+upstream streams the kernel sends (`claim`), and keeps every offloaded connection coherent:
+
+- `reconcile` mirrors the relay core's tracks and subscriptions into the maps: a publisher
+  connection becomes an upstream (its CIDs in fr_cids, its forwarded track aliases in
+  fr_tracks) and a subscriber connection hands packet numbering and stream ids to the kernel
+  (fr_subs, fr_peers) the first time one of its subscriptions can be forwarded; each such
+  subscription is an fr_sub_tracks entry starting at the subscriber's first live group.
+- Ring records (drained every `tick` seconds in the event loop) become registrations
+  (`register_forwarded`, `on_wire_number`), shadow writes of the upstream's bytes
+  (`relay.fastpath.shadow`), and resends of punted ranges.
+- Credit, congestion window, bytes in flight and the largest acknowledged packet go back
+  into fr_subs on every tick (only what changed); the skip threshold when the core changes
+  it; connection-id changes when the connection reports them.
+- A connection that leaves takes all its entries with it; streams' entries go once the
+  stream ended and lingered (a late publisher retransmission of offset 0 must not start a
+  second copy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay import bpfload
+from relay.errors import FastrelayError
+from relay.fastpath import layout as L
+from relay.fastpath.controller import FastPathController, Subscriber, SubscriberPath, Upstream
+from relay.fastpath.loader import FastPath
+from relay.fastpath.reasons import Reason
+from relay.fastpath.route import relay_interfaces, resolve
+from relay.fastpath.shadow import ShadowStreams, ShadowWrite, UpstreamKey
+from relay.quic.connection import FastrelayQuicConnection
+from relay.quic.crypto import OneRttMode
+from relay.quic.fastpath import (
+    CongestionChanged,
+    CreditChanged,
+    FastPathEvent,
+    ForwardedFrame,
+    ForwardedPacket,
+    HostConnectionIdIssued,
+    HostConnectionIdRetired,
+    PeerAddressChanged,
+    PeerConnectionIdChanged,
+    StreamCreditChanged,
+    WireNumber,
+)
+
+logger = logging.getLogger(__name__)
+
+NS = 1e-9
+DATAGRAM_FRAME_TYPE = 0x30
+STREAM_LINGER = 3.0
+"""Seconds an ended upstream stream keeps its entries (publisher retransmissions)."""
+TICK = 0.002
+
+
+class FastPathMode(str, enum.Enum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+def unavailable_reason(crypto: str | None) -> str | None:
+    """Why the fast path cannot run for a relay with this `--crypto` here (None: it can)."""
+    if crypto != "none":
+        what = "standard QUIC" if crypto is None else f"--crypto {crypto}"
+        return (f"{what} is protected in userspace; the fast path needs --crypto none "
+                "(soft: not yet wired to the fast path)")
+    try:
+        bpfload.require_root("the fast path")
+        bpfload.import_bcc()
+    except FastrelayError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass
+class _Sub:
+    session: int
+    protocol: Any
+    handle: Subscriber
+    peer: tuple[str, int]
+    #: userspace's own new stream bytes already counted in the kernel's data_used
+    own_bytes_pushed: int = 0
+    pushed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def quic(self) -> FastrelayQuicConnection:
+        return self.protocol._quic
+
+
+@dataclass
+class _Up:
+    session: int
+    protocol: Any
+    handle: Upstream
+    cids: set[bytes] = field(default_factory=set)
+
+
+def start_group(start_group_id: int, start_object_id: int) -> int:
+    """The first group a subscriber gets whole from its first byte (a subscription starting
+    mid-group gets the rest of that group from the relay)."""
+    return start_group_id if start_object_id == 0 else start_group_id + 1
+
+
+class FastPathRuntime:
+    def __init__(self, fastpath: FastPath, *, port: int, interfaces: list[tuple[int, str]],
+                 host_cid_len: int = 8, tick: float = TICK,
+                 stream_linger: float = STREAM_LINGER) -> None:
+        self.fp = fastpath
+        self.port = port
+        self.interfaces = interfaces
+        self.tick = tick
+        self.stream_linger = stream_linger
+        self.controller = FastPathController(fastpath, host_cid_len, fastpath.caps)
+        self.shadow = ShadowStreams()
+        self._subs: dict[int, _Sub] = {}
+        self._ups: dict[int, _Up] = {}
+        self._by_sub_idx: dict[int, _Sub] = {}
+        self._by_up_idx: dict[int, _Up] = {}
+        self._refused: dict[int, str] = {}
+        self._tracks: set[tuple[int, int]] = set()
+        self._sub_tracks: dict[tuple[int, int, int], int] = {}
+        self._thresholds: dict[int, int] = {}
+        self._touched: dict[int, Any] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.counters: Counter[str] = Counter()
+        self.refusals: Counter[str] = Counter()
+        self.punts: Counter[str] = Counter()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, *, port: int, interface_names: list[str] | None = None,
+             caps: L.Capacities | None = None) -> FastPathRuntime:
+        """Load the programs and attach them to the relay's interfaces."""
+        interfaces = relay_interfaces(interface_names)
+        if not interfaces:
+            raise FastrelayError("no interface to attach the fast path to (only loopback is up)")
+        fastpath = FastPath(caps or L.Capacities())
+        try:
+            for ifindex, _ in interfaces:
+                fastpath.attach(ifindex)
+        except BaseException:
+            fastpath.close()
+            raise
+        return cls(fastpath, port=port, interfaces=interfaces)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._timer = loop.call_later(self.tick, self._on_tick)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for sub in list(self._subs.values()):
+            self._drop_sub(sub)
+        for up in list(self._ups.values()):
+            self._drop_up(up)
+        self.fp.close()
+
+    # --- what the relay asks ------------------------------------------------------------
+
+    def reconcile(self, tracks: Iterable[Any], protocol_of: Callable[[int], Any]) -> None:
+        """Mirror the core's tracks (relay.core.tracks.Track) into the maps."""
+        want_tracks: set[tuple[int, int]] = set()
+        want_subs: dict[tuple[int, int, int], int] = {}
+        for track in tracks:
+            pub, alias = track.upstream_session, track.upstream_alias
+            if not track.upstream_active or pub is None or alias is None:
+                continue
+            for sub in track.subscribers.values():
+                # The kernel does not rewrite aliases yet: only the upstream's own alias.
+                if sub.active and sub.alias == alias:
+                    want_tracks.add((pub, alias))
+                    want_subs[(sub.session, pub, alias)] = start_group(sub.start.group,
+                                                                       sub.start.object)
+        for key in [k for k in self._sub_tracks if k not in want_subs]:
+            session, pub, alias = key
+            del self._sub_tracks[key]
+            sub, up = self._subs.get(session), self._ups.get(pub)
+            if sub is not None and up is not None:
+                self.controller.unsubscribe_track(sub.handle, up.handle, alias)
+        for pub, alias in [t for t in self._tracks if t not in want_tracks]:
+            self._tracks.discard((pub, alias))
+            up = self._ups.get(pub)
+            if up is not None:
+                self.controller.unforward_track(up.handle, alias)
+        for (pub, alias) in want_tracks - self._tracks:
+            up = self._ups.get(pub) or self._offload_upstream(pub, protocol_of(pub))
+            if up is not None:
+                self.controller.forward_track(up.handle, alias)
+                self._tracks.add((pub, alias))
+        for key, group in want_subs.items():
+            session, pub, alias = key
+            if self._sub_tracks.get(key) == group or (pub, alias) not in self._tracks:
+                continue
+            sub = self._subs.get(session) or self._offload_subscriber(session, protocol_of(session))
+            if sub is None:
+                continue
+            self.controller.subscribe_track(sub.handle, alias, upstream=self._ups[pub].handle,
+                                            start_group=group)
+            self._sub_tracks[key] = group
+
+    def claim(self, session: int, upstream: UpstreamKey) -> int | None:
+        """The subscriber stream id when the kernel forwards `upstream` to `session` (the
+        relay then leaves that copy alone), else None: userspace sends it, the kernel pads it."""
+        sub, up = self._subs.get(session), self._ups.get(upstream[0])
+        if sub is None or up is None:
+            return None
+        stream_id = self.controller.claim_stream(sub.handle, up.handle, upstream[1])
+        if stream_id is None:
+            self.counters["streams_userspace"] += 1
+            return None
+        self.counters["streams_kernel"] += 1
+        self._apply_writes(self.shadow.kernel_stream(session, upstream, stream_id, self._now()))
+        return stream_id
+
+    def reset(self, session: int, stream_id: int, error_code: int) -> None:
+        """The upstream reset a stream the kernel forwards: the kernel pads RESET_STREAM
+        (an upstream frame), so the subscriber's copy is reset from here."""
+        sub = self._subs.get(session)
+        if sub is None:
+            return
+        try:
+            sub.quic.reset_stream(stream_id, error_code)
+        except Exception as exc:  # already finished or reset
+            logger.debug("reset of kernel stream %d: %s", stream_id, exc)
+        self._touch(sub)
+
+    def set_threshold(self, session: int, threshold: int) -> None:
+        self._thresholds[session] = threshold
+        sub = self._subs.get(session)
+        if sub is not None:
+            self.controller.set_priority_threshold(sub.handle, threshold)
+
+    def session_gone(self, session: int) -> None:
+        sub = self._subs.get(session)
+        if sub is not None:
+            self._drop_sub(sub)
+        up = self._ups.get(session)
+        if up is not None:
+            self._drop_up(up)
+        self._refused.pop(session, None)
+        self._thresholds.pop(session, None)
+
+    def upstream_ended(self, publisher: int, stream_id: int) -> None:
+        self.shadow.ended((publisher, stream_id), self._now())
+
+    # --- offloading connections ---------------------------------------------------------
+
+    def _refuse(self, session: int, reason: str) -> None:
+        if session not in self._refused:
+            self._refused[session] = reason
+            self.refusals[reason] += 1
+            logger.info("session %d stays on the userspace path: %s", session, reason)
+
+    def _offloadable(self, session: int, protocol: Any) -> FastrelayQuicConnection | None:
+        if session in self._refused:
+            return None
+        if protocol is None:
+            self.counters["offload_deferred_not_ready"] += 1
+            return None
+        quic = protocol._quic
+        if not isinstance(quic, FastrelayQuicConnection):
+            self._refuse(session, "not a fastrelay connection")
+            return None
+        if quic.one_rtt_mode is not OneRttMode.NULL:
+            self._refuse(session, "1-RTT protected in userspace (needs --crypto none)")
+            return None
+        return quic
+
+    def _offload_upstream(self, session: int, protocol: Any) -> _Up | None:
+        quic = self._offloadable(session, protocol)
+        if quic is None:
+            return None
+        if session in self._subs:
+            self._refuse(session, "a connection is either upstream or subscriber to the kernel")
+            return None
+        cids = {c.cid for c in quic._host_cids}
+        try:
+            handle = self.controller.add_upstream(cids, peer_cid_len=len(quic._peer_cid.cid))
+        except FastrelayError as exc:
+            self._refuse(session, str(exc))
+            return None
+        up = _Up(session, protocol, handle, cids)
+        self._ups[session] = up
+        self._by_up_idx[handle.up_idx] = up
+        quic.listener = lambda event, up=up: self._upstream_event(up, event)
+        protocol.stream_tap = lambda sid, data, fin, s=session: self._upstream_data(s, sid, data, fin)
+        self.counters["upstreams_offloaded"] += 1
+        return up
+
+    def _offload_subscriber(self, session: int, protocol: Any) -> _Sub | None:
+        quic = self._offloadable(session, protocol)
+        if quic is None:
+            return None
+        if session in self._ups:
+            self._refuse(session, "a connection is either upstream or subscriber to the kernel")
+            return None
+        transport = protocol._transport
+        if transport is not None and transport.get_write_buffer_size():
+            # packets still queued with aioquic's numbers: try on the next event
+            self.counters["offload_deferred_queued"] += 1
+            return None
+        peer_addr = quic._network_paths[0].addr if quic._network_paths else None
+        if peer_addr is None:
+            self.counters["offload_deferred_no_path"] += 1
+            return None
+        peer = (str(peer_addr[0]), int(peer_addr[1]))
+        try:
+            route = resolve(peer[0])
+        except FastrelayError as exc:
+            self._refuse(session, str(exc))
+            return None
+        if route.ifindex not in {i for i, _ in self.interfaces}:
+            self._refuse(session, f"reached through {route.ifname}, where the fast path is not attached")
+            return None
+        path = SubscriberPath(local=(route.local_address, self.port), peer=peer,
+                              ifindex=route.ifindex, src_mac=route.src_mac, dst_mac=route.dst_mac,
+                              dcid=quic._peer_cid.cid)
+        credit = quic.credit_snapshot()
+        congestion = quic.congestion_snapshot()
+        try:
+            handle = self.controller.add_subscriber(
+                None, path, max_data=credit.max_data, max_streams_uni=credit.max_streams_uni,
+                initial_max_stream_data=credit.initial_max_stream_data_uni,
+                cwnd=congestion.congestion_window, first_uni_index=quic.next_local_uni_index,
+                next_pn=quic._packet_number, data_used=credit.data_used,
+                priority_threshold=max(0, min(255, self._thresholds.get(session, 255))))
+        except FastrelayError as exc:
+            self._refuse(session, str(exc))
+            return None
+        # From here the kernel renumbers this connection's 1-RTT packets: hand over now,
+        # before anything else is sent.
+        quic.hand_numbering_to_kernel(self.controller.stream_id_allocator(handle))
+        sub = _Sub(session, protocol, handle, peer,
+                   own_bytes_pushed=credit.data_used - quic.fastpath.shadow_bytes)
+        self._subs[session] = sub
+        self._by_sub_idx[handle.sub_idx] = sub
+        quic.listener = lambda event, sub=sub: self._subscriber_event(sub, event)
+        self.counters["subscribers_offloaded"] += 1
+        return sub
+
+    def _drop_sub(self, sub: _Sub) -> None:
+        self._subs.pop(sub.session, None)
+        self._by_sub_idx.pop(sub.handle.sub_idx, None)
+        for key in [k for k in self._sub_tracks if k[0] == sub.session]:
+            del self._sub_tracks[key]
+        self.shadow.forget_session(sub.session)
+        sub.quic.listener = None
+        try:
+            self.controller.remove_subscriber(sub.handle, sub.peer)
+        except (FastrelayError, OSError) as exc:
+            logger.warning("removing subscriber %d: %s", sub.session, exc)
+
+    def _drop_up(self, up: _Up) -> None:
+        self._ups.pop(up.session, None)
+        self._by_up_idx.pop(up.handle.up_idx, None)
+        for key in [k for k in self._sub_tracks if k[1] == up.session]:
+            del self._sub_tracks[key]
+        self._tracks = {t for t in self._tracks if t[0] != up.session}
+        self.shadow.forget_publisher(up.session, self._now())
+        up.protocol._quic.listener = None
+        up.protocol.stream_tap = None
+        try:
+            self.controller.remove_upstream(up.handle, up.cids)
+        except (FastrelayError, OSError) as exc:
+            logger.warning("removing upstream %d: %s", up.session, exc)
+
+    # --- connection events --------------------------------------------------------------
+
+    def _upstream_event(self, up: _Up, event: FastPathEvent) -> None:
+        if isinstance(event, HostConnectionIdIssued):
+            up.cids.add(event.cid)
+            self.controller.add_host_cid(up.handle.conn_idx, event.cid)
+        elif isinstance(event, HostConnectionIdRetired):
+            up.cids.discard(event.cid)
+            self.controller.retire_host_cid(event.cid)
+
+    def _subscriber_event(self, sub: _Sub, event: FastPathEvent) -> None:
+        try:
+            if isinstance(event, (CreditChanged, PeerConnectionIdChanged)):
+                self.controller.on_event(sub.handle, event)
+            elif isinstance(event, StreamCreditChanged):
+                key = self.shadow.upstream_of(sub.session, event.credit.stream_id)
+                up = self._ups.get(key[0]) if key is not None else None
+                if key is not None and up is not None:
+                    self.controller.set_stream_credit(sub.handle, key[1],
+                                                      event.credit.max_stream_data, up.handle)
+            elif isinstance(event, PeerAddressChanged) and event.old is not None:
+                # Migration: the kernel would send to the old address. Back to userspace.
+                self.counters["subscribers_migrated"] += 1
+                self._drop_sub(sub)
+                self._refuse(sub.session, "peer address changed")
+            elif isinstance(event, CongestionChanged):
+                pass  # pushed on the next tick, once per tick
+        except (FastrelayError, OSError) as exc:
+            self.counters["map_errors"] += 1
+            logger.warning("fast path update for session %d failed: %s", sub.session, exc)
+
+    def _upstream_data(self, publisher: int, stream_id: int, data: bytes, fin: bool) -> None:
+        if not stream_id & 2:
+            return  # bidirectional: the control stream, never forwarded
+        self._apply_writes(self.shadow.data((publisher, stream_id), data, fin, self._now()))
+
+    # --- records -----------------------------------------------------------------------
+
+    def _on_tick(self) -> None:
+        self._timer = None
+        try:
+            self.poll()
+        except Exception:  # pragma: no cover - never let the loop lose the timer
+            logger.exception("fast path tick failed")
+        if self._loop is not None:
+            self._timer = self._loop.call_later(self.tick, self._on_tick)
+
+    def poll(self) -> int:
+        """Drain and apply records, push changed state, expire streams, send what resulted."""
+        records = self.fp.drain()
+        for rec in records:
+            try:
+                self._apply_record(rec)
+            except Exception as exc:
+                self.counters["record_errors"] += 1
+                logger.warning("record %d for subscriber %d: %s", rec.kind, rec.sub_idx, exc)
+        self.counters["records"] += len(records)
+        for sub in list(self._subs.values()):
+            self._push_state(sub)
+        self._expire()
+        touched, self._touched = self._touched, {}
+        for protocol in touched.values():
+            try:
+                protocol.transmit()
+            except Exception:  # pragma: no cover - a dead transport
+                logger.exception("transmit failed")
+        return len(records)
+
+    def _apply_record(self, rec: Any) -> None:
+        sub = self._by_sub_idx.get(rec.sub_idx)
+        if sub is None:
+            self.counters["records_unknown_subscriber"] += 1
+            return
+        quic = sub.quic
+        kind = rec.kind
+        if kind == L.REC_SENT_USER:
+            quic.on_wire_number(WireNumber(built_pn=rec.built_pn, wire_pn=rec.wire_pn,
+                                           size=rec.size, sent_time=rec.ts_ns * NS))
+            return
+        self._touch(sub)
+        if kind == L.REC_PUNT_USER:
+            self.punts[Reason(rec.reason).name] += 1
+            if quic._loss.discard_parked(rec.built_pn) is None:
+                self.counters["punted_user_packets_unknown"] += 1
+            return
+        up = self._by_up_idx.get(rec.up_idx)
+        frames = [f for f in list(rec.frames)[:rec.n_frames] if f.type < DATAGRAM_FRAME_TYPE]
+        now = self._now()
+        for f in frames:
+            if f.sub_sid != L.NO_SUB_SID and up is not None:
+                self._apply_writes(self.shadow.kernel_stream(sub.session, (up.session, f.up_sid),
+                                                             int(f.sub_sid), now))
+        forwarded = tuple(ForwardedFrame(stream_id=int(f.sub_sid), offset=int(f.offset),
+                                         length=int(f.length), fin=bool(f.fin))
+                          for f in frames if f.sub_sid != L.NO_SUB_SID)
+        if kind == L.REC_SENT_CLONE:
+            quic.register_forwarded(ForwardedPacket(wire_pn=rec.wire_pn, size=rec.size,
+                                                    sent_time=rec.ts_ns * NS, frames=forwarded))
+            self.counters["forwarded_packets"] += 1
+            self.counters["forwarded_stream_bytes"] += sum(f.length for f in forwarded)
+        elif kind == L.REC_PUNT_CLONE:
+            self.punts[Reason(rec.reason).name] += 1
+            for f in forwarded:
+                quic.resend_range(f.stream_id, f.offset, f.stop, f.fin)
+                self.counters["punted_stream_bytes"] += f.length
+
+    def _push_state(self, sub: _Sub) -> None:
+        quic = sub.quic
+        congestion = quic.congestion_snapshot()
+        own = quic._remote_max_data_used - quic.fastpath.shadow_bytes
+        values = {"cwnd": congestion.congestion_window,
+                  "bytes_in_flight": congestion.bytes_in_flight,
+                  "largest_acked": congestion.largest_acked}
+        try:
+            for name, value in values.items():
+                if sub.pushed.get(name) != value:
+                    self.fp.sub_store(sub.handle.sub_idx, name, value)
+                    sub.pushed[name] = value
+            if own > sub.own_bytes_pushed:
+                # userspace's own new stream bytes use the same MAX_DATA credit
+                self.fp.sub_add(sub.handle.sub_idx, "data_used", own - sub.own_bytes_pushed)
+                sub.own_bytes_pushed = own
+        except (FastrelayError, OSError) as exc:
+            self.counters["map_errors"] += 1
+            logger.warning("pushing state of session %d: %s", sub.session, exc)
+
+    def _expire(self) -> None:
+        for (publisher, stream_id), _ in self.shadow.expire(self._now(), self.stream_linger):
+            up = self._ups.get(publisher)
+            if up is None:
+                continue
+            subs = [self._subs[s].handle.sub_idx for (s, p, _a) in self._sub_tracks
+                    if p == publisher and s in self._subs]
+            self.controller.forget_stream(up.handle, stream_id, set(subs))
+            self.counters["streams_expired"] += 1
+
+    def _apply_writes(self, writes: list[ShadowWrite]) -> None:
+        for w in writes:
+            sub = self._subs.get(w.session)
+            if sub is None:
+                continue
+            try:
+                sub.quic.shadow_write(w.stream_id, w.data, offset=w.offset, end_stream=w.fin)
+            except (ValueError, RuntimeError) as exc:
+                self.counters["shadow_errors"] += 1
+                logger.warning("shadow write on stream %d of session %d: %s", w.stream_id,
+                               w.session, exc)
+            self._touch(sub)
+
+    def _touch(self, sub: _Sub) -> None:
+        self._touched[id(sub.protocol)] = sub.protocol
+
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
+
+    # --- reporting ----------------------------------------------------------------------
+
+    def is_offloaded(self, session: int) -> bool:
+        return session in self._subs or session in self._ups
+
+    def stats(self) -> dict[str, Any]:
+        kernel = {reason.name: {"packets": p, "bytes": b}
+                  for reason, (p, b) in self.fp.counters().items()}
+        sent = kernel.get(Reason.EG_SENT_CLONE.name, {}).get("bytes", 0)
+        user = kernel.get(Reason.EG_RENUMBERED.name, {}).get("bytes", 0)
+        registered = sum(s.quic.fastpath.forwarded_registered for s in self._subs.values())
+        return {
+            "enabled": True,
+            "interfaces": [name for _, name in self.interfaces],
+            "upstreams": len(self._ups),
+            "subscribers": len(self._subs),
+            "tracks": len(self._tracks),
+            "subscriptions": len(self._sub_tracks),
+            "refused": dict(self.refusals),
+            "counters": dict(self.counters),
+            "punts": dict(self.punts),
+            "kernel_bytes_share": round(sent / (sent + user), 4) if sent + user else None,
+            "shadow_bytes": self.shadow.bytes_written,
+            "registered": registered,
+            "forwarded_lost": sum(s.quic.fastpath.forwarded_lost for s in self._subs.values()),
+            "kernel": kernel,
+        }
