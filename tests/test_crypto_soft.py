@@ -17,7 +17,7 @@ from aioquic.tls import CipherSuite, Epoch
 
 from crypto_backends import get_backend
 from crypto_backends.base import Address, Direction, KeyMaterial, OffloadRefused
-from crypto_backends.soft import OFFLOADED_SUITE, SoftBackend, local_for
+from crypto_backends.soft import OFFLOADED_SUITE, SoftBackend, local_for, route_source
 from relay.quic.crypto import OneRttMode
 from tests.conftest import run_cli
 from tests.quic_harness import (
@@ -139,6 +139,23 @@ def test_aes_only_client_is_served_in_userspace_and_counted(tmp_path: Path) -> N
     stats = backend.stats()
     assert stats["connections_not_offloaded"] == 1
     assert stats["not_offloaded_reasons"] == {"peer negotiated AES_128_GCM_SHA256": 1}
+
+
+def test_relay_as_client_offloads_towards_a_stock_server(tmp_path: Path) -> None:
+    """The relay's upstream connection: ChaCha20 is all it offers, the shim protects it."""
+    try:
+        source = route_source(SERVER_ADDR[0])
+    except OSError:  # pragma: no cover - a host without a route there
+        pytest.skip(f"no route to {SERVER_ADDR[0]} here")
+    backend, shim = relay_backend()
+    with client_and_server(tmp_path, client_backend=backend, stock_server=True) as pair:
+        pair.client.local_address = ("0.0.0.0", 50000)  # an unbound socket: route lookup
+        pair.to_client, pair.to_server = shim.kernel.ingress, shim.kernel.egress
+        assert exchange(pair) == PAYLOAD
+        assert pair.client.one_rtt_mode is OneRttMode.PASS_THROUGH
+        assert pair.client._cryptos[Epoch.ONE_RTT].plaintext_accepted > 0
+        [(local, peer)] = {(k[0], k[1]) for k in shim.entries}
+    assert (local, peer) == ((source, 50000), SERVER_ADDR)  # the route's source address
 
 
 def test_endpoint_without_shim_speaks_standard_chacha(tmp_path: Path) -> None:
