@@ -241,8 +241,13 @@ def test_stats_stale_socket(relays: Path, capsys: pytest.CaptureFixture[str]) ->
     run_cli(["stats", "--pid", str(pid)], capsys, exit_code=1,
             stderr=rf"^error: relay {pid} is not running \(stale control socket .*; run "
                    r"'fastrelay cleanup' as root\n$")
-    # The lister does not count it as a relay.
+    # The lister does not count it as a relay; with its record left, it says what to run.
     run_cli(["stats"], capsys, exit_code=1, stderr=r"^error: no running fastrelay relay ")
+    RelayRecord(pid=pid, started="", listen="", path=control.record_path(pid, relays)).write()
+    run_cli(["stats"], capsys, exit_code=1,
+            stderr=rf"^error: no running fastrelay relay \(no live relay's control socket in "
+                   rf"{relays}; {pid} died without cleaning up: run 'fastrelay cleanup' as "
+                   r"root\)\n$")
 
 
 def test_stats_several_relays_need_pid(relays: Path, capsys: pytest.CaptureFixture[str]) -> None:

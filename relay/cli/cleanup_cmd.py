@@ -59,6 +59,17 @@ class Row:
         return (self.action, self.what, self.where, self.detail)
 
 
+def _ifname(ipr: Any, ifindex: int) -> str:
+    """The interface's name, or its index when it is gone."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        links = ipr.get_links(ifindex)
+    except NetlinkError:
+        return str(ifindex)
+    return next((link.get_attr("IFLA_IFNAME") for link in links), None) or str(ifindex)
+
+
 def _where(netns: str | None, ifname: str | int, parent: str, prio: int) -> str:
     ns = f"netns {netns}" if netns else "this netns"
     return f"{ns}, {ifname} {HOOKS.get(parent, parent)} prio {prio}"
@@ -145,7 +156,7 @@ class Cleaner:
                                               else None), f"control socket of {owner}")
 
     def _recorded_one(self, ipr: Any, netns: str | None, a: Attachment, owner: str) -> None:
-        where = _where(netns, a.ifindex, a.parent, a.prio)
+        where = _where(netns, _ifname(ipr, a.ifindex), a.parent, a.prio)
         want = (a.parent, a.prio, tc_handle(a.handle))
         match = [f for f in bpf_filters(ipr, a.ifindex) if (f.parent, f.prio, f.handle) == want]
         if not match:

@@ -48,8 +48,13 @@ def choose_socket(pid: int | None, sock: Path | None) -> Path:
     relays = [r for r in control.running_relays(directory)
               if control.socket_path(r.pid, directory).exists()]
     if not relays:
+        dead = sorted(int(p.stem) for p in directory.glob("*.json")
+                      if p.stem.isdigit() and not control.pid_alive(int(p.stem)))
+        left = "" if not dead else (
+            f"; {', '.join(map(str, dead))} died without cleaning up: run 'fastrelay cleanup' "
+            "as root")
         raise FastrelayError(f"no running fastrelay relay (no live relay's control socket in "
-                             f"{directory})")
+                             f"{directory}{left})")
     if len(relays) > 1:
         pids = ", ".join(str(r.pid) for r in relays)
         raise FastrelayError(f"{len(relays)} fastrelay relays are running (pids {pids}); "

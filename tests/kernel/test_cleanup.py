@@ -231,8 +231,12 @@ def test_relay_that_ran_inside_a_namespace(namespace: Namespace, dirs: tuple[Pat
     assert record.netns_inode == control.netns_inode(NETNS_DIR / namespace.name)
     assert record.netns_inode != control.netns_inode()
     rows = json.loads(run_cli(["cleanup", "--json"], capsys).stdout)
-    assert rows_for(rows, namespace.name) == [("removed", "tc filter fastpath_egress"),
-                                              ("removed", "tc filter fastpath_ingress")]
+    assert sorted((r["action"], r["what"], r["where"]) for r in rows
+                  if f"netns {namespace.name}," in r["where"]) == [
+        ("removed", "tc filter fastpath_egress",
+         f"netns {namespace.name}, {VETH_A} egress prio {FASTPATH_EGRESS_PRIO}"),
+        ("removed", "tc filter fastpath_ingress",
+         f"netns {namespace.name}, {VETH_A} ingress prio {FASTPATH_INGRESS_PRIO}")]
     assert our_filters(namespace.name, namespace.ifindex[VETH_A]) == set()
     assert list(relays.iterdir()) == []
 
