@@ -106,10 +106,16 @@ def _ipr(netns: str | None) -> Iterator[Any]:
 
 
 class Cleaner:
+    """Decides what to remove and removes it, one row per decision.
+
+    Who holds which program is read again after the filters are listed and before any is
+    deleted: a process loads its program before it attaches it, so a filter attached
+    while cleanup runs is always seen as held."""
+
     def __init__(self, *, dry_run: bool) -> None:
         self.dry_run = dry_run
         self.rows: list[Row] = []
-        self.held = held_programs()
+        self.held: dict[int, int] = {}
         self.removing = "would remove" if dry_run else "removed"
         self.here = control.netns_inode()
 
@@ -149,21 +155,27 @@ class Cleaner:
             by_ns.setdefault(netns, []).append(a)
         for netns, attachments in by_ns.items():
             with _ipr(netns) as ipr:
-                for a in attachments:
-                    self._recorded_one(ipr, netns, a, owner)
+                found = [(a, self._find(ipr, a)) for a in attachments]
+                self.held = held_programs()
+                for a, f in found:
+                    self._recorded_one(ipr, netns, a, f, owner)
         self._remove_file(record.path, f"record of {owner}")
         self._remove_file(control.socket_path(record.pid, record.path.parent if record.path
                                               else None), f"control socket of {owner}")
 
-    def _recorded_one(self, ipr: Any, netns: str | None, a: Attachment, owner: str) -> None:
-        where = _where(netns, _ifname(ipr, a.ifindex), a.parent, a.prio)
+    @staticmethod
+    def _find(ipr: Any, a: Attachment) -> Filter | None:
         want = (a.parent, a.prio, tc_handle(a.handle))
-        match = [f for f in bpf_filters(ipr, a.ifindex) if (f.parent, f.prio, f.handle) == want]
-        if not match:
+        return next((f for f in bpf_filters(ipr, a.ifindex)
+                     if (f.parent, f.prio, f.handle) == want), None)
+
+    def _recorded_one(self, ipr: Any, netns: str | None, a: Attachment, f: Filter | None,
+                      owner: str) -> None:
+        where = _where(netns, _ifname(ipr, a.ifindex), a.parent, a.prio)
+        if f is None:
             self.rows.append(Row("gone", f"tc filter {a.program or '?'}", where,
                                  f"{owner}: already removed"))
             return
-        f = match[0]
         holder = self._held_by(f)
         if not f.name.startswith(OURS):
             self.rows.append(Row("kept", f"tc filter {f.name or '?'}", where,
@@ -199,13 +211,19 @@ class Cleaner:
                      if self._namespace_of(r, a) == (None, None)
                      or (a.netns and control.netns_inode(NETNS_DIR / a.netns) == self.here)}
         with _ipr(None) as ipr:
-            for link in ipr.get_links():
-                ifname = link.get_attr("IFLA_IFNAME") or str(link["index"])
-                for f in bpf_filters(ipr, link["index"]):
-                    if not f.name.startswith(OURS) or self._held_by(f) is not None or \
-                            (f.ifindex, f.parent, f.prio, f.handle) in protected:
-                        continue
-                    self._remove_filter(ipr, f, _where(None, ifname, f.parent, f.prio),
+            found = [(link.get_attr("IFLA_IFNAME") or str(link["index"]), f)
+                     for link in ipr.get_links() for f in bpf_filters(ipr, link["index"])
+                     if f.name.startswith(OURS)
+                     and (f.ifindex, f.parent, f.prio, f.handle) not in protected]
+            self.held = held_programs()
+            for ifname, f in found:
+                where = _where(None, ifname, f.parent, f.prio)
+                if f.prog_id is None:  # cannot tell whether a live process holds it
+                    self.rows.append(Row("kept", f"tc filter {f.name}", where,
+                                         "the kernel reports no program id, so it cannot be "
+                                         "told apart from a live relay's"))
+                elif self._held_by(f) is None:
+                    self._remove_filter(ipr, f, where,
                                         "orphan: no live relay recorded it or holds it")
 
     def pins(self, base: Path) -> None:
