@@ -178,6 +178,45 @@ def test_unknown_addresses_are_not_offloaded(tmp_path: Path) -> None:
     assert backend.stats()["not_offloaded_reasons"] == {"connection addresses unknown": 1}
 
 
+def test_peer_migration_falls_back_to_userspace_crypto(tmp_path: Path) -> None:
+    """The shim is keyed by the old address: packets to the new one must not leave in the
+    plaintext layout, so userspace protects the connection from then on."""
+    new_addr = ("1.2.3.99", 4321)
+    backend, shim = relay_backend()
+    with client_and_server(tmp_path, server_backend=backend, stock_client=True) as pair:
+        pair.server.local_address = SERVER_ADDR
+        pair.to_server, pair.to_client = shim.kernel.ingress, shim.kernel.egress
+        assert exchange(pair) == PAYLOAD
+        # From here the 'kernel' holds no keys for new_addr: datagrams pass it untouched.
+        stream = pair.client.get_next_available_stream_id()
+        pair.client.send_stream_data(stream, PAYLOAD, end_stream=True)
+        down = pair.server.get_next_available_stream_id(is_unidirectional=True)
+        pair.server.send_stream_data(down, PAYLOAD, end_stream=True)  # leaves after the move
+        sent_to: set[tuple[str, int]] = set()
+        for _ in range(50):
+            moved = 0
+            for data, _ in pair.client.datagrams_to_send(now=pair.now):
+                pair.server.receive_datagram(data, new_addr, now=pair.now)
+                moved += 1
+            for data, addr in pair.server.datagrams_to_send(now=pair.now):
+                sent_to.add(addr)
+                assert PAYLOAD[:16] not in data  # never the plaintext layout
+                pair.client.receive_datagram(data, SERVER_ADDR, now=pair.now)
+                moved += 1
+            if not moved:
+                break
+        pair._drain_events()
+        echoed = b"".join(e.data for e in pair.server_events
+                          if isinstance(e, StreamDataReceived) and e.stream_id == stream)
+        assert echoed == PAYLOAD
+        assert b"".join(e.data for e in pair.client_events
+                        if isinstance(e, StreamDataReceived) and e.stream_id == down) == PAYLOAD
+        assert sent_to == {new_addr}
+        assert pair.server.one_rtt_mode is OneRttMode.STANDARD
+        assert "peer address changed" in (pair.server._cryptos[Epoch.ONE_RTT].refused or "")
+    assert shim.entries == {}  # both directions withdrawn from the shim
+
+
 class RefusesReceive(KernelEmulator):
     def install(self, material: KeyMaterial) -> None:
         if material.direction is Direction.RECV:

@@ -86,6 +86,8 @@ class OneRttCryptoPair(CryptoPair):
         self._exported: set[Direction] = set()
         #: Why the backend left this connection to standard crypto (None: it did not).
         self.refused: str | None = None
+        #: The peer address the backend keyed this connection by.
+        self._exported_peer: tuple[str, int] | None = None
         super().__init__(
             recv_setup_cb=self._chain_setup(Direction.RECV, recv_setup_cb),
             recv_teardown_cb=self._chain_teardown(Direction.RECV, recv_teardown_cb),
@@ -116,12 +118,15 @@ class OneRttCryptoPair(CryptoPair):
                 return
             # Runs inside CryptoContext.setup / the key rotation, before the first packet
             # that needs these keys is protected or unprotected.
+            material = self._key_material(direction, KeyTrigger(trigger))
             try:
-                self._backend.install(self._key_material(direction, KeyTrigger(trigger)))
+                self._backend.install(material)
             except OffloadRefused as refused:
                 self._refuse(str(refused))
                 return
             self._exported.add(direction)
+            if material.path is not None:
+                self._exported_peer = material.path.peer
 
         return setup
 
@@ -171,6 +176,8 @@ class OneRttCryptoPair(CryptoPair):
     # --- packet protection ----------------------------------------------------------
 
     def encrypt_packet(self, plain_header: bytes, plain_payload: bytes, packet_number: int) -> bytes:
+        if self.mode is OneRttMode.PASS_THROUGH and self._exported_peer is not None:
+            self._check_peer()
         if self.mode is OneRttMode.STANDARD:
             return super().encrypt_packet(plain_header, plain_payload, packet_number)
         if self._update_key_requested:
@@ -181,6 +188,15 @@ class OneRttCryptoPair(CryptoPair):
             return plain_header + plain_payload
         # The shim or NIC protects the header and writes the real tag into this slot.
         return plain_header + plain_payload + bytes(AEAD_TAG_SIZE)
+
+    def _check_peer(self) -> None:
+        """aioquic sends to its first network path; when that is not the address the kernel
+        keyed (the peer migrated, RFC 9000 §9), the plaintext layout would leave unprotected:
+        userspace protects this connection from now on (fail closed)."""
+        path = self._path_of(Direction.SEND)
+        if path is None or path.peer != self._exported_peer:
+            self._refuse(f"peer address changed from {self._exported_peer} "
+                         f"to {None if path is None else path.peer}")
 
     def decrypt_packet(
         self, packet: bytes, encrypted_offset: int, expected_packet_number: int
