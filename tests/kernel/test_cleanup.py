@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from hw.lab import LOSS_FILTER_PRIO, LOSS_FUNCTION, _attach_loss_filter, _LossProgram
 from relay import control
 from relay.cli.cleanup_cmd import HOOKS, tc_handle
 from relay.control import Attachment, RelayRecord
@@ -243,8 +244,20 @@ def test_relay_that_ran_inside_a_namespace(namespace: Namespace, dirs: tuple[Pat
 
 @pytest.mark.root
 def test_orphans_in_this_namespace(namespace: Namespace, tmp_path: Path) -> None:
-    """A relay killed before it recorded anything: the scan of the namespace finds them."""
+    """A relay killed before it recorded anything: the scan of the namespace finds its
+    filters, and leaves the lab's loss filter alone."""
     killed_relay(namespace, VETH_A, mode="none")
+    # The lab's loss filter beside them, its program unheld as after `lab up`: not ours.
+    from pyroute2 import IPRoute
+
+    loss = _LossProgram.compile()
+    try:
+        with IPRoute(netns=namespace.name, flags=0) as ipr:
+            _attach_loss_filter(ipr, namespace.ifindex[VETH_A], loss.prog_fd)
+    finally:
+        loss.close()
+    lossy = ("ingress", LOSS_FILTER_PRIO, LOSS_FUNCTION)
+    assert our_filters(namespace.name, namespace.ifindex[VETH_A]) == ATTACHED | {lossy}
     env = child_env()
     env[control.RELAYS_DIR_ENV] = str(tmp_path / "relays")
     env[control.PINS_DIR_ENV] = str(tmp_path / "pins")
@@ -256,7 +269,7 @@ def test_orphans_in_this_namespace(namespace: Namespace, tmp_path: Path) -> None
     assert sorted((r["action"], r["what"], r["where"]) for r in rows) == [
         ("removed", "tc filter fastpath_egress", f"this netns, {VETH_A} egress prio 10"),
         ("removed", "tc filter fastpath_ingress", f"this netns, {VETH_A} ingress prio 30")]
-    assert our_filters(namespace.name, namespace.ifindex[VETH_A]) == set()
+    assert our_filters(namespace.name, namespace.ifindex[VETH_A]) == {lossy}
     again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert (again.returncode, again.stderr) == (0, "")
     assert again.stdout.startswith("nothing to clean up")
