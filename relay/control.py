@@ -7,6 +7,13 @@ relay (pid, start time, listen address) and every TC filter it attached, so that
 `fastrelay cleanup` can remove what a killed relay left behind. Both files go away on a
 clean stop.
 
+Filters reach the record two ways: the fast-path loader reports each attach/detach to
+current_registry() while a control server runs in the process, and a starting control
+server adopts the fastpath_/shim_ filters of its own namespace whose programs the process
+already holds (the relay attaches before it serves the socket). The record also keeps the
+process's start time (a reused pid is not the relay) and its network namespace's inode
+(what "netns": null means to a cleanup run from elsewhere).
+
 The relays directory is /run/fastrelay/relays (mode 0700), or $FASTRELAY_RELAYS_DIR.
 """
 
