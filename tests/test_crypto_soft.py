@@ -217,6 +217,23 @@ def test_peer_migration_falls_back_to_userspace_crypto(tmp_path: Path) -> None:
     assert shim.entries == {}  # both directions withdrawn from the shim
 
 
+def test_peer_cid_length_change_falls_back_to_userspace_crypto(tmp_path: Path) -> None:
+    """The shim parses short headers with the CID length it was given: a peer CID of another
+    length (a NEW_CONNECTION_ID may carry one) hands the connection back to userspace."""
+    backend, shim = relay_backend()
+    with client_and_server(tmp_path, server_backend=backend, stock_client=True) as pair:
+        pair.server.local_address = SERVER_ADDR
+        pair.to_server, pair.to_client = shim.kernel.ingress, shim.kernel.egress
+        assert exchange(pair) == PAYLOAD
+        pair.server._peer_cid.cid = bytes(4)  # as if the server had switched to such a CID
+        pair.server.send_ping(1)
+        pair.server.datagrams_to_send(now=pair.now)
+        assert pair.server.one_rtt_mode is OneRttMode.STANDARD
+        assert pair.server._cryptos[Epoch.ONE_RTT].refused == \
+            "peer connection id length changed from 8 to 4"
+    assert shim.entries == {}
+
+
 class RefusesReceive(KernelEmulator):
     def install(self, material: KeyMaterial) -> None:
         if material.direction is Direction.RECV:

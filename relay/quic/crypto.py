@@ -86,8 +86,9 @@ class OneRttCryptoPair(CryptoPair):
         self._exported: set[Direction] = set()
         #: Why the backend left this connection to standard crypto (None: it did not).
         self.refused: str | None = None
-        #: The peer address the backend keyed this connection by.
-        self._exported_peer: tuple[str, int] | None = None
+        #: The peer address the backend keyed this connection by, and the length of the
+        #: peer's connection id it parses outgoing short headers with.
+        self._exported_peer: tuple[tuple[str, int], int] | None = None
         super().__init__(
             recv_setup_cb=self._chain_setup(Direction.RECV, recv_setup_cb),
             recv_teardown_cb=self._chain_teardown(Direction.RECV, recv_teardown_cb),
@@ -125,8 +126,8 @@ class OneRttCryptoPair(CryptoPair):
                 self._refuse(str(refused))
                 return
             self._exported.add(direction)
-            if material.path is not None:
-                self._exported_peer = material.path.peer
+            if material.path is not None and direction is Direction.SEND:
+                self._exported_peer = (material.path.peer, material.path.dcid_len)
 
         return setup
 
@@ -191,12 +192,19 @@ class OneRttCryptoPair(CryptoPair):
 
     def _check_peer(self) -> None:
         """aioquic sends to its first network path; when that is not the address the kernel
-        keyed (the peer migrated, RFC 9000 §9), the plaintext layout would leave unprotected:
+        keyed (the peer migrated, RFC 9000 §9), the plaintext layout would leave unprotected,
+        and with a peer connection id of another length the kernel would misread the header:
         userspace protects this connection from now on (fail closed)."""
         path = self._path_of(Direction.SEND)
-        if path is None or path.peer != self._exported_peer:
-            self._refuse(f"peer address changed from {self._exported_peer} "
-                         f"to {None if path is None else path.peer}")
+        now = None if path is None else (path.peer, path.dcid_len)
+        if now != self._exported_peer:
+            assert self._exported_peer is not None
+            if now is None or now[0] != self._exported_peer[0]:
+                self._refuse(f"peer address changed from {self._exported_peer[0]} "
+                             f"to {None if now is None else now[0]}")
+            else:
+                self._refuse(f"peer connection id length changed from "
+                             f"{self._exported_peer[1]} to {now[1]}")
 
     def decrypt_packet(
         self, packet: bytes, encrypted_offset: int, expected_packet_number: int
