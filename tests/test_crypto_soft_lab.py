@@ -26,6 +26,7 @@ from hw.lab import Lab
 from relay.bench.paths import FASTRELAY, MOQ_RS, PORT, BenchPath
 from relay.media import PAYLOAD_MAGIC
 from relay.paths import TOPOLOGY_DIR
+from tests.kernel.packets import Udp
 
 pytestmark = pytest.mark.root
 
@@ -37,8 +38,10 @@ SUBSCRIBE_WAIT = 20.0
 CONNECTED_FRAMES = 12
 RUN_WAIT = 40.0
 
-SOFT_RELAY = BenchPath("soft", "fastrelay --crypto soft (fast path off)",
-                       [*FASTRELAY, "--crypto", "soft", "--listen", f"0.0.0.0:{PORT}", "-v"])
+def soft_relay(family: int) -> BenchPath:
+    listen = f"0.0.0.0:{PORT}" if family == 4 else f"[::]:{PORT}"
+    return BenchPath("soft", "fastrelay --crypto soft (fast path off)",
+                     [*FASTRELAY, "--crypto", "soft", "--listen", listen, "-v"])
 
 
 def topology_without_tx_checksum(tmp_path: Path) -> Path:
@@ -51,11 +54,34 @@ def topology_without_tx_checksum(tmp_path: Path) -> Path:
 
 
 def in_csum_errors(lab: Lab, host: str) -> int:
-    """Udp InCsumErrors of the host's namespace (/proc/net/snmp)."""
-    text = lab.run(host, ["cat", "/proc/net/snmp"], capture_output=True, text=True,
-                   check=True).stdout
-    header, values = [line.split() for line in text.splitlines() if line.startswith("Udp:")][:2]
-    return int(values[header.index("InCsumErrors")])
+    """UDP InCsumErrors of the host's namespace, IPv4 (/proc/net/snmp) plus IPv6 (snmp6)."""
+    v4 = lab.run(host, ["cat", "/proc/net/snmp"], capture_output=True, text=True,
+                 check=True).stdout
+    header, values = [line.split() for line in v4.splitlines() if line.startswith("Udp:")][:2]
+    v6 = lab.run(host, ["cat", "/proc/net/snmp6"], capture_output=True, text=True,
+                 check=True).stdout
+    errors6 = [int(line.split()[1]) for line in v6.splitlines()
+               if line.split()[:1] == ["Udp6InCsumErrors"]]
+    return int(values[header.index("InCsumErrors")]) + sum(errors6)
+
+
+def udp_checksums(frames: list[bytes]) -> tuple[int, int]:
+    """(UDP frames, of which with a wrong checksum) among captured Ethernet frames."""
+    checked = bad = 0
+    for frame in frames:
+        ethertype = int.from_bytes(frame[12:14], "big")
+        if ethertype == 0x0800 and len(frame) >= 42 and frame[14] == 0x45 and frame[23] == 17:
+            udp = Udp(socket.inet_ntop(socket.AF_INET, frame[26:30]),
+                      socket.inet_ntop(socket.AF_INET, frame[30:34]), 0, 0)
+        elif ethertype == 0x86DD and len(frame) >= 62 and frame[20] == 17:
+            udp = Udp(socket.inet_ntop(socket.AF_INET6, frame[22:38]),
+                      socket.inet_ntop(socket.AF_INET6, frame[38:54]), 0, 0)
+        else:
+            continue
+        checked += 1
+        zero = frame[udp.l4_offset + 6:udp.l4_offset + 8] == b"\x00\x00"  # none computed
+        bad += zero or not udp.udp_checksum_ok(frame)
+    return checked, bad
 
 
 def shim_filters(lab: Lab, host: str) -> str:
@@ -96,8 +122,10 @@ def drain(sniffers: list[socket.socket], frames: dict[int, list[bytes]], timeout
                 break
 
 
-def test_soft_relay_serves_standard_peers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_soft_relay_serves_standard_peers(tmp_path: Path, family: int) -> None:
     env = dict(os.environ, NO_COLOR="1")
+    relay_path = soft_relay(family)
     with Lab.up(topology_without_tx_checksum(tmp_path)) as lab:
         assert not any(i.tx_checksum for h in lab.hosts.values() for i in h.interfaces)
         relay_host = lab.relay
@@ -105,7 +133,7 @@ def test_soft_relay_serves_standard_peers(tmp_path: Path) -> None:
         pub_host = lab.publishers[0]
         hosts = [relay_host, fr_host, rs_host, aes_host]
         csum_before = {h: in_csum_errors(lab, h) for h in hosts}
-        relay = SOFT_RELAY.start(lab, tmp_path, env)
+        relay = relay_path.start(lab, tmp_path, env)
         sniffers: list[socket.socket] = []
         try:
             sniffed = (fr_host, rs_host, aes_host)
@@ -118,7 +146,8 @@ def test_soft_relay_serves_standard_peers(tmp_path: Path) -> None:
             frames: dict[int, list[bytes]] = {s.fileno(): [] for s in sniffers}
 
             def url(host: str) -> str:
-                return f"moqt://{lab.address(relay_host, host)}:{PORT}/x"
+                address = lab.address(relay_host, host, family)
+                return f"moqt://{address if family == 4 else f'[{address}]'}:{PORT}/x"
 
             def spawn(name: str, host: str, argv: list[str]):  # type: ignore[no-untyped-def]
                 with open(tmp_path / f"{name}.out", "w") as out, \
@@ -165,7 +194,7 @@ def test_soft_relay_serves_standard_peers(tmp_path: Path) -> None:
             for sock in sniffers:
                 sock.close()
             status = relay.stop()
-        stats = SOFT_RELAY.stats(relay)
+        stats = relay_path.stats(relay)
         leftovers = shim_filters(lab, relay_host)
         csum_after = {h: in_csum_errors(lab, h) for h in hosts}
 
@@ -184,6 +213,9 @@ def test_soft_relay_serves_standard_peers(tmp_path: Path) -> None:
     for sock_frames in frames.values():
         assert len(sock_frames) >= OBJECTS
         assert not any(PAYLOAD_MAGIC in frame for frame in sock_frames)
+        # Every UDP checksum on the wire is complete and right (offload off, shim fixed it).
+        checked, bad = udp_checksums(sock_frames)
+        assert checked >= OBJECTS and bad == 0, (checked, bad)
 
     assert stats is not None, relay_err
     crypto = stats["crypto"]
