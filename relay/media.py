@@ -271,6 +271,20 @@ class TrackVerifier:
     def received(self) -> int:
         return self.objects
 
+    def complete_before(self, end_group: int) -> bool:
+        """Every group from the first one seen up to `end_group` (excluded) is whole, or was
+        skipped on purpose."""
+        if not self._groups:
+            return True
+        for group in range(min(self._groups), end_group):
+            state = self._groups.get(group)
+            if state is None:
+                return False
+            whole = state.objects_in_group is not None and len(state.seen) == state.objects_in_group
+            if not (whole or state.skipped):
+                return False
+        return True
+
     def summary(self, *, expect_objects: int | None, expect_groups: int | None,
                 track_ended: bool, reason: str) -> SubscribeSummary:
         complete = sum(1 for s in self._groups.values()

@@ -132,6 +132,7 @@ class Subscriber:
         #: When the END_OF_TRACK object arrived: the end is known, but it travels on its own
         #: stream and may overtake data still queued on lower-priority streams.
         self.end_of_track_at: float | None = None
+        self.end_of_track_group = 0
         self.done_streams: int | None = None
         self.done_at: float | None = None
         self.streams_opened = 0
@@ -157,6 +158,7 @@ class Subscriber:
             header = event.header
             if header.status == ObjectStatus.END_OF_TRACK:
                 self.end_of_track_at = time.monotonic()
+                self.end_of_track_group = header.group_id
             elif header.status == ObjectStatus.NORMAL:
                 ts = timestamp_us(header.extensions)
                 before = self.verifier.objects
@@ -216,8 +218,12 @@ class Subscriber:
             return "complete"
         if self.track_ended:
             return "track_ended"
-        if self.end_of_track_at is not None and (
-                self.streams_closed >= self.streams_opened
+        # END_OF_TRACK travels on its own stream: done once every stream that opened ended
+        # and every group before it is whole (a stream whose first packet still waits in a
+        # congested sender has not even opened here), else after the grace period.
+        if self.end_of_track_at is not None and self.done_streams is None and (
+                (self.streams_closed >= self.streams_opened
+                 and self.verifier.complete_before(self.end_of_track_group))
                 or time.monotonic() - self.end_of_track_at > DONE_GRACE):
             self.track_ended = True
             return "track_ended"

@@ -27,9 +27,12 @@ def test_bad_listen_and_upstream(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_fastpath_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     # `on` refuses (one line, before anything is set up) where the fast path cannot run
-    run_cli(["relay", "--listen", "127.0.0.1:0", "--fastpath", "on"], capsys, exit_code=1,
+    run_cli(["relay", "--listen", "0.0.0.0:0", "--fastpath", "on"], capsys, exit_code=1,
             stderr=r"^error: --fastpath on: standard QUIC is protected in userspace; "
                    r"the fast path needs --crypto none.*\n$")
+    run_cli(["relay", "--listen", "127.0.0.1:0", "--fastpath", "on", "--crypto", "none"],
+            capsys, exit_code=1, stderr=r"^error: --fastpath on: listening on 127.0.0.1 "
+                                       r"\(loopback\)")
     run_cli(["relay", "--listen", "127.0.0.1:0", "--fastpath", "off", "--interface", "eth0"],
             capsys, exit_code=1, stderr=r"^error: --interface goes with --fastpath on or auto\n$")
     run_cli(["relay", "--listen", "127.0.0.1:0", "--fastpath", "sometimes"], capsys,
@@ -63,8 +66,8 @@ def test_given_certificate_and_duration(capsys: pytest.CaptureFixture[str],
     lines = result.stdout.splitlines()
     assert lines[0] == f"fingerprint sha256:{fingerprint}"
     assert lines[1].startswith("listening 127.0.0.1:")
-    # standard QUIC cannot be offloaded: auto says so and stays in userspace
-    assert lines[2].startswith("fastpath off: standard QUIC is protected in userspace")
+    # nothing to attach to on loopback: auto says so and stays in userspace
+    assert lines[2].startswith("fastpath off: listening on 127.0.0.1 (loopback)")
     assert lines[3].startswith("stats {")
 
 

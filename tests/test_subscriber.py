@@ -59,3 +59,24 @@ def test_end_of_track_gives_up_on_a_stream_that_never_ends() -> None:
     assert sub.end_of_track_at is not None
     sub.end_of_track_at -= DONE_GRACE + 0.1  # the grace period has passed
     assert sub.finished() == "track_ended"
+
+
+def test_end_of_track_waits_for_a_group_whose_stream_has_not_opened_yet() -> None:
+    """Group 1's stream is still queued at a congested relay when END_OF_TRACK (group 2)
+    arrives: every opened stream ended, but the track is not over."""
+    sub = subscriber()
+    first, last = stream(2, 0, 0, 128), stream(6, 2, 0, 0)
+    sub.on_event(SubgroupStreamOpened(2, REQUEST, first))
+    obj(sub, 2, 0, 0, 1)
+    sub.on_event(SubgroupStreamClosed(2, REQUEST, first, None))
+    sub.on_event(SubgroupStreamOpened(6, REQUEST, last))
+    sub.on_event(ObjectReceived(REQUEST, 1, 6, ObjectHeader(2, 0, 0, 0, 0, b"",
+                                                            ObjectStatus.END_OF_TRACK), b"", 0.0))
+    sub.on_event(SubgroupStreamClosed(6, REQUEST, last, None))
+    assert sub.finished() is None
+    late = stream(10, 1, 0, 128)
+    sub.on_event(SubgroupStreamOpened(10, REQUEST, late))
+    obj(sub, 10, 1, 0, 1)
+    sub.on_event(SubgroupStreamClosed(10, REQUEST, late, None))
+    assert sub.finished() == "track_ended"
+    assert sub.verifier.received() == 2

@@ -116,9 +116,9 @@ class BenchPath:
             return 0.0
         if not stats:
             return None
-        for key in ("kernel_share", "kernel_bytes_share"):
-            if isinstance(stats.get(key), (int, float)):
-                return float(stats[key])
+        share = (stats.get("fastpath") or {}).get("kernel_bytes_share")
+        if isinstance(share, (int, float)):
+            return float(share)
         kernel, total = stats.get("kernel_bytes"), stats.get("bytes_sent")
         if isinstance(kernel, int) and isinstance(total, int) and total:
             return kernel / total
@@ -147,11 +147,11 @@ def _paths() -> dict[str, BenchPath]:
     listen = f"0.0.0.0:{PORT}"
     return {p.name: p for p in (
         BenchPath("userspace", "fastrelay relay, userspace (aioquic), --fastpath off",
-                  [*FASTRELAY, "relay", "--listen", listen]),
+                  [*FASTRELAY, "relay", "--listen", listen, "--fastpath", "off"]),
         BenchPath("userspace-none", "fastrelay relay, userspace, 1-RTT crypto none (the "
                   "baseline for fastpath-none: same wire, no eBPF)",
-                  [*FASTRELAY, "relay", "--listen", listen, "--crypto", "none"],
-                  client_args=["--crypto", "none"]),
+                  [*FASTRELAY, "relay", "--listen", listen, "--crypto", "none",
+                   "--fastpath", "off"], client_args=["--crypto", "none"]),
         MoqRsPath("moq-rs", "anchor: moq-rs 0.5.1 server (Rust, quinn), same workload",
                   [*MOQ_RS, "server", "--bind", listen, "--log-level", "error"],
                   listening='"listening"'),

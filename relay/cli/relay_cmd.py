@@ -166,7 +166,7 @@ def relay_command(
     config = RelayConfig(cache=cache, access=access_config, upstream_relay=upstream is not None)
     if interface and fastpath == FastPathMode.OFF:
         raise ConfigError("--interface goes with --fastpath on or auto")
-    fastpath_reason = None if fastpath == FastPathMode.OFF else unavailable_reason(crypto)
+    fastpath_reason = None if fastpath == FastPathMode.OFF else unavailable_reason(crypto, host)
     if fastpath == FastPathMode.ON and fastpath_reason is not None:
         raise MissingCapabilityError(f"--fastpath on: {fastpath_reason}")
     with tempfile.TemporaryDirectory(prefix="fastrelay-cert-") as tmp:

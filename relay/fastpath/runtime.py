@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -61,6 +62,8 @@ DATAGRAM_FRAME_TYPE = 0x30
 STREAM_LINGER = 3.0
 """Seconds an ended upstream stream keeps its entries (publisher retransmissions)."""
 TICK = 0.002
+HASH_MAPS = ("fr_cids", "fr_peers", "fr_tracks", "fr_sub_tracks", "fr_up_streams", "fr_sub_streams")
+"""The maps whose entries come and go with connections and streams (`stats` counts them)."""
 
 
 class FastPathMode(str, enum.Enum):
@@ -69,8 +72,14 @@ class FastPathMode(str, enum.Enum):
     OFF = "off"
 
 
-def unavailable_reason(crypto: str | None) -> str | None:
-    """Why the fast path cannot run for a relay with this `--crypto` here (None: it can)."""
+def unavailable_reason(crypto: str | None, listen_host: str = "0.0.0.0") -> str | None:
+    """Why the fast path cannot run for a relay with this `--crypto` and listening address
+    here (None: it can)."""
+    try:
+        if ipaddress.ip_address(listen_host).is_loopback:
+            return f"listening on {listen_host} (loopback): there is no interface to attach to"
+    except ValueError:
+        pass  # a host name: decided by the interfaces found
     if crypto != "none":
         what = "standard QUIC" if crypto is None else f"--crypto {crypto}"
         return (f"{what} is protected in userspace; the fast path needs --crypto none "
@@ -354,6 +363,10 @@ class FastPathRuntime:
         return sub
 
     def _drop_sub(self, sub: _Sub) -> None:
+        done = sub.quic.fastpath
+        self.counters["registered_closed"] += done.forwarded_registered
+        self.counters["forwarded_acked_closed"] += done.forwarded_acked
+        self.counters["forwarded_lost_closed"] += done.forwarded_lost
         self._subs.pop(sub.session, None)
         self._by_sub_idx.pop(sub.handle.sub_idx, None)
         for key in [k for k in self._sub_tracks if k[0] == sub.session]:
@@ -544,7 +557,8 @@ class FastPathRuntime:
                   for reason, (p, b) in self.fp.counters().items()}
         sent = kernel.get(Reason.EG_SENT_CLONE.name, {}).get("bytes", 0)
         user = kernel.get(Reason.EG_RENUMBERED.name, {}).get("bytes", 0)
-        registered = sum(s.quic.fastpath.forwarded_registered for s in self._subs.values())
+        live = [s.quic.fastpath for s in self._subs.values()]
+        registered = self.counters["registered_closed"] + sum(f.forwarded_registered for f in live)
         return {
             "enabled": True,
             "interfaces": [name for _, name in self.interfaces],
@@ -558,6 +572,10 @@ class FastPathRuntime:
             "kernel_bytes_share": round(sent / (sent + user), 4) if sent + user else None,
             "shadow_bytes": self.shadow.bytes_written,
             "registered": registered,
-            "forwarded_lost": sum(s.quic.fastpath.forwarded_lost for s in self._subs.values()),
+            "forwarded_acked": self.counters["forwarded_acked_closed"]
+            + sum(f.forwarded_acked for f in live),
+            "forwarded_lost": self.counters["forwarded_lost_closed"]
+            + sum(f.forwarded_lost for f in live),
+            "map_entries": {name: len(self.fp.keys(name)) for name in HASH_MAPS},
             "kernel": kernel,
         }
