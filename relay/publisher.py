@@ -105,6 +105,9 @@ class PublisherOptions:
     """Seconds to wait for a first SUBSCRIBE before the first object (None: start at once)."""
     start_delay: float = 0.0
     """Extra seconds after that SUBSCRIBE, so more subscribers can join the relay first."""
+    start_on_signal: bool = False
+    """Then wait for SIGUSR1 (bounded by wait_subscriber): whoever started the subscribers
+    says when all of them are in."""
     linger: float = 2.0
     """At most this long after the last object for the data to be acknowledged."""
     connect_timeout: float = 5.0
@@ -247,6 +250,9 @@ def _unacked(protocol: MoqtProtocol) -> bool:
 
 async def run_publisher(opts: PublisherOptions) -> PublishSummary:
     stop = _stop_event()
+    go = asyncio.Event()
+    if opts.start_on_signal:  # at once: the signal may come before we wait for it
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, go.set)
     errors: list[str] = []
     sent = sent_bytes = groups = 0
     max_late = 0.0
@@ -280,6 +286,10 @@ async def run_publisher(opts: PublisherOptions) -> PublishSummary:
             timings["demand_ms"] = round((time.perf_counter() - t1) * 1000, 1)
             if opts.start_delay > 0:
                 await _wait(stop.wait(), timeout=opts.start_delay)
+        if not errors and opts.start_on_signal:
+            await _wait(go.wait(), stop.wait(), timeout=opts.wait_subscriber)
+            if not go.is_set() and not stop.is_set():
+                errors.append("no SIGUSR1 to start within --wait-subscriber")
         loop = asyncio.get_running_loop()
         interval = 1.0 / opts.rate if opts.rate > 0 else 0.0
         start = loop.time()
@@ -424,6 +434,10 @@ def publish_command(
     = None,
     start_delay: Annotated[float, typer.Option(
         "--start-delay", min=0.0, metavar="S", help="Then wait S more seconds.")] = 0.0,
+    start_on_signal: Annotated[bool, typer.Option(
+        "--start-on-signal", help="Then wait for SIGUSR1 before the first object (bounded by "
+                                  "--wait-subscriber), e.g. until all subscribers are in.")]
+    = False,
     linger: Annotated[float, typer.Option(
         "--linger", min=0.0, metavar="S",
         help="At most S seconds after the last object for it to be acknowledged.")] = 2.0,
@@ -442,7 +456,8 @@ def publish_command(
             url=url, namespace=namespace_option(namespace), track=track.encode(),
             tls=tls_options(insecure, fingerprint, cafile), rate=rate, object_size=object_size,
             group_length=group_length, objects=objects, duration=duration, layout=layout,
-            wait_subscriber=wait_subscriber, start_delay=start_delay, linger=linger,
+            wait_subscriber=wait_subscriber, start_delay=start_delay,
+            start_on_signal=start_on_signal, linger=linger,
             connect_timeout=connect_timeout, crypto=backend)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

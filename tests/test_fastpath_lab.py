@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -136,6 +137,23 @@ def run(tmp_path: Path, topo: Path, body: Any) -> tuple[Scenario, dict[str, Any]
     return scenario, stats
 
 
+def start_when_subscribed(publisher: Party, subscribers: list[Party]) -> None:
+    """Let the publisher (started with --start-on-signal) go once every subscriber is in."""
+    wait_subscribed(subscribers)
+    publisher.proc.send_signal(signal.SIGUSR1)
+
+
+def wait_subscribed(parties: list[Party], timeout: float = 60.0) -> None:
+    """Until every subscriber's SUBSCRIBE was answered (it says so on stderr), so that all
+    of them see the track from its first object."""
+    deadline = time.monotonic() + timeout
+    for party in parties:
+        while "subscribed" not in party.err.read_text():
+            assert party.proc.poll() is None, party.err.read_text()[-2000:]
+            assert time.monotonic() < deadline, f"{party.name} did not subscribe in {timeout:g} s"
+            time.sleep(0.05)
+
+
 def wait_all(parties: list[Party], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     for party in parties:
@@ -157,10 +175,11 @@ def test_every_subscriber_gets_every_object_from_the_kernel(tmp_path: Path, subs
     objects = 150 if subscribers < 16 else 90
 
     def body(s: Scenario) -> None:
-        subs = [s.subscribe(h, "--expect-objects", str(objects), "--duration", "60")
-                for h in s.lab.subscribers]
         pub = s.publish(s.lab.publishers[0], objects, "--rate", str(rate), "--wait-subscriber",
-                        "20", "--start-delay", "2")
+                        "60", "--start-on-signal")
+        subs = [s.subscribe(h, "--expect-objects", str(objects), "--duration", "90")
+                for h in s.lab.subscribers]
+        start_when_subscribed(pub, subs)
         wait_all(subs + [pub], 90)
 
     scenario, stats = run(tmp_path, topology(tmp_path, subscribers), body)
@@ -186,12 +205,13 @@ def test_loss_on_every_subscriber_link_is_repaired(tmp_path: Path) -> None:
     dropped: dict[str, int] = {}
 
     def body(s: Scenario) -> None:
-        subs = [s.subscribe(h, "--expect-objects", str(objects), "--duration", "90")
-                for h in s.lab.subscribers]
         # one stream per group: with loss, objects of two subgroup streams of one group
         # could arrive in either order (allowed, but the verifier would call it a gap)
-        pub = s.publish(s.lab.publishers[0], objects, "--rate", "100", "--wait-subscriber", "30",
-                        "--start-delay", "2", "--layout", "single")
+        pub = s.publish(s.lab.publishers[0], objects, "--rate", "100", "--wait-subscriber", "60",
+                        "--layout", "single", "--start-on-signal")
+        subs = [s.subscribe(h, "--expect-objects", str(objects), "--duration", "90")
+                for h in s.lab.subscribers]
+        start_when_subscribed(pub, subs)
         wait_all(subs + [pub], 120)
         for h in s.lab.subscribers:
             dropped[h] = s.lab.loss_counters(s.lab.relay, h)["dropped_packets"]
@@ -216,14 +236,12 @@ def test_late_joiner_gets_whole_groups_and_a_leaver_disturbs_nobody(tmp_path: Pa
 
     def body(s: Scenario) -> None:
         first, leaver, late = s.lab.subscribers
+        pub = s.publish(s.lab.publishers[0], objects, "--rate", "60", "--wait-subscriber", "60",
+                        "--layout", "single", "--start-on-signal")
         steady = s.subscribe(first, "--expect-objects", str(objects), "--duration", "60")
         gone = s.subscribe(leaver, "--duration", "2.5")
-        pub = s.publish(s.lab.publishers[0], objects, "--rate", "60", "--wait-subscriber", "20",
-                        "--start-delay", "1.5", "--layout", "single")
-        deadline = time.monotonic() + 30
-        while "subscribed" not in steady.err.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(2.5)  # start delay, then about a group and a half: join mid-stream
+        start_when_subscribed(pub, [steady, gone])
+        time.sleep(1.0)  # about two groups: join mid-stream
         assert pub.proc.poll() is None, "the publisher finished before the late joiner came"
         joiner = s.subscribe(late, "--filter", "next-group", "--duration", "60")
         wait_all([steady, gone, pub, joiner], 90)

@@ -417,3 +417,22 @@ def test_peer_address_change_is_reported(tmp_path: Path) -> None:
         changes = [e for e in emu.events if isinstance(e, PeerAddressChanged)]
         assert changes[-1].new == ("1.2.3.4", 4321)
         assert relay.get_peer_address() == ("1.2.3.4", 4321)
+
+
+# --- handing a live connection over to the kernel ---------------------------------------------
+
+def test_hand_over_starts_above_every_id_and_number_userspace_used(tmp_path: Path) -> None:
+    """A relay session may have been handed stream id 3 (the MoQ session writes it later)
+    when the fast path takes the connection over: the shared counter starts above it, and
+    the kernel's packet numbers continue aioquic's."""
+    with client_and_server(tmp_path, stock_client=True) as pair:
+        pair.pump()
+        relay = pair.server
+        assert relay.take_uni_stream_id() == 3  # handed to the session, not opened yet
+        assert relay.next_local_uni_index == 1
+        counter = InMemoryCounter(relay.next_local_uni_index)
+        built = relay._packet_number
+        assert relay.hand_numbering_to_kernel(CounterStreamIdAllocator(counter, kind=3)) == built
+        assert relay._loss.kernel_numbers_packets
+        assert relay.take_uni_stream_id() == 7
+        assert counter.value == 2

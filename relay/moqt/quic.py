@@ -100,6 +100,7 @@ class MoqtProtocol(QuicConnectionProtocol):
         self.stream_tap: Callable[[int, bytes, bool], None] | None = None
         if isinstance(quic, FastrelayQuicConnection):
             quic.stream_priority = session.stream_priorities.get
+            session.set_uni_stream_ids(quic.take_uni_stream_id)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -860,6 +860,11 @@ class MoqtSession:
 
     # -- internals: sending --------------------------------------------------------------------
 
+    def set_uni_stream_ids(self, allocate: Callable[[], int]) -> None:
+        """Number our uni streams with `allocate` from now on (the QUIC connection's, so a
+        stream-id allocator shared with the fast path sees every id)."""
+        self._uni_stream_ids = allocate
+
     def _default_uni_stream_id(self) -> int:
         stream_id = self._next_uni
         self._next_uni += 4

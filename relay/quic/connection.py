@@ -162,6 +162,7 @@ class FastrelayQuicConnection(QuicConnection):
         self._host_cid_factory = host_cid_factory
         self._opened_local = {0: RangeSet(), 1: RangeSet(), 2: RangeSet(), 3: RangeSet()}
         self._peeked_stream_ids: dict[int, int] = {}
+        self._handed_out: dict[int, int] = {}  # kind -> highest id aioquic's own allocator gave
         self._parked_deliveries: dict[int, list[_Delivery]] = {}
         self._delivery_seq = itertools.count()
         # key phase bookkeeping for RFC 9001 §6.1, from the key-phase bits the kernel reports
@@ -415,6 +416,17 @@ class FastrelayQuicConnection(QuicConnection):
             peeked = self._peeked_stream_ids[kind] = allocator.reserve(1)[0]
         return peeked
 
+    def take_uni_stream_id(self) -> int:
+        """A local uni stream id for a stream written later (the MoQ session numbers its
+        streams ahead of writing them): from the shared allocator after the hand-over to the
+        kernel, before it the next id nobody has used or been handed."""
+        kind = 2 | (0 if self._is_client else 1)
+        if self.stream_id_allocator is not None and self.stream_id_allocator.kind == kind:
+            return self.stream_id_allocator.reserve(1)[0]
+        stream_id = max(self._local_next_stream_id_uni, self._handed_out.get(kind, -4) + 4)
+        self._handed_out[kind] = stream_id
+        return stream_id
+
     def _is_opened_local(self, stream_id: int) -> bool:
         return stream_id // 4 in self._opened_local[stream_id % 4]
 
@@ -482,8 +494,9 @@ class FastrelayQuicConnection(QuicConnection):
 
     @property
     def next_local_uni_index(self) -> int:
-        """Index (id // 4) of the next server- or client-initiated uni stream aioquic would open."""
-        return self._local_next_stream_id_uni // 4
+        """Index (id // 4) of the first local uni stream id nobody has used or been handed yet."""
+        kind = 2 | (0 if self._is_client else 1)
+        return max(self._local_next_stream_id_uni, self._handed_out.get(kind, -4) + 4) // 4
 
     def on_wire_number(self, number: WireNumber) -> None:
         """The kernel gave wire number `number.wire_pn` to the packet aioquic numbered `built_pn`."""
