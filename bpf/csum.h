@@ -123,6 +123,39 @@ static __always_inline int fr_csum_write(struct __sk_buff *skb, __u32 l4_csum_of
 	return 0;
 }
 
+/* Ones' complement sum (folded, host order) of len (0..32) bytes at b, placed at a frame
+ * offset of parity odd. b must have 32 readable bytes. */
+static __always_inline __u16 fr_csum_bytes32(const __u8 *b, __u32 len, __u32 odd)
+{
+	__u32 n1 = len > 8 ? len - 8 : 0, n2 = len > 16 ? len - 16 : 0, n3 = len > 24 ? len - 24 : 0;
+	__u16 s = fr_fold(fr_sum16x4(fr_be_head(fr_be64_of(b), len)) +
+			  fr_sum16x4(fr_be_head(fr_be64_of(b + 8), n1)) +
+			  fr_sum16x4(fr_be_head(fr_be64_of(b + 16), n2)) +
+			  fr_sum16x4(fr_be_head(fr_be64_of(b + 24), n3)));
+	if (odd & 1)
+		s = (s >> 8) | (s << 8);
+	return s;
+}
+
+/* 1 when the UDP checksum of skb is CHECKSUM_PARTIAL (the field holds the pseudo-header
+ * sum only and the device sums from csum_start), 0 when the field is the whole checksum,
+ * -1 on error. No __sk_buff field says it: a data-only change made through
+ * bpf_l4_csum_replace (by diff, without BPF_F_PSEUDO_HDR) is skipped for CHECKSUM_PARTIAL
+ * alone, so apply one, look, and put the field back. */
+static __always_inline int fr_csum_is_partial(struct __sk_buff *skb, __u32 l4_csum_off)
+{
+	__u16 c0 = 0, c1 = 0;
+	if (bpf_skb_load_bytes(skb, l4_csum_off, &c0, 2))
+		return -1;
+	if (bpf_l4_csum_replace(skb, l4_csum_off, 0, 1, 0))
+		return -1;
+	if (bpf_skb_load_bytes(skb, l4_csum_off, &c1, 2))
+		return -1;
+	if (c1 == c0)
+		return 1;
+	return bpf_skb_store_bytes(skb, l4_csum_off, &c0, 2, 0) ? -1 : 0;
+}
+
 /* Bytes fr_csum_zero overwrites at most (one PADDED frame). */
 #define FR_MAX_ZERO_BLOCKS 24		/* 64-byte blocks: 1536 bytes */
 

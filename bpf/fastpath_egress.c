@@ -3,15 +3,35 @@
  *
  * Clones (mark FR_MARK_MAGIC | FR_MARK_CLONE | subscriber index, made by
  * fastpath_ingress.c) are rewritten for the subscriber: MACs, IP addresses, UDP ports
- * (checksums fixed), the DCID (equal lengths only so far: else punted), the key phase
- * bit, stream ids of forwarded streams (into the subscriber's stream-id space, same
- * varint width in place, else punted), and every frame that belongs to the upstream
- * connection, to a stream this subscriber does not get, or to a range already handed out
- * is overwritten with PADDING. Then the packet number comes from the subscriber's
- * atomic counter (RFC 9000 §17.1 / A.2: punted if the publisher's PN length is too
- * short for what the subscriber has acknowledged), credit and congestion window are
- * checked, and a record goes to fr_events. A punted clone is dropped with a punt record
- * listing its stream ranges: userspace sends them.
+ * (checksums fixed), the DCID, the key phase bit, stream ids of forwarded streams (into
+ * the subscriber's stream-id space), the track alias of a stream handed to the
+ * subscriber (its subgroup header at offset 0) and of OBJECT_DATAGRAMs, where the
+ * subscriber's fr_sub_tracks.sub_alias differs (in place at the upstream's width, else
+ * punted FR_PUNT_ALIAS_WIDTH), and every frame that belongs to the upstream connection,
+ * to a stream this subscriber does not get, or to a range already handed out is
+ * overwritten with PADDING. Then the packet number comes from the subscriber's atomic
+ * counter (RFC 9000 §17.1 / A.2), credit and congestion window are checked, and a
+ * record goes to fr_events. A punted clone is dropped with a punt record listing its
+ * stream ranges: userspace sends them.
+ *
+ * Fields whose size changes for the subscriber (its DCID length differs from the
+ * upstream's, its packet number needs more bytes than the publisher wrote, a stream id
+ * needs a wider varint) resize the packet in place, once, in the send stage: the walk
+ * rewrites same-size fields in place at the offsets as they are and only plans the
+ * others (fr_scratch.grow[]), so no offset it recorded moves before it is used. Each
+ * edit changes the size by an even number of bytes (a PADDING byte goes in front of a
+ * frame, or after the packet number, when the field grew by an odd number), so the
+ * bytes behind keep their checksum parity. bpf_skb_adjust_room(BPF_ADJ_ROOM_NET) makes
+ * or takes the room behind the IP header, the bytes from the UDP header to the last
+ * edit are written back with the edits (the rest of the packet is where it belongs),
+ * IPv4 total length and header checksum, IPv6 payload length, UDP length and checksum
+ * are fixed. A grown packet must fit fr_sub.max_udp_payload (UDP payload bytes; 0 =
+ * unknown: punted), else it is punted with the reason of the first field that changed
+ * (FR_PUNT_CID_LEN, FR_PUNT_PN_GROW, FR_PUNT_SID_GROW); a shrunk one always fits. A
+ * stream id that must grow more than FR_GROW_MAX_HEAD bytes into the datagram is
+ * punted (FR_PUNT_SID_GROW), a CHECKSUM_PARTIAL clone that must change size too
+ * (FR_PUNT_RESIZE_PARTIAL: moving the UDP header would leave the skb's csum_start
+ * behind). The record's size and pn_len are those sent.
  *
  * Userspace's 1-RTT packets to a subscriber (found by peer address) get their packet
  * number from the same counter, in place (same length), and a record carrying the PN
@@ -21,7 +41,7 @@
  * Stages (tail calls through fr_progs; state in fr_scratch[FR_SCRATCH_EGRESS]):
  *   fastpath_egress        demux, userspace renumbering, clone set-up
  *   fastpath_egress_walk   one frame of a clone per call (FR_PROG_EG_WALK)
- *   fastpath_egress_send   credit, PN, header rewrite, record (FR_PROG_EG_SEND)
+ *   fastpath_egress_send   credit, PN, header rewrite or resize, record (FR_PROG_EG_SEND)
  *
  * Verdicts: TC_ACT_UNSPEC for what leaves (the crypto shim after us still runs),
  * TC_ACT_SHOT for withheld clones and dropped packets.
@@ -208,6 +228,8 @@ static __always_inline int fr_egress_clone(struct __sk_buff *skb, __u32 sub_idx,
 	w->steps = 0;
 	w->new_bytes = 0;
 	w->n_sent = 0;
+	w->n_grow = 0;
+	w->cid_len = 0;
 	w->rec.kind = FR_REC_SENT_CLONE;
 	w->rec.sub_idx = sub_idx;
 
@@ -257,6 +279,7 @@ static __always_inline int fr_egress_clone(struct __sk_buff *skb, __u32 sub_idx,
 	w->end = s.payload_end;
 	w->pn_off = s.pn_off;
 	w->csum_off = p.csum_off;
+	w->cid_len = cid_len;
 
 	/* Packet-level problems are known now; the walk still runs (without rewriting) so
 	 * the punt record lists every stream range userspace must send. */
@@ -268,8 +291,6 @@ static __always_inline int fr_egress_clone(struct __sk_buff *skb, __u32 sub_idx,
 		w->punt = FR_PUNT_GSO;
 	else if (sub->family != p.family)
 		w->punt = FR_PUNT_FAMILY;
-	else if (sub->dcid_len != cid_len)
-		w->punt = FR_PUNT_CID_LEN;
 
 	fr_progs.call(skb, FR_PROG_EG_WALK);
 	return fr_eg_verdict(FR_EG_DROP_NO_PROG, bytes, TC_ACT_SHOT);
@@ -304,6 +325,56 @@ static __always_inline int fr_record_frame(struct fr_scratch *w, const struct qu
 	return 0;
 }
 
+/* Plan the stream id of STREAM frame f to grow to the varint sid needs: an edit for the
+ * send stage replacing the type byte and the id with [PADDING,] type, wider id (a
+ * PADDING byte in front when the growth is odd, so the bytes behind keep their checksum
+ * parity). 0, or -1 if it cannot be planned. */
+static __always_inline int fr_plan_sid(struct fr_scratch *w, const struct quic_frame *f, __u64 sid)
+{
+	__u32 n = w->n_grow;
+	__u32 size = quic_varint_min_size(sid), old = f->sid_size;
+	if (n >= MAX_RECORD_FRAMES || size <= old || old < 1)
+		return -1;
+	__u32 i = n + 1;
+	fr_barrier_var(i);
+	if (i > MAX_RECORD_FRAMES)
+		return -1;
+	struct fr_grow_edit *e = &w->grow[i];
+	__u32 pad = (size - old) & 1;
+	e->start = f->start;
+	e->old_len = 1 + old;
+	e->new_len = 1 + size + pad;
+	__builtin_memset(e->bytes, 0, FR_GROW_EDIT_MAX);
+	if (pad) {
+		e->bytes[1] = f->type;
+		quic_varint_store(sid, size, e->bytes + 2);
+	} else {
+		e->bytes[0] = f->type;
+		quic_varint_store(sid, size, e->bytes + 1);
+	}
+	w->n_grow = i;
+	return 0;
+}
+
+/* The subscriber's track alias over the upstream's in the MoQT header at [off, end) (a
+ * subgroup header or an OBJECT_DATAGRAM: type varint, then the alias), at the same
+ * width. 0, or a punt reason. */
+static __always_inline __u32 fr_write_alias(struct __sk_buff *skb, struct fr_scratch *w, __u32 off,
+					    __u32 end, __u64 up_alias, __u64 sub_alias)
+{
+	__u64 type = 0, alias = 0;
+	__u32 n1 = 0, n2 = 0;
+	if (quic_varint_load(skb, off, end, &type, &n1) ||
+	    quic_varint_load(skb, off + n1, end, &alias, &n2) || alias != up_alias)
+		return FR_PUNT_ALIAS_WIDTH;
+	__u8 buf[FR_CSUM_MAX_WRITE] = {};
+	if (quic_varint_store(sub_alias, n2, buf))
+		return FR_PUNT_ALIAS_WIDTH;
+	if (fr_csum_write(skb, w->csum_off, off + n1, buf, n2 & 0xf))
+		return FR_PUNT_BAD_FRAME;
+	return 0;
+}
+
 /* The STREAM frame f of a clone: translate (0), pad (0 and *zero set) or punt (a reason). */
 static __always_inline __u32 fr_clone_stream(struct __sk_buff *skb, struct fr_scratch *w,
 					     const struct quic_frame *f, int *zero)
@@ -314,7 +385,8 @@ static __always_inline __u32 fr_clone_stream(struct __sk_buff *skb, struct fr_sc
 		return FR_PUNT_NO_SUBSCRIBER;
 	struct fr_sub_stream_key k = {.sub_idx = sub_idx, .up_idx = w->up_idx, .up_sid = f->sid};
 	struct fr_sub_stream *ss = fr_sub_streams.lookup(&k);
-	int pad = 0;
+	int pad = 0, fresh = 0;
+	__u64 up_alias = 0, sub_alias = 0;
 
 	if (!ss) {
 		/* A subscriber gets a stream from its first byte or not at all. */
@@ -346,6 +418,9 @@ static __always_inline __u32 fr_clone_stream(struct __sk_buff *skb, struct fr_sc
 				ss = fr_sub_streams.lookup(&k);
 				if (!ss)
 					return FR_PUNT_MAP_FULL;
+				fresh = 1;	/* its subgroup header is in this frame */
+				up_alias = us->alias;
+				sub_alias = st->sub_alias;
 			}
 		}
 	}
@@ -382,10 +457,16 @@ static __always_inline __u32 fr_clone_stream(struct __sk_buff *skb, struct fr_sc
 	if (w->punt)
 		return 0;
 	__u8 buf[FR_CSUM_MAX_WRITE] = {};
-	if (quic_varint_store(ss->sub_sid, f->sid_size, buf))
-		return FR_PUNT_SID_GROW;
-	if (fr_csum_write(skb, w->csum_off, f->sid_off, buf, f->sid_size & 0xf))
+	if (quic_varint_store(ss->sub_sid, f->sid_size, buf)) {
+		/* A wider varint: the send stage grows the packet (the walk goes on at the
+		 * offsets as they are now). */
+		if (fr_plan_sid(w, f, ss->sub_sid))
+			return FR_PUNT_SID_GROW;
+	} else if (fr_csum_write(skb, w->csum_off, f->sid_off, buf, f->sid_size & 0xf)) {
 		return FR_PUNT_BAD_FRAME;
+	}
+	if (fresh && sub_alias != up_alias)
+		return fr_write_alias(skb, w, f->data_off, f->data_off + f->data_len, up_alias, sub_alias);
 	return 0;
 }
 
@@ -419,14 +500,18 @@ int fastpath_egress_walk(struct __sk_buff *skb)
 		reason = fr_clone_stream(skb, w, &f, &zero);
 	} else if (t == QUIC_FRAME_DATAGRAM || t == QUIC_FRAME_DATAGRAM_LEN) {
 		/* Forwarded as is when the subscriber gets the track, else padded. */
-		__u64 type = 0, alias = 0;
-		__u32 n = 0, dend = f.data_off + f.data_len;
+		__u64 type = 0, alias = 0, sub_alias = 0;
+		__u32 n = 0, n2 = 0, dend = f.data_off + f.data_len;
 		int mine = 0;
 		if (!quic_varint_load(skb, f.data_off, dend, &type, &n) &&
-		    !quic_varint_load(skb, f.data_off + n, dend, &alias, &n)) {
+		    !quic_varint_load(skb, f.data_off + n, dend, &alias, &n2)) {
 			struct fr_sub_track_key tk = {.sub_idx = w->sub_idx, .up_idx = w->up_idx,
 						      .alias = alias};
-			mine = fr_sub_tracks.lookup(&tk) != 0;
+			struct fr_sub_track *st = fr_sub_tracks.lookup(&tk);
+			if (st) {
+				mine = 1;
+				sub_alias = st->sub_alias;
+			}
 		}
 		if (mine) {
 			__u32 i = w->rec.n_frames;
@@ -439,6 +524,8 @@ int fastpath_egress_walk(struct __sk_buff *skb)
 				fr->action = FR_FA_FORWARDED;
 				w->rec.n_frames = i + 1;
 				w->n_sent += 1;
+				if (sub_alias != alias && !w->punt)
+					reason = fr_write_alias(skb, w, f.data_off, dend, alias, sub_alias);
 			}
 		} else {
 			zero = 1;
@@ -456,7 +543,161 @@ int fastpath_egress_walk(struct __sk_buff *skb)
 	return fr_eg_verdict(FR_EG_DROP_NO_PROG, w->bytes, TC_ACT_SHOT);
 }
 
-/* Stage FR_PROG_EG_SEND: credit, congestion, PN, header rewrite, record. */
+/* --- resizing a clone ------------------------------------------------------------------
+ *
+ * When the subscriber's DCID has another length than the upstream's, its packet number
+ * needs more bytes than the publisher wrote, or a stream id a wider varint, the packet
+ * changes size once, here at the end (the walk wrote same-size fields in place and
+ * planned the rest as edits in fr_scratch.grow[]): grow[0] the QUIC header (first byte,
+ * DCID, PN, then a PADDING byte when the header's change is odd), grow[1..] stream ids.
+ * Each edit changes the size by an even number of bytes, so every byte behind an edit
+ * keeps its 16-bit parity and the UDP checksum changes only by the edited bytes and the
+ * lengths. The bytes from the UDP header to the last edit are copied to fr_scratch.head,
+ * bpf_skb_adjust_room(BPF_ADJ_ROOM_NET) adds (or removes) the room right behind the IP
+ * header, which leaves everything after the last edit where it belongs, and the head is
+ * written back with the edits in place, then the IP and UDP lengths and checksums. */
+
+/* fr_scratch.head + at, at masked into the buffer (after a barrier, so clang keeps the
+ * mask the verifier needs even where it knows at is in range). */
+static __always_inline __u8 *fr_head_at(struct fr_scratch *w, __u64 at)
+{
+	fr_barrier_var(at);
+	return w->head + (at & (FR_GROW_MAX_HEAD - 1));
+}
+
+/* Bytes the planned edits change the packet by, the header edit counted as grow[0]
+ * would be for new DCID length dl and PN length npl. */
+static __always_inline int fr_resize_delta(struct fr_scratch *w, __u32 dl, __u32 npl)
+{
+	int hd = (int)(dl + npl) - (int)(w->cid_len + w->rec.pn_len);
+	int delta = hd + (hd & 1);
+#pragma clang loop unroll(disable)
+	for (int i = 1; i <= MAX_RECORD_FRAMES; i++) {
+		if (i > w->n_grow)
+			break;
+		delta += (int)w->grow[i].new_len - (int)w->grow[i].old_len;
+	}
+	return delta;
+}
+
+/* grow[0]: the subscriber's QUIC header at quic_off. */
+static __always_inline void fr_plan_header(struct fr_scratch *w, const struct fr_sub *sub,
+					   __u32 quic_off, __u8 first, __u32 dl, __u64 full, __u32 npl)
+{
+	struct fr_grow_edit *e = &w->grow[0];
+	__u32 old = 1 + w->cid_len + w->rec.pn_len;
+	__u32 new = 1 + dl + npl;
+	__u32 pad = (new - old) & 1;
+	e->start = quic_off;
+	e->old_len = old;
+	e->new_len = new + pad;
+	__builtin_memset(e->bytes, 0, FR_GROW_EDIT_MAX);
+	e->bytes[0] = (first & ~QUIC_PN_LEN_MASK) | ((npl - 1) & QUIC_PN_LEN_MASK);
+	__builtin_memcpy(e->bytes + 1, sub->dcid, QUIC_MAX_CID_LEN);
+	/* then the PN and a PADDING byte (0) over what the DCID array left past dl */
+	__u32 at = 1 + dl;
+	fr_barrier_var(at);
+	if (at > 1 + QUIC_MAX_CID_LEN)
+		return;
+	__u32 sh = 8 * (npl - 1);
+	e->bytes[at & 31] = full >> sh;
+	e->bytes[(at + 1) & 31] = npl > 1 ? full >> (sh - 8) : 0;
+	e->bytes[(at + 2) & 31] = npl > 2 ? full >> (sh - 16) : 0;
+	e->bytes[(at + 3) & 31] = npl > 3 ? full : 0;
+	e->bytes[(at + 4) & 31] = 0;
+}
+
+/* Resize the clone by delta (even) as planned in grow[0..n_grow]. 0, or -1 (the packet
+ * may be half written: the caller drops it). */
+static __always_inline int fr_resize(struct __sk_buff *skb, struct fr_scratch *w,
+				     const struct fr_pkt *p, int delta)
+{
+	__u32 l4 = p->l4_off;
+	__u32 n = w->n_grow;
+	if (n > MAX_RECORD_FRAMES)
+		return -1;
+	__u32 last = n;
+	fr_barrier_var(last);
+	if (last > MAX_RECORD_FRAMES)
+		return -1;
+	__u64 hlen = (__u64)w->grow[last].start + w->grow[last].old_len - l4;
+	fr_barrier_var(hlen);
+	if (hlen < FR_UDP_HLEN || hlen > FR_GROW_MAX_HEAD)
+		return -1;
+	if (bpf_skb_load_bytes(skb, l4, w->head, hlen))
+		return -1;
+
+	/* UDP length and checksum (RFC 1624): the edits' bytes and the length, which the
+	 * checksum covers twice (UDP header and pseudo-header). IPv4 0: no checksum. */
+	__u32 old_len = ((__u32)w->head[4] << 8) | w->head[5];
+	__u32 new_len = old_len + delta;
+	__u16 csum = ((__u16)w->head[6] << 8) | w->head[7];
+	if (csum || p->family == 6) {
+		__u64 sum = (__u16)~csum;
+		__u32 x = l4;
+#pragma clang loop unroll(disable)
+		for (int i = 0; i <= MAX_RECORD_FRAMES; i++) {
+			if (i > n)
+				break;
+			struct fr_grow_edit *e = &w->grow[i];
+			__u32 at = e->start - l4;
+			if (e->start < x || at >= FR_GROW_MAX_HEAD)
+				return -1;
+			sum += (__u16)~fr_csum_bytes32(fr_head_at(w, at), e->old_len, e->start);
+			sum += fr_csum_bytes32(e->bytes, e->new_len, e->start);
+			x = e->start + e->old_len;
+		}
+		sum += 2 * ((__u16)~old_len + (new_len & 0xffff));
+		csum = ~fr_fold(sum);
+		if (!csum)
+			csum = 0xffff;
+		w->head[6] = csum >> 8;
+		w->head[7] = csum;
+	}
+	w->head[4] = new_len >> 8;
+	w->head[5] = new_len;
+
+	if (delta && bpf_skb_adjust_room(skb, delta, BPF_ADJ_ROOM_NET, 0))
+		return -1;
+
+	/* Write back: the bytes before each edit, then the edit, each moved by the change
+	 * of the edits before it. */
+	__u32 x = l4;
+	int moved = 0;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i <= MAX_RECORD_FRAMES; i++) {
+		if (i > n)
+			break;
+		struct fr_grow_edit *e = &w->grow[i];
+		__u64 seg = e->start - x;
+		__u32 at = x - l4;
+		fr_barrier_var(seg);
+		if (seg > FR_GROW_MAX_HEAD || at >= FR_GROW_MAX_HEAD)
+			return -1;
+		if (seg && bpf_skb_store_bytes(skb, x + moved, fr_head_at(w, at), seg, 0))
+			return -1;
+		__u64 nl = e->new_len;
+		fr_barrier_var(nl);
+		if (nl < 1 || nl > FR_GROW_EDIT_MAX)
+			return -1;
+		if (bpf_skb_store_bytes(skb, e->start + moved, e->bytes, nl, 0))
+			return -1;
+		moved += (int)e->new_len - (int)e->old_len;
+		x = e->start + e->old_len;
+	}
+
+	/* IP lengths */
+	__u16 ipl = 0;
+	__u32 ipl_off = p->family == 4 ? p->l3_off + 2 : p->l3_off + 4;
+	if (bpf_skb_load_bytes(skb, ipl_off, &ipl, 2))
+		return -1;
+	__u16 nipl = bpf_htons(bpf_ntohs(ipl) + delta);
+	if (p->family == 4 && bpf_l3_csum_replace(skb, p->l3_off + 10, ipl, nipl, 2))
+		return -1;
+	return bpf_skb_store_bytes(skb, ipl_off, &nipl, 2, 0) ? -1 : 0;
+}
+
+/* Stage FR_PROG_EG_SEND: credit, congestion, PN, header rewrite (or resize), record. */
 int fastpath_egress_send(struct __sk_buff *skb)
 {
 	__u32 slot = FR_SCRATCH_EGRESS;
@@ -477,46 +718,80 @@ int fastpath_egress_send(struct __sk_buff *skb)
 	struct fr_conn *conn = fr_conns.lookup(&ci);
 	if (!conn)
 		return fr_punt_clone(w, FR_PUNT_NO_SUBSCRIBER);
+	__u32 pn_len = w->rec.pn_len;
+	__u32 dl = sub->dcid_len;
+	if (pn_len < 1 || pn_len > 4 || dl > QUIC_MAX_CID_LEN || w->cid_len > QUIC_MAX_CID_LEN)
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
 	/* Check-then-add: clones of one subscriber come from one CPU's softirq; a race with
 	 * userspace's resync can overshoot by one packet. */
 	if (sub->data_used + w->new_bytes > sub->max_data)
 		return fr_punt_clone(w, FR_PUNT_NO_CREDIT);
-	__u32 size = w->rec.size;
-	if (sub->bytes_in_flight + size > sub->cwnd)
+	/* The size on the wire, with the PN length the next number would need. */
+	__u32 npl = quic_pn_len_needed(sub->next_pn, sub->largest_acked);
+	if (npl < pn_len)
+		npl = pn_len;
+	if (npl > 4)
+		npl = 4;
+	int delta = fr_resize_delta(w, dl, npl);
+	if (sub->bytes_in_flight + w->rec.size + delta > sub->cwnd)
 		return fr_punt_clone(w, FR_PUNT_NO_CWND);
 
 	struct fr_pkt p = {};
 	if (fr_parse_udp(skb, &p))
 		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
-	__u32 pn_len = w->rec.pn_len;
-	if (pn_len < 1 || pn_len > 4)
-		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
 	__u64 full = __sync_fetch_and_add(&sub->next_pn, 1);
 	w->rec.wire_pn = full;
-	if (quic_pn_len_needed(full, sub->largest_acked) > pn_len)
+	npl = quic_pn_len_needed(full, sub->largest_acked);
+	if (npl > 4)
 		return fr_punt_clone(w, FR_PUNT_PN_GROW);
+	if (npl < pn_len)
+		npl = pn_len;
 
-	/* QUIC: first byte (key phase), DCID, packet number. */
 	__u32 csum_off = p.csum_off;
 	__u8 buf[FR_CSUM_MAX_WRITE] = {};
 	__u8 first = (p.first & ~QUIC_SHORT_KEY_PHASE) | (conn->key_phase ? QUIC_SHORT_KEY_PHASE : 0);
-	if (first != p.first) {
-		buf[0] = first;
-		if (fr_csum_write(skb, csum_off, p.quic_off, buf, 1))
+	if (dl != w->cid_len || npl != pn_len || w->n_grow) {
+		/* Fields change size: within the subscriber's limit, resize the packet. */
+		__u32 why = dl != w->cid_len ? FR_PUNT_CID_LEN :
+			    npl != pn_len ? FR_PUNT_PN_GROW : FR_PUNT_SID_GROW;
+		delta = fr_resize_delta(w, dl, npl);
+		__u64 size = (__u64)w->rec.size + delta;
+		if (delta > 0 && (!sub->max_udp_payload || size > sub->max_udp_payload))
+			return fr_punt_clone(w, why);
+		__u32 last = w->n_grow;
+		fr_barrier_var(last);
+		if (last > MAX_RECORD_FRAMES)
+			return fr_punt_clone(w, why);
+		if ((__u64)w->grow[last].start + w->grow[last].old_len - p.l4_off > FR_GROW_MAX_HEAD &&
+		    last)
+			return fr_punt_clone(w, FR_PUNT_SID_GROW);
+		int partial = fr_csum_is_partial(skb, csum_off);
+		if (partial)
+			return fr_punt_clone(w, partial > 0 ? FR_PUNT_RESIZE_PARTIAL : FR_PUNT_RESIZE_FAILED);
+		fr_plan_header(w, sub, p.quic_off, first, dl, full, npl);
+		if (fr_resize(skb, w, &p, delta))
+			return fr_punt_clone(w, FR_PUNT_RESIZE_FAILED);
+		w->rec.size = size;
+		w->rec.pn_len = npl;
+		fr_count(FR_EG_RESIZED, bytes);
+	} else {
+		/* QUIC: first byte (key phase), DCID, packet number, in place. */
+		if (first != p.first) {
+			buf[0] = first;
+			if (fr_csum_write(skb, csum_off, p.quic_off, buf, 1))
+				return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+		}
+		if (dl) {
+			__builtin_memcpy(buf, sub->dcid, QUIC_MAX_CID_LEN);
+			if (fr_csum_write(skb, csum_off, p.quic_off + 1, buf, dl))
+				return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+		}
+		__builtin_memset(buf, 0, sizeof(buf));
+		quic_pn_store(full, pn_len, buf);
+		if (fr_csum_write(skb, csum_off, w->pn_off, buf, pn_len))
 			return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
 	}
-	__u32 dl = sub->dcid_len;
-	if (dl > QUIC_MAX_CID_LEN)
-		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
-	if (dl) {
-		__builtin_memcpy(buf, sub->dcid, QUIC_MAX_CID_LEN);
-		if (fr_csum_write(skb, csum_off, p.quic_off + 1, buf, dl))
-			return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
-	}
-	__builtin_memset(buf, 0, sizeof(buf));
-	quic_pn_store(full, pn_len, buf);
-	if (fr_csum_write(skb, csum_off, w->pn_off, buf, pn_len))
-		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	__u32 size = w->rec.size;
 
 	/* UDP ports, IP addresses (pseudo-header and IPv4 header checksums), MACs. */
 	if (fr_csum_port(skb, p.l4_off, csum_off, p.sport, sub->src_port) ||
@@ -553,7 +828,7 @@ int fastpath_egress_send(struct __sk_buff *skb)
 	__sync_fetch_and_add(&sub->data_used, w->new_bytes);
 	__sync_fetch_and_add(&sub->bytes_in_flight, size);
 	fr_emit_scratch(w);
-	fr_set_cb(skb, conn, ci, p.quic_off, dl, pn_len, 1);
+	fr_set_cb(skb, conn, ci, p.quic_off, dl, w->rec.pn_len, 1);
 	return fr_eg_verdict(FR_EG_SENT_CLONE, bytes, TC_ACT_UNSPEC);
 }
 

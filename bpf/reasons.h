@@ -47,6 +47,7 @@
 #define FR_EG_PASS_UPSTREAM 42		/* 1-RTT packet to an upstream connection: untouched */
 #define FR_EG_PASS_MALFORMED 43		/* userspace packet to a subscriber that does not parse: untouched */
 #define FR_EG_DROP_NO_PROG 44		/* a clone whose tail-call stage is missing: dropped */
+#define FR_EG_RESIZED 45		/* a sent clone whose DCID, PN or stream ids changed size (also SENT_CLONE) */
 
 /* --- egress punts: withheld, punt record emitted ------------------------------------- */
 #define FR_PUNT_NO_SUBSCRIBER 64	/* clone for a subscriber slot that is gone */
@@ -54,9 +55,12 @@
 #define FR_PUNT_NO_STREAM_CREDIT 66	/* stream flow-control credit (MAX_STREAM_DATA) exhausted */
 #define FR_PUNT_NO_MAX_STREAMS 67	/* opening the stream would exceed MAX_STREAMS */
 #define FR_PUNT_NO_CWND 68		/* congestion window full */
-#define FR_PUNT_PN_GROW 69		/* packet number needs more bytes than the packet has */
-#define FR_PUNT_SID_GROW 70		/* translated stream id needs more bytes than its encoding */
-#define FR_PUNT_CID_LEN 71		/* subscriber DCID length differs from the upstream's */
+#define FR_PUNT_PN_GROW 69		/* PN needs more bytes than the packet has and the grown packet would
+					 * pass fr_sub.max_udp_payload (or it is 0), or more than 4 bytes */
+#define FR_PUNT_SID_GROW 70		/* a stream id needs a wider varint and the grown packet would pass
+					 * the limit (or it is 0), or the id sits past FR_GROW_MAX_HEAD */
+#define FR_PUNT_CID_LEN 71		/* subscriber DCID longer than the upstream's and the grown packet
+					 * would pass the limit (or it is 0); the first of 71, 69, 70 */
 #define FR_PUNT_FAMILY 72		/* IPv4 packet for an IPv6 subscriber or the reverse */
 #define FR_PUNT_MAP_FULL 73		/* a translation entry could not be inserted */
 #define FR_PUNT_FRAME_LIMIT 74		/* too many or unknown frames to rewrite */
@@ -67,6 +71,10 @@
 #define FR_PUNT_RECORD_FRAMES 79	/* more STREAM/DATAGRAM frames than a record describes */
 #define FR_PUNT_USER_PN_GROW 80		/* userspace packet whose new PN does not fit: dropped, reported */
 #define FR_PUNT_GSO 81			/* GSO clone */
+#define FR_PUNT_ALIAS_WIDTH 82		/* the subscriber's track alias does not fit the upstream's width */
+#define FR_PUNT_RESIZE_PARTIAL 83	/* a clone that must change size is CHECKSUM_PARTIAL (moving the
+					 * UDP header would leave csum_start behind) */
+#define FR_PUNT_RESIZE_FAILED 84	/* bpf_skb_adjust_room or a write of the resize failed */
 
 #define FR_REASON_MAX 128		/* entries of fr_stats */
 

@@ -123,7 +123,9 @@ struct fr_sub {
 	__u32 conn_idx;			/* fr_conns index of this connection */
 	__u32 ifindex;			/* device the clones are redirected to */
 	__u32 flags;			/* FR_SUB_* */
-	__u32 max_udp_payload;		/* limit for grown packets: min(peer max_udp_payload_size, path MTU) */
+	__u32 max_udp_payload;		/* UDP payload bytes a grown clone may have: min(the peer's
+					 * max_udp_payload_size, validated path MTU - IP/UDP headers);
+					 * 0 = unknown: clones that must grow are punted */
 	__u8 family;			/* 4 or 6 */
 	__u8 dcid_len;			/* length of dcid */
 	__u8 priority_threshold;	/* streams whose publisher priority is > this are skipped whole */
@@ -181,7 +183,9 @@ struct fr_sub_track_key {
 	__u64 alias;			/* upstream track alias */
 };
 struct fr_sub_track {
-	__u64 sub_alias;		/* alias in the subscriber's session (same varint width) */
+	__u64 sub_alias;		/* alias in the subscriber's session: egress writes it over the
+					 * upstream's alias (subgroup header at offset 0, OBJECT_DATAGRAM)
+					 * at the upstream's varint width; one that does not fit is punted */
 	__u32 flags;			/* reserved, 0 */
 	__u32 _pad;
 	__u64 start_group;		/* streams of earlier groups are not this subscriber's: the
@@ -288,6 +292,19 @@ struct fr_record {
 
 /* === scratch ============================================================================ */
 
+/* One field of a clone that changes size (egress): old_len bytes at start (frame offset
+ * before the resize) become new_len bytes. new_len - old_len is even (a PADDING byte is
+ * added where needed), so every byte behind keeps its checksum parity. */
+#define FR_GROW_EDIT_MAX 32		/* QUIC header: first byte, 20-byte DCID, 4-byte PN, PADDING */
+#define FR_GROW_MAX_HEAD 512		/* the last edit ends at most this far after the UDP header */
+struct fr_grow_edit {
+	__u32 start;
+	__u8 old_len;
+	__u8 new_len;
+	__u8 _pad[2];
+	__u8 bytes[FR_GROW_EDIT_MAX];	/* the new bytes */
+};
+
 /* fr_scratch value (per CPU): walker state kept in a map value so that the verifier
  * forgets the per-path ranges of offsets between frames and merges states (otherwise
  * every frame doubles the paths it explores). Not read by userspace. */
@@ -310,6 +327,11 @@ struct fr_scratch {
 	__u32 punt;			/* egress: punt reason, 0 if none */
 	__u32 ring_count;		/* egress: records submitted on this CPU (wakeup pacing) */
 	struct fr_record rec;		/* egress: the record being built */
+	/* egress, fields that change size (fastpath_egress_send resizes the packet once): */
+	__u32 cid_len;			/* DCID length of the clone (the relay's host CID length) */
+	__u32 n_grow;			/* stream-id edits in grow[1..n_grow] */
+	struct fr_grow_edit grow[MAX_RECORD_FRAMES + 1];	/* [0] QUIC header, then stream ids */
+	__u8 head[2 * FR_GROW_MAX_HEAD];	/* bytes from the UDP header to the last edit, as they were */
 };
 
 #endif /* FASTRELAY_STRUCTS_H */

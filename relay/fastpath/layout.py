@@ -195,12 +195,25 @@ def record_struct(max_record_frames: int) -> type[ctypes.Structure]:
 FrRecord = record_struct(Capacities().max_record_frames)
 
 
+GROW_EDIT_MAX = 32
+GROW_MAX_HEAD = 512
+
+
+class FrGrowEdit(_S):
+    _fields_ = [("start", u32), ("old_len", u8), ("new_len", u8), ("_pad", u8 * 2),
+                ("bytes", u8 * GROW_EDIT_MAX)]
+
+
 def scratch_struct(record: type[ctypes.Structure]) -> type[ctypes.Structure]:
+    """struct fr_scratch around a struct fr_record of record_struct(MAX_RECORD_FRAMES)."""
+    max_record_frames = dict(record._fields_)["frames"]._length_
     return type(f"FrScratch_{record.__name__}", (_S,), {"_fields_": [
         ("off", u32), ("end", u32), ("forwarded", u32), ("steps", u32), ("up_idx", u32),
         ("conn_idx", u32), ("sub_idx", u32), ("bytes", u32), ("pn_off", u32),
         ("csum_off", u32), ("new_bytes", u64), ("n_frames", u32), ("n_sent", u32),
-        ("punt", u32), ("ring_count", u32), ("rec", record)]})
+        ("punt", u32), ("ring_count", u32), ("rec", record),
+        ("cid_len", u32), ("n_grow", u32), ("grow", FrGrowEdit * (max_record_frames + 1)),
+        ("head", u8 * (2 * GROW_MAX_HEAD))]})
 
 
 FrScratch = scratch_struct(FrRecord)
@@ -213,7 +226,7 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "fr_sub_track": FrSubTrack, "fr_up_stream_key": FrUpStreamKey, "fr_up_stream": FrUpStream,
     "fr_sub_stream_key": FrSubStreamKey, "fr_sub_stream": FrSubStream,
     "fr_stream_op": FrStreamOp, "fr_counter": FrCounter, "fr_frame_rec": FrFrameRec, "fr_record": FrRecord,
-    "fr_scratch": FrScratch,
+    "fr_grow_edit": FrGrowEdit, "fr_scratch": FrScratch,
 }
 
 

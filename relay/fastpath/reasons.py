@@ -45,6 +45,7 @@ class Reason(IntEnum):
     EG_PASS_UPSTREAM = 42
     EG_PASS_MALFORMED = 43
     EG_DROP_NO_PROG = 44
+    EG_RESIZED = 45
     # egress punts
     PUNT_NO_SUBSCRIBER = 64
     PUNT_NO_CREDIT = 65
@@ -64,6 +65,9 @@ class Reason(IntEnum):
     PUNT_RECORD_FRAMES = 79
     PUNT_USER_PN_GROW = 80
     PUNT_GSO = 81
+    PUNT_ALIAS_WIDTH = 82
+    PUNT_RESIZE_PARTIAL = 83
+    PUNT_RESIZE_FAILED = 84
 
     @property
     def is_punt(self) -> bool:

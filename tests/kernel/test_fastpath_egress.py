@@ -74,6 +74,9 @@ class Sub:
     key_phase: int = 0
     subscribed: bool = True
     start_group: int = 0
+    max_udp_payload: int = 1472
+    alias: int = ALIAS                  # the upstream's alias of the track
+    sub_alias: int | None = None        # the subscriber's (None: the same)
 
     def install(self, fp: FastPath, cid_len: int = 8) -> None:
         for name in ("fr_cids", "fr_peers", "fr_tracks", "fr_sub_tracks", "fr_up_streams",
@@ -96,7 +99,7 @@ class Sub:
                       max_data=self.max_data, data_used=self.data_used,
                       initial_max_stream_data=self.initial_max_stream_data, cwnd=self.cwnd,
                       bytes_in_flight=self.bytes_in_flight, conn_idx=1, ifindex=1,
-                      flags=L.SUB_ACTIVE, max_udp_payload=1472, family=self.family,
+                      flags=L.SUB_ACTIVE, max_udp_payload=self.max_udp_payload, family=self.family,
                       dcid_len=len(self.dcid), priority_threshold=self.priority_threshold,
                       src_port=int.from_bytes(RELAY_PORT.to_bytes(2, "big"), "little"),
                       dst_port=int.from_bytes(SUB_PORT.to_bytes(2, "big"), "little"))
@@ -108,12 +111,13 @@ class Sub:
         fp.update("fr_subs", 0, sub)
         fp.update("fr_peers", L.addr_key(dst, SUB_PORT), u32(1))
         if self.subscribed:
-            fp.update("fr_sub_tracks", L.FrSubTrackKey(sub_idx=0, up_idx=0, alias=ALIAS),
-                      L.FrSubTrack(sub_alias=ALIAS, start_group=self.start_group))
+            fp.update("fr_sub_tracks", L.FrSubTrackKey(sub_idx=0, up_idx=0, alias=self.alias),
+                      L.FrSubTrack(sub_alias=self.alias if self.sub_alias is None else self.sub_alias,
+                                   start_group=self.start_group))
         # what the ingress program learnt from the stream's first frame
         for sid in (UP_SID, UP_SID + 4, UP_SID + 8):
             fp.update("fr_up_streams", L.FrUpStreamKey(up_idx=0, sid=sid),
-                      L.FrUpStream(alias=ALIAS, flags=L.UPS_FORWARD, priority=7, group=1))
+                      L.FrUpStream(alias=self.alias, flags=L.UPS_FORWARD, priority=7, group=1))
         fp.update("fr_up_streams", L.FrUpStreamKey(up_idx=0, sid=OTHER_SID),
                   L.FrUpStream(alias=OTHER_ALIAS, flags=L.UPS_FORWARD, priority=7))
 
@@ -190,9 +194,9 @@ CASES = [
     Case("subscriber id space ahead: 2-byte encoding kept",
          P.stream_frame(UP_SID, head(), offset=0, sid_size=2), P.stream_frame(4 * 40 + 3, head(), offset=0, sid_size=2),
          {R.EG_SEEN: 1, R.EG_SENT_CLONE: 1}, Sub(next_uni_index=40)),
-    Case("stream id must grow: punted",
+    Case("stream id must grow, subscriber's limit unknown: punted",
          P.stream_frame(UP_SID, head(), offset=0), None,
-         {R.EG_SEEN: 1, R.PUNT_SID_GROW: 1}, Sub(next_uni_index=20),
+         {R.EG_SEEN: 1, R.PUNT_SID_GROW: 1}, Sub(next_uni_index=20, max_udp_payload=0),
          record={"kind": L.REC_PUNT_CLONE, "reason": R.PUNT_SID_GROW,
                  "frames": [(83, UP_SID, 0, len(head()), L.FA_PUNTED)]}),
     Case("1-byte packet number (quic-go style)", P.stream_frame(UP_SID, head(), offset=0),
@@ -202,9 +206,9 @@ CASES = [
     Case("4-byte packet number", P.stream_frame(UP_SID, head(), offset=0),
          P.stream_frame(3, head(), offset=0), {R.EG_SEEN: 1, R.EG_SENT_CLONE: 1},
          Sub(next_pn=1 << 24, largest_acked=(1 << 24) - 2), pn_len=4),
-    Case("packet number too short for what the subscriber acknowledged: punted",
+    Case("packet number too short for what the subscriber acknowledged, limit unknown: punted",
          P.stream_frame(UP_SID, head(), offset=0), None, {R.EG_SEEN: 1, R.PUNT_PN_GROW: 1},
-         Sub(next_pn=200), pn_len=1),
+         Sub(next_pn=200, max_udp_payload=0), pn_len=1),
     Case("largest acked close: 1 byte is enough", P.stream_frame(UP_SID, head(), offset=0),
          P.stream_frame(3, head(), offset=0), {R.EG_SEEN: 1, R.EG_SENT_CLONE: 1},
          Sub(next_pn=1000, largest_acked=990), pn_len=1),
@@ -217,8 +221,8 @@ CASES = [
     Case("20-byte connection ids", P.stream_frame(UP_SID, head(), offset=0),
          P.stream_frame(3, head(), offset=0), {R.EG_SEEN: 1, R.EG_SENT_CLONE: 1},
          Sub(dcid=bytes(range(1, 21))), cid_len=20),
-    Case("DCID lengths differ: punted", P.stream_frame(UP_SID, head(), offset=0), None,
-         {R.EG_SEEN: 1, R.PUNT_CID_LEN: 1}, Sub(dcid=bytes(4))),
+    Case("longer subscriber DCID, limit unknown: punted", P.stream_frame(UP_SID, head(), offset=0), None,
+         {R.EG_SEEN: 1, R.PUNT_CID_LEN: 1}, Sub(dcid=bytes(12), max_udp_payload=0)),
     Case("IPv4 clone for an IPv6 subscriber: punted", P.stream_frame(UP_SID, head(), offset=0), None,
          {R.EG_SEEN: 1, R.PUNT_FAMILY: 1}, Sub(family=6)),
     Case("no connection credit: punted", P.stream_frame(UP_SID, head(), offset=0), None,
