@@ -325,3 +325,124 @@ def test_random_and_truncated_resized_clones_never_sent_malformed(fp: FastPath, 
             assert len(to.payload(res.data)) + to.payload_offset == len(res.data), f"mutation {i}"
             if family == 4:
                 assert P.ipv4_header_ok(res.data), f"mutation {i}"
+
+
+# --- live: real veths in the namespace lab --------------------------------------------------
+
+LIVE_TOPOLOGY = """
+name = "fpgrow"
+[addressing]
+ipv4 = "10.211.0.0/16"
+ipv6 = "fd00:fa59::/48"
+[[host]]
+name = "pub1"
+role = "publisher"
+[[host]]
+name = "relay"
+role = "relay"
+[[host]]
+name = "sub"
+role = "subscriber"
+count = 3
+[[link]]
+hosts = ["relay", "pub1"]
+tx_checksum = {pub_tx}
+[[link]]
+hosts = ["relay", "sub"]
+tx_checksum = false
+"""
+LIVE_ALIAS = 3
+LIVE_PORTS = (4433, 50001, 50000)       # relay, subscriber, publisher
+
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+@pytest.mark.parametrize("pub_tx", [False, True], ids=["full checksums", "CHECKSUM_PARTIAL"])
+@pytest.mark.parametrize("family", [4, 6])
+def test_live_resize(family: int, pub_tx: bool) -> None:
+    """One publisher packet (1-byte PN) to three subscribers: DCID 8 -> 20 with PN 1 -> 2,
+    stream id 1 -> 2 bytes and another alias; DCID 8 -> 0; same sizes. With full checksums
+    (the publisher's TX offload off) every copy arrives exact and the receivers verify
+    the checksums; a CHECKSUM_PARTIAL clone (offload on) that must change size is punted
+    (RESIZE_PARTIAL) while the same-size copy goes."""
+    import socket
+
+    from hw.lab import Lab
+    from hw.topology import loads_topology
+    from relay.fastpath.controller import FastPathController, SubscriberPath
+    from tests.kernel.test_fastpath_live import _csum_errors
+
+    relay_port, sub_port, pub_port = LIVE_PORTS
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    topo = loads_topology(LIVE_TOPOLOGY.format(pub_tx="true" if pub_tx else "false"), source="fpgrow")
+    dcids = [bytes(range(0xe0, 0xf4)), b"", bytes([0xd2]) * 8]
+    with Lab.up(topo) as lab:
+        fp = FastPath()
+        try:
+            ctl = FastPathController(fp, host_cid_len=8)
+            up = ctl.add_upstream([UP_CID])
+            ctl.forward_track(up, LIVE_ALIAS)
+            subs = []
+            for i, name in enumerate(lab.subscribers):
+                path = SubscriberPath(local=(lab.address("relay", name, family), relay_port),
+                                      peer=(lab.address(name, "relay", family), sub_port),
+                                      ifindex=lab.ifindex("relay", name),
+                                      src_mac=_mac(lab.mac("relay", name)),
+                                      dst_mac=_mac(lab.mac(name, "relay")), dcid=dcids[i])
+                grow = i == 0
+                sub = ctl.add_subscriber(up, path, max_data=1 << 30, max_streams_uni=100,
+                                         initial_max_stream_data=1 << 20, cwnd=1 << 20,
+                                         first_uni_index=20 if grow else 0, next_pn=200 if grow else 0)
+                fp.sub_write(sub.sub_idx, "max_udp_payload", (1452).to_bytes(4, "little"))
+                ctl.subscribe_track(sub, LIVE_ALIAS, 9 if grow else None)
+                subs.append((name, sub, path))
+                fp.attach(lab.ifindex("relay", name), netns=lab.netns("relay"), ingress=False)
+            fp.attach(lab.ifindex("relay", "pub1"), netns=lab.netns("relay"), egress=False)
+            fp.reset_counters()
+
+            socks = {}
+            for name, _, _ in subs:
+                s = lab.socket(name, af)
+                s.bind((lab.address(name, "relay", family), sub_port))
+                s.settimeout(2)
+                socks[name] = s
+            relay_sock = lab.socket("relay", af)
+            relay_sock.bind((lab.address("relay", "pub1", family), relay_port))
+            relay_sock.settimeout(3)
+            pub = lab.socket("pub1", af)
+            pub.bind((lab.address("pub1", "relay", family), pub_port))
+
+            body = b"live object " * 20
+            original = P.quic_short(UP_CID, 77, P.ack(10) + P.stream_frame(
+                2, P.subgroup_header(LIVE_ALIAS, 1, 5) + body, offset=0), pn_len=1)
+            pub.sendto(original, (lab.address("relay", "pub1", family), relay_port))
+            assert relay_sock.recvfrom(4096)[0] == original
+
+            wants = [
+                P.quic_short(dcids[0], 200, P.padding(1) + P.padding(len(P.ack(10))) + P.padding(1)
+                             + P.stream_frame(83, P.subgroup_header(9, 1, 5) + body, offset=0, sid_size=2),
+                             pn_len=2),
+                P.quic_short(b"", 0, P.padding(len(P.ack(10)))
+                             + P.stream_frame(3, P.subgroup_header(LIVE_ALIAS, 1, 5) + body, offset=0),
+                             pn_len=1),
+                P.quic_short(dcids[2], 0, P.padding(len(P.ack(10)))
+                             + P.stream_frame(3, P.subgroup_header(LIVE_ALIAS, 1, 5) + body, offset=0),
+                             pn_len=1),
+            ]
+            for (name, _, _), want in zip(subs, wants):
+                if pub_tx and want is not wants[2]:
+                    with pytest.raises(TimeoutError):
+                        socks[name].recvfrom(4096)
+                    continue
+                got = socks[name].recvfrom(4096)[0]
+                assert got.hex() == want.hex(), name
+                assert _csum_errors(lab, name, family) == 0, name
+            counts = {r: n for r, (n, _) in fp.counters().items()}
+            if pub_tx:
+                assert counts.get(R.PUNT_RESIZE_PARTIAL) == 2 and counts[R.EG_SENT_CLONE] == 1, counts
+            else:
+                assert counts[R.EG_RESIZED] == 2 and counts[R.EG_SENT_CLONE] == 3, counts
+        finally:
+            fp.close()
