@@ -2,14 +2,16 @@
 
 Every party is a real `fastrelay` process in its own network namespace: the relay in the
 relay host, one subscriber per subscriber host (each verifies every object and measures
-its one-way delay; all namespaces share one clock), then the publisher. Until the relay
-drives the eBPF fast path, the relay runs its userspace path.
+its one-way delay; all namespaces share one clock), then the publisher, which starts once
+every subscriber is in. By default the relay forwards with the eBPF fast path and
+`--crypto none` (as the original research did); `fastpath=False` shows the userspace path.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ class DemoResult:
     publisher: str
     relay: str
     crypto: str | None
+    fastpath: bool
     objects: int
     subscribers: list[SubscriberResult]
     relay_stats: dict[str, Any]
@@ -49,6 +52,11 @@ class DemoResult:
     @property
     def complete(self) -> bool:
         return all(s.ok and s.summary.get("objects") == self.objects for s in self.subscribers)
+
+    @property
+    def kernel_share(self) -> float | None:
+        """Share of the bytes to subscribers the kernel sent (None: no fast path)."""
+        return (self.relay_stats.get("fastpath") or {}).get("kernel_bytes_share")
 
 
 def _json_summary(path: Path, who: str) -> dict[str, Any]:
@@ -59,20 +67,36 @@ def _json_summary(path: Path, who: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-def relay_path(crypto: str | None) -> BenchPath:
-    """How the demo starts its relay: the benchmark's userspace path, with --crypto if asked."""
+def relay_path(crypto: str | None, fastpath: bool) -> BenchPath:
+    """How the demo starts its relay: a benchmark path (fast path, or userspace with
+    --crypto if asked)."""
+    if fastpath:
+        return PATHS[f"fastpath-{crypto}"]
     if crypto is None:
         return PATHS["userspace"]
     return BenchPath(f"userspace-{crypto}", f"fastrelay relay, userspace, --crypto {crypto}",
-                     [*FASTRELAY, "relay", "--listen", f"0.0.0.0:{PORT}", "--crypto", crypto],
-                     client_args=["--crypto", crypto])
+                     [*FASTRELAY, "relay", "--listen", f"0.0.0.0:{PORT}", "--crypto", crypto,
+                      "--fastpath", "off"], client_args=["--crypto", crypto])
+
+
+def _wait_subscribed(folder: Path, hosts: list[str], procs: dict[str, Any], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for host in hosts:
+        while "subscribed" not in (folder / f"{host}.err").read_text():
+            if procs[host].poll() is not None or time.monotonic() > deadline:
+                return  # its summary will say why
+            time.sleep(0.05)
 
 
 def run_demo(topology: Topology, *, objects: int = 300, rate: float = 100.0,
-             object_size: int = 1000, group_length: int = 30, crypto: str | None = None,
-             lab_name: str | None = None, timeout: float = 60.0) -> DemoResult:
+             object_size: int = 1000, group_length: int = 30, crypto: str | None = "none",
+             fastpath: bool = True, lab_name: str | None = None,
+             timeout: float = 60.0) -> DemoResult:
     """Bring a lab up, run relay, subscribers and publisher in it, bring it down."""
-    path = relay_path(crypto)
+    path = relay_path(crypto, fastpath)
+    unavailable = path.unavailable()
+    if unavailable:
+        raise FastrelayError(f"{path.name}: {unavailable}")
     with tempfile.TemporaryDirectory(prefix="fastrelay-demo-") as tmp, \
             Lab.up(topology, name=lab_name) as lab:
         folder = Path(tmp)
@@ -83,17 +107,19 @@ def run_demo(topology: Topology, *, objects: int = 300, rate: float = 100.0,
 
         relay = path.start(lab, folder, dict(os.environ))
         common = ["--namespace", NAMESPACE, "--track", TRACK, *relay.client_args]
-        subs = {host: start(host, host, [
-            "subscribe", "--url", f"moqt://{lab.address(lab.relay, host)}:{PORT}/demo",
-            *common, "--expect-objects", str(objects), "--duration", str(timeout), "--json"])
-            for host in lab.subscribers}
         publisher = lab.publishers[0]
         pub = start(publisher, "publisher", [
             "publish", "--url", f"moqt://{lab.address(lab.relay, publisher)}:{PORT}/demo",
             *common, "--objects", str(objects), "--rate", str(rate), "--object-size",
             str(object_size), "--group-length", str(group_length), "--layout", "single",
-            # every subscriber process is up and subscribed before the first object
-            "--wait-subscriber", "20", "--start-delay", "2", "--json"])
+            "--wait-subscriber", str(timeout), "--start-on-signal", "--json"])
+        subs = {host: start(host, host, [
+            "subscribe", "--url", f"moqt://{lab.address(lab.relay, host)}:{PORT}/demo",
+            *common, "--expect-objects", str(objects), "--duration", str(timeout), "--json"])
+            for host in lab.subscribers}
+        # every subscriber is subscribed before the first object
+        _wait_subscribed(folder, lab.subscribers, subs, timeout)
+        pub.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + timeout + 30
         for proc in (*subs.values(), pub):
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -102,5 +128,5 @@ def run_demo(topology: Topology, *, objects: int = 300, rate: float = 100.0,
                                     _json_summary(folder / f"{host}.out", host))
                    for host in lab.subscribers]
         return DemoResult(lab=lab.name, publisher=publisher, relay=lab.relay, crypto=crypto,
-                          objects=objects, subscribers=results,
+                          fastpath=fastpath, objects=objects, subscribers=results,
                           relay_stats=path.stats(relay) or {})

@@ -11,6 +11,7 @@ from offload.probe import run_probe
 from relay.bpfload import require_root
 from relay.cli.output import emit_table, progress
 from relay.demo import run_demo
+from relay.errors import ConfigError
 
 
 def demo(
@@ -18,8 +19,13 @@ def demo(
     objects: Annotated[int, typer.Option(min=1, max=100_000, help="Objects the publisher sends.")] = 300,
     rate: Annotated[float, typer.Option(min=1, max=10_000, help="Objects per second.")] = 100.0,
     object_size: Annotated[int, typer.Option(min=64, max=100_000, help="Bytes per object.")] = 1000,
-    crypto: Annotated[str | None, typer.Option(
-        "--crypto", metavar="BACKEND", help="Run every party with --crypto BACKEND.")] = None,
+    crypto: Annotated[str, typer.Option(
+        "--crypto", metavar="BACKEND",
+        help="Run every party with --crypto BACKEND (none, soft; standard: plain QUIC, "
+             "userspace only).")] = "none",
+    fastpath: Annotated[bool, typer.Option(
+        "--fastpath/--no-fastpath", help="Relay with the eBPF fast path, or its userspace "
+                                         "path.")] = True,
 ) -> None:
     """Lab up, probe, a publisher -> the relay -> every subscriber (each verifying every object), lab down.
 
@@ -33,8 +39,14 @@ def demo(
                as_json=False, title="Probe verdicts")
     progress(f"lab '{topology}': relay, subscribers and a publisher of {objects} objects "
              f"({object_size} B at {rate:g}/s), each in its own network namespace ...")
+    backend = None if crypto == "standard" else crypto
+    if backend not in (None, "none", "soft"):
+        raise ConfigError(f"--crypto {crypto}: the demo runs none, soft or standard")
+    if fastpath and backend != "none":
+        raise ConfigError("the fast path runs with --crypto none (soft: not yet); "
+                          "add --no-fastpath for the userspace path")
     result = run_demo(load_topology(topology), objects=objects, rate=rate,
-                      object_size=object_size, crypto=crypto)
+                      object_size=object_size, crypto=backend, fastpath=fastpath)
 
     def us(value: object) -> str:
         return "-" if value is None else f"{value:,}"
@@ -48,10 +60,18 @@ def demo(
         as_json=False,
         title=(f"Lab {result.lab}: {result.publisher} -> {result.relay} (MoQT draft-14, "
                f"{'--crypto ' + result.crypto if result.crypto else 'standard QUIC'}, "
-               "userspace path) -> subscribers"),
+               f"{'eBPF fast path' if result.fastpath else 'userspace path'}) -> subscribers"),
     )
     counters = result.relay_stats.get("counters", {})
-    progress(f"relay: {counters.get('objects_in', '?')} objects in, "
-             f"{counters.get('objects_out', '?')} out; lab {result.lab} is down again")
+    delivered = sum(s.summary["objects"] for s in result.subscribers)
+    share = result.kernel_share
+    delays = sorted(d for s in result.subscribers for d in
+                    (s.summary["delay"]["p50_us"], s.summary["delay"]["p99_us"]) if d is not None)
+    progress(f"relay: {counters.get('objects_in', '?')} objects in, {delivered} delivered to "
+             f"{len(result.subscribers)} subscribers"
+             + (f"; the kernel sent {share:.1%} of the bytes to subscribers" if share is not None
+                else "; all of it sent by userspace")
+             + (f"; delay p50 {us(min(delays))}-{us(max(delays))} µs" if delays else "")
+             + f"; lab {result.lab} is down again")
     if not result.complete:
         raise typer.Exit(1)
