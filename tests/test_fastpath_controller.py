@@ -213,3 +213,12 @@ def test_track_start_group_and_upstream_removal() -> None:
     left = {name for name, _ in maps.data if name in ("fr_cids", "fr_tracks", "fr_sub_tracks")}
     assert left == set()
     assert maps.lookup("fr_conns", up.conn_idx, L.FrConn).role == 0
+
+
+def test_capacities_from_the_command_line() -> None:
+    caps = L.Capacities.parse(["max_subscribers_per_upstream=128", "max-subscribers=2048"])
+    assert (caps.max_subscribers_per_upstream, caps.max_subscribers) == (128, 2048)
+    assert "-DMAX_SUBSCRIBERS_PER_UPSTREAM=128" in caps.cflags()
+    assert L.Capacities.parse([]) == L.Capacities()
+    with pytest.raises(ValueError, match="power of two"):
+        L.Capacities.parse(["ringbuf_pages=100"])

@@ -34,7 +34,13 @@ def test_fastpath_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
             capsys, exit_code=1, stderr=r"^error: --fastpath on: listening on 127.0.0.1 "
                                        r"\(loopback\)")
     run_cli(["relay", "--listen", "127.0.0.1:0", "--fastpath", "off", "--interface", "eth0"],
-            capsys, exit_code=1, stderr=r"^error: --interface goes with --fastpath on or auto\n$")
+            capsys, exit_code=1,
+            stderr=r"^error: --interface and --fastpath-capacity go with --fastpath on or auto\n$")
+    run_cli(["relay", "--listen", "0.0.0.0:0", "--fastpath-capacity", "max_bananas=3"], capsys,
+            exit_code=1, stderr=r"^error: --fastpath-capacity 'max_bananas=3': expected NAME=VALUE "
+                                r"with NAME one of max_subscribers_per_upstream, ")
+    run_cli(["relay", "--listen", "0.0.0.0:0", "--fastpath-capacity", "max_subscribers=0"],
+            capsys, exit_code=1, stderr=r"must be a positive integer\n$")
     run_cli(["relay", "--listen", "127.0.0.1:0", "--fastpath", "sometimes"], capsys,
             exit_code=2, stderr=r"--fastpath")
 

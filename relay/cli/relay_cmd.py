@@ -26,6 +26,7 @@ from relay.core.access import AccessConfig
 from relay.core.cache import CacheConfig
 from relay.core.relay import RelayConfig
 from relay.errors import ConfigError, FastrelayError, MissingCapabilityError
+from relay.fastpath.layout import Capacities
 from relay.fastpath.runtime import FastPathMode, FastPathRuntime, unavailable_reason
 from relay.moqt.quic import (
     TlsOptions,
@@ -121,6 +122,12 @@ def relay_command(
         help="Forward publishers' packets to subscribers from the kernel (eBPF on TC): auto "
              "uses it where this machine and --crypto allow and says so at start; on "
              "refuses to start without it.")] = FastPathMode.AUTO,
+    capacity: Annotated[list[str] | None, typer.Option(
+        "--fastpath-capacity", metavar="NAME=N",
+        help="Size of a fast-path map or limit (repeatable), e.g. max_subscribers_per_upstream"
+             "=128 (the fan-out per publisher connection; beyond it subscribers are served by "
+             "userspace, counted), max_subscribers, max_subscriber_streams, ringbuf_pages. A "
+             "full map punts to userspace and is counted.")] = None,
     interface: Annotated[list[str] | None, typer.Option(
         "--interface", metavar="IFNAME",
         help="Attach the fast path to this interface (repeatable). Default: every up "
@@ -164,8 +171,12 @@ def relay_command(
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"--access {access}: {exc}") from None
     config = RelayConfig(cache=cache, access=access_config, upstream_relay=upstream is not None)
-    if interface and fastpath == FastPathMode.OFF:
-        raise ConfigError("--interface goes with --fastpath on or auto")
+    if (interface or capacity) and fastpath == FastPathMode.OFF:
+        raise ConfigError("--interface and --fastpath-capacity go with --fastpath on or auto")
+    try:
+        caps = Capacities.parse(capacity or [])
+    except ValueError as exc:
+        raise ConfigError(f"--fastpath-capacity {exc}") from None
     fastpath_reason = None if fastpath == FastPathMode.OFF else unavailable_reason(crypto, host)
     if fastpath == FastPathMode.ON and fastpath_reason is not None:
         raise MissingCapabilityError(f"--fastpath on: {fastpath_reason}")
@@ -191,7 +202,7 @@ def relay_command(
         elif fastpath_reason is not None:
             fastpath_line = f"fastpath off: {fastpath_reason}"
         else:
-            runtime = FastPathRuntime.open(port=port, interface_names=interface)
+            runtime = FastPathRuntime.open(port=port, interface_names=interface, caps=caps)
             fastpath_line = "fastpath on: " + ", ".join(name for _, name in runtime.interfaces)
         server = RelayServer(config, upstream_url=upstream, upstream_tls=upstream_tls,
                              queue_budget=queue_budget, crypto=backend, fastpath=runtime)

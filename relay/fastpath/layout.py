@@ -8,6 +8,7 @@ bcc and compares every field. Change both together.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from dataclasses import dataclass
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
@@ -34,6 +35,24 @@ class Capacities:
     max_frames: int = 24
     max_ack_ranges: int = 16
     max_record_frames: int = 4
+
+    @classmethod
+    def parse(cls, settings: list[str]) -> Capacities:
+        """`NAME=VALUE` overrides (e.g. `max_subscribers_per_upstream=128`); ValueError with
+        the valid names for anything else."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        values: dict[str, int] = {}
+        for item in settings:
+            name, sep, text = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in names:
+                raise ValueError(f"{item!r}: expected NAME=VALUE with NAME one of {', '.join(names)}")
+            if not text.strip().isdigit() or int(text) < 1:
+                raise ValueError(f"{item!r}: the value must be a positive integer")
+            values[name] = int(text)
+        if values.get("ringbuf_pages", 1) & (values.get("ringbuf_pages", 1) - 1):
+            raise ValueError("ringbuf_pages must be a power of two")
+        return cls(**values)
 
     def cflags(self) -> list[str]:
         return [f"-D{name.upper()}={value}" for name, value in self.__dict__.items()]
@@ -197,6 +216,8 @@ FrRecord = record_struct(Capacities().max_record_frames)
 
 GROW_EDIT_MAX = 32
 GROW_MAX_HEAD = 512
+GROW_MAX_TAIL = 2048
+CFG_RESIZE_AT_TAIL = 0x1                # fr_config.flags
 
 
 class FrGrowEdit(_S):
@@ -213,7 +234,7 @@ def scratch_struct(record: type[ctypes.Structure]) -> type[ctypes.Structure]:
         ("csum_off", u32), ("new_bytes", u64), ("n_frames", u32), ("n_sent", u32),
         ("punt", u32), ("ring_count", u32), ("rec", record),
         ("cid_len", u32), ("n_grow", u32), ("grow", FrGrowEdit * (max_record_frames + 1)),
-        ("head", u8 * (2 * GROW_MAX_HEAD))]})
+        ("head", u8 * (2 * GROW_MAX_HEAD)), ("sid_delta", ctypes.c_int32), ("_pad_grow", u32)]})
 
 
 FrScratch = scratch_struct(FrRecord)
