@@ -190,13 +190,14 @@ class FastPathController:
                        max_data: int, max_streams_uni: int, initial_max_stream_data: int,
                        cwnd: int, first_uni_index: int = 0, next_pn: int = 0,
                        protection: int = L.PROT_CLEAR, tag_len: int = 0,
-                       priority_threshold: int = 255, data_used: int = 0) -> Subscriber:
+                       priority_threshold: int = 255, data_used: int = 0,
+                       max_udp_payload: int = 0) -> Subscriber:
         ci, si = self._conns.take(), self._subs.take()
         local, peer = ipaddress.ip_address(path.local[0]), ipaddress.ip_address(path.peer[0])
         if local.version != peer.version:
             raise FastrelayError("local and peer addresses of a subscriber differ in family")
         sub = L.FrSub(next_pn=next_pn, largest_acked=L.PN_NONE, next_uni_index=first_uni_index,
-                      data_used=data_used,
+                      data_used=data_used, max_udp_payload=max_udp_payload,
                       max_streams_uni=max_streams_uni, max_data=max_data,
                       initial_max_stream_data=initial_max_stream_data, cwnd=cwnd,
                       conn_idx=ci, ifindex=path.ifindex, flags=0, family=peer.version,

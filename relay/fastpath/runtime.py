@@ -139,7 +139,8 @@ class FastPathRuntime:
         self._by_up_idx: dict[int, _Up] = {}
         self._refused: dict[int, str] = {}
         self._tracks: set[tuple[int, int]] = set()
-        self._sub_tracks: dict[tuple[int, int, int], int] = {}
+        #: (subscriber session, publisher session, upstream alias) -> (start group, its alias)
+        self._sub_tracks: dict[tuple[int, int, int], tuple[int, int]] = {}
         self._thresholds: dict[int, int] = {}
         self._touched: dict[int, Any] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -185,17 +186,18 @@ class FastPathRuntime:
     def reconcile(self, tracks: Iterable[Any], protocol_of: Callable[[int], Any]) -> None:
         """Mirror the core's tracks (relay.core.tracks.Track) into the maps."""
         want_tracks: set[tuple[int, int]] = set()
-        want_subs: dict[tuple[int, int, int], int] = {}
+        want_subs: dict[tuple[int, int, int], tuple[int, int]] = {}
         for track in tracks:
             pub, alias = track.upstream_session, track.upstream_alias
             if not track.upstream_active or pub is None or alias is None:
                 continue
             for sub in track.subscribers.values():
-                # The kernel does not rewrite aliases yet: only the upstream's own alias.
-                if sub.active and sub.alias == alias:
+                # The kernel rewrites an alias in place: the relay chose one of the same
+                # width for this subscriber (`fast_path`), or the upstream's own.
+                if sub.active and sub.alias is not None and (sub.alias == alias or sub.fast_path):
                     want_tracks.add((pub, alias))
-                    want_subs[(sub.session, pub, alias)] = start_group(sub.start.group,
-                                                                       sub.start.object)
+                    want_subs[(sub.session, pub, alias)] = (
+                        start_group(sub.start.group, sub.start.object), sub.alias)
         for key in [k for k in self._sub_tracks if k not in want_subs]:
             session, pub, alias = key
             del self._sub_tracks[key]
@@ -212,16 +214,16 @@ class FastPathRuntime:
             if up is not None:
                 self.controller.forward_track(up.handle, alias)
                 self._tracks.add((pub, alias))
-        for key, group in want_subs.items():
+        for key, (group, sub_alias) in want_subs.items():
             session, pub, alias = key
-            if self._sub_tracks.get(key) == group or (pub, alias) not in self._tracks:
+            if self._sub_tracks.get(key) == (group, sub_alias) or (pub, alias) not in self._tracks:
                 continue
             sub = self._subs.get(session) or self._offload_subscriber(session, protocol_of(session))
             if sub is None:
                 continue
-            self.controller.subscribe_track(sub.handle, alias, upstream=self._ups[pub].handle,
-                                            start_group=group)
-            self._sub_tracks[key] = group
+            self.controller.subscribe_track(sub.handle, alias, sub_alias,
+                                            upstream=self._ups[pub].handle, start_group=group)
+            self._sub_tracks[key] = (group, sub_alias)
 
     def claim(self, session: int, upstream: UpstreamKey) -> int | None:
         """The subscriber stream id when the kernel forwards `upstream` to `session` (the
@@ -348,6 +350,7 @@ class FastPathRuntime:
                 initial_max_stream_data=credit.initial_max_stream_data_uni,
                 cwnd=congestion.congestion_window, first_uni_index=quic.next_local_uni_index,
                 next_pn=quic._packet_number, data_used=credit.data_used,
+                max_udp_payload=quic.udp_payload_limit,
                 priority_threshold=max(0, min(255, self._thresholds.get(session, 255))))
         except FastrelayError as exc:
             self._refuse(session, str(exc))

@@ -49,7 +49,12 @@ from aioquic.quic.connection import (
     QuicReceiveContext,
     stream_is_client_initiated,
 )
-from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicPacketType
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicFrameType,
+    QuicPacketType,
+    pull_quic_transport_parameters,
+)
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicSentPacket
 from aioquic.quic.rangeset import RangeSet
 from aioquic.quic.stream import QuicStream
@@ -162,6 +167,8 @@ class FastrelayQuicConnection(QuicConnection):
         self._host_cid_factory = host_cid_factory
         self._opened_local = {0: RangeSet(), 1: RangeSet(), 2: RangeSet(), 3: RangeSet()}
         self._peeked_stream_ids: dict[int, int] = {}
+        #: The peer's max_udp_payload_size transport parameter (RFC 9000 §18.2 default).
+        self.peer_max_udp_payload_size = 65527
         self._handed_out: dict[int, int] = {}  # kind -> highest id aioquic's own allocator gave
         self._parked_deliveries: dict[int, list[_Delivery]] = {}
         self._delivery_seq = itertools.count()
@@ -337,7 +344,18 @@ class FastrelayQuicConnection(QuicConnection):
     def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
         self._fastrelay_parse_transport_parameters(data, from_session_ticket)
         if not from_session_ticket:
+            # aioquic checks max_udp_payload_size but keeps no copy; the kernel needs it to
+            # know how far a forwarded packet may grow.
+            params = pull_quic_transport_parameters(Buffer(data=data))
+            if params.max_udp_payload_size is not None:
+                self.peer_max_udp_payload_size = params.max_udp_payload_size
             self._emit(CreditChanged(self.credit_snapshot()))
+
+    @property
+    def udp_payload_limit(self) -> int:
+        """The largest UDP payload this connection may send: the peer's max_udp_payload_size
+        and the datagram size aioquic validated for the path."""
+        return min(self.peer_max_udp_payload_size, self._max_datagram_size)
 
     def _handle_max_data_frame(self, context: QuicReceiveContext, frame_type: int, buf: Buffer) -> None:
         before = self._remote_max_data
