@@ -6,6 +6,7 @@
         s = lab.socket("pub1", socket.AF_INET, socket.SOCK_DGRAM)
         lab.run("sub1", ["ping", "-c1", lab.address("relay", "sub1")], check=True)
         lab.loss_counters("pub1", "relay")               # pub1 -> relay, at relay's ingress
+        lab.set_rate("relay", "sub1", "2mbit")           # relay -> sub1, TBF on relay's sub1
     # __exit__ ran lab.down(): namespaces, pins and state file are gone
 
 Realisation (all of it inside namespaces the lab creates; nothing in the caller's):
@@ -24,6 +25,11 @@ Realisation (all of it inside namespaces the lab creates; nothing in the caller'
   (preference 1, returns TC_ACT_UNSPEC so later filters still run) of every end with
   loss > 0. The TC filters hold the program; the program, its config map and its
   counter map are pinned under /sys/fs/bpf/fastrelay/labs/<lab>/.
+- rate: a TBF qdisc (root) on the sending interface of every direction with a rate
+  limit (`at.<host>.rate` limits what arrives at <host>, so the TBF sits on the peer's
+  interface: a qdisc shapes egress), set with `tc` inside the namespace. Burst and
+  latency: `tbf_parameters`. It shapes the fast path's clones too (a redirect to egress
+  goes through the root qdisc).
 
 Crash safety: the state file /run/fastrelay/labs/<lab>.json is written BEFORE anything is
 created; `down` (also `down_lab(name)`, the CLI's `lab down`) works from it, sweeps every
@@ -50,7 +56,7 @@ from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 from typing import Any, Sequence
 
-from hw.topology import NAME_RE, Topology, load_topology
+from hw.topology import NAME_RE, Topology, format_rate, load_topology, parse_rate
 from relay import bpfload
 from relay.errors import ConfigError, FastrelayError, MissingCapabilityError, NotFoundError
 
@@ -97,6 +103,16 @@ def drop_threshold(probability: float) -> int:
     return min(round(probability * 2**32), 2**32 - 1)
 
 
+def tbf_parameters(rate: int, mtu: int) -> tuple[int, int]:
+    """(burst bytes, latency µs) of the TBF for `rate` bit/s on a link of `mtu`: a burst of
+    two full frames or 10 ms at the rate, whichever is larger (a smaller one could not
+    pass a full frame, or would throttle fast links to the timer tick); packets that would
+    wait more than 50 ms are dropped, like a router's queue."""
+    return max(2 * (mtu + 14), rate // 8 // 100), TBF_LATENCY_US
+
+
+TBF_LATENCY_US = 50_000
+
 # TC hooks (clsact) and the loss filter's place on them
 TC_INGRESS = "ffff:fff2"
 LOSS_FILTER_PRIO = 1
@@ -126,6 +142,9 @@ class Interface:
     loss: float
     gso: bool
     tx_checksum: bool
+    #: Rate limit (bit/s) of packets arriving here, as the topology says: realised by a
+    #: TBF on the peer's interface; 0 = none.
+    rate: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,7 +211,7 @@ def plan(topology: Topology, lab: str) -> dict[str, HostInfo]:
             own.append(Interface(
                 host=end.host, peer=peer.host, name=name, ifindex=IFINDEX_BASE + slot, slot=slot,
                 mac=_mac(slot), ipv4=end.ipv4, ipv6=end.ipv6, mtu=link.mtu, loss=end.loss,
-                gso=end.gso, tx_checksum=end.tx_checksum,
+                gso=end.gso, tx_checksum=end.tx_checksum, rate=end.rate,
             ))
     return {
         h.name: HostInfo(h.name, h.role, netns_name(lab, h.name), tuple(ifaces[h.name]))
@@ -430,6 +449,38 @@ class Lab:
         finally:
             os.close(prog_fd)
 
+    # rate
+
+    def set_rate(self, host_a: str, host_b: str, rate: int | str | None) -> None:
+        """Limit the direction host_a -> host_b to `rate` now (bit/s, or tc notation such
+        as "2mbit"; None or 0 removes the limit): the TBF on host_a's interface to host_b
+        is replaced, packets queued in it are dropped."""
+        bits = 0 if rate is None else parse_rate(rate)
+        self.host(host_b)
+        iface = self.host(host_a).interface_to(host_b)
+        bpfload.require_root("changing a lab rate")
+        if bits:
+            _set_tbf(self.netns(host_a), iface.name, bits, iface.mtu, f"{host_a}:{iface.name}")
+        else:
+            _clear_tbf(self.netns(host_a), iface.name, f"{host_a}:{iface.name}")
+
+    def rate_limit(self, host_a: str, host_b: str) -> dict[str, Any] | None:
+        """The TBF in force on the direction host_a -> host_b (on host_a's interface), or
+        None. Keys: rate (bit/s), burst (bytes), latency_us, and the qdisc's counters
+        packets, bytes, drops, overlimits, backlog (bytes queued now)."""
+        self.host(host_b)
+        iface = self.host(host_a).interface_to(host_b)
+        done = _tc(self.netns(host_a), ["-j", "-s", "qdisc", "show", "dev", iface.name, "root"],
+                   f"read the qdisc of {host_a}:{iface.name}")
+        for q in json.loads(done.stdout or "[]"):
+            if q.get("kind") == "tbf":
+                opts = q.get("options", {})
+                return {"rate": int(opts.get("rate", 0)) * 8, "burst": int(opts.get("burst", 0)),
+                        "latency_us": int(opts.get("lat", 0)),
+                        **{k: int(q.get(k, 0))
+                           for k in ("packets", "bytes", "drops", "overlimits", "backlog")}}
+        return None
+
     def _open_maps(self, *, missing_ok: bool) -> tuple[int, int] | None:
         base = pin_dir(self.name)
         try:
@@ -520,6 +571,7 @@ class _Builder:
             for host in lab.hosts.values():
                 self.configure_host(host)
             self.set_offloads()
+            self.set_rates()
             self.attach_loss()
         finally:
             for ipr in self.ipr.values():
@@ -609,6 +661,17 @@ class _Builder:
                     why = (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[0]
                     raise FastrelayError(f"cannot set offloads on {host.name}:{iface.name} "
                                          f"({' '.join(features)}): {why}")
+
+    def set_rates(self) -> None:
+        lab = self.lab
+        for host in lab.hosts.values():
+            for iface in host.interfaces:
+                if iface.rate:
+                    # what arrives here is shaped where it leaves: the peer's interface
+                    sender = lab.hosts[iface.peer]
+                    out = sender.interface_to(host.name)
+                    _set_tbf(sender.netns, out.name, iface.rate, out.mtu,
+                             f"{sender.name}:{out.name}")
 
     def attach_loss(self) -> None:
         lossy = [i for h in self.lab.hosts.values() for i in h.interfaces if i.loss > 0]
@@ -712,6 +775,35 @@ def _read_stats(map_fd: int, slot: int) -> dict[str, int]:
             for name in total:
                 total[name] += getattr(one, name)
     return total
+
+
+# --- rate limits (tc) -------------------------------------------------------------------
+
+
+def _tc(netns: str, args: Sequence[str], what: str,
+        ok_errors: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    argv = ["ip", "netns", "exec", netns, "tc", *args]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise MissingCapabilityError("tc or ip is not installed; run hw/setup.sh") from None
+    if done.returncode != 0 and not any(e in done.stderr for e in ok_errors):
+        why = (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[0]
+        raise FastrelayError(f"cannot {what}: {why}")
+    return done
+
+
+def _set_tbf(netns: str, ifname: str, rate: int, mtu: int, label: str) -> None:
+    burst, latency = tbf_parameters(rate, mtu)
+    _tc(netns, ["qdisc", "replace", "dev", ifname, "root", "tbf", "rate", f"{rate}bit",
+                "burst", str(burst), "latency", f"{latency}us"],
+        f"set rate {format_rate(rate)} on {label} (TBF)")
+
+
+def _clear_tbf(netns: str, ifname: str, label: str) -> None:
+    # no root qdisc of ours: nothing to remove
+    _tc(netns, ["qdisc", "del", "dev", ifname, "root"], f"remove the rate limit on {label}",
+        ok_errors=("handle of zero", "No such file", "Invalid handle"))
 
 
 # --- namespaces, processes, sysctls ----------------------------------------------------

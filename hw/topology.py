@@ -1,4 +1,5 @@
-"""Lab topology files: hosts, links, addresses, MTU, loss and offloads, loaded from TOML.
+"""Lab topology files: hosts, links, addresses, MTU, loss, rate limits and offloads, loaded
+from TOML.
 
 A topology says what the lab looks like; `hw.lab` realises it as network namespaces
 (and, later, the deployment maps it onto physical hosts). Loading validates strictly:
@@ -27,6 +28,7 @@ File format (`hw/topologies/default.toml` is a commented example)::
     hosts = ["relay", "sub"]      # two hosts; one may be a group: one link per member
     mtu = 1500                    # 1280..65535 (IPv6 needs 1280), default 1500
     loss = 0.0                    # drop probability in [0, 1) at BOTH ends' ingress
+    rate = "100mbit"              # rate limit of what arrives at EACH end; default none
     gso = true                    # sender UDP segmentation offload, both ends; default
                                   #   false when either end is a publisher, else true
     tx_checksum = true            # sender TX checksum offload, both ends; default true
@@ -34,12 +36,20 @@ File format (`hw/topologies/default.toml` is a commented example)::
     ipv6 = "fd00:1::/48"          #   member i gets its i-th /24 (IPv4) and /64 (IPv6)
     [link.at.relay]               # overrides for one end, keyed by host or group name:
     loss = 0.1                    #   drop 10% of what ARRIVES at relay on this link
+    rate = "2mbit"                #   what ARRIVES at relay comes at most at 2 Mbit/s
     tx_checksum = false           #   relay sends full checksums on this link
     # ipv4 = "10.0.1.1"           #   explicit end address (not on group links)
 
 Loss is per direction: a value set for an end applies to packets arriving at that end
 (the loss program sits at the receiving interface, so the sender really loses what it
 sent). `loss` on the link sets both directions; `at.<host>.loss` overrides one.
+Rate limits are per direction the same way: `at.<host>.rate` limits what arrives at that
+end, `rate` on the link both directions. It is realised where a qdisc can shape, at the
+sending end: a TBF qdisc (root) on the PEER's interface, burst max(2 MTU-sized frames,
+10 ms at the rate), latency 50 ms (packets that would wait longer are dropped, like a
+router's queue). Rates are tc's units: an integer in bit/s or a string "<number><unit>",
+unit bit, kbit, mbit, gbit (SI: 1000) or bps, kbps, mbps, gbps (bytes per second); 0 = no
+limit (to clear a link-wide rate for one end).
 Offload settings of an end apply to that end's interface as a sender.
 
 Addresses: in a link's subnet the first host of `hosts` gets host number 1, the second
@@ -58,7 +68,7 @@ import tomllib
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from relay.errors import ConfigError, NotFoundError
 from relay.paths import TOPOLOGY_DIR
@@ -81,8 +91,15 @@ RESERVED_HOSTS = re.compile(r"^(lo|eth[0-9]+)$")
 _TOP_FIELDS = ("name", "description", "addressing", "host", "link")
 _ADDRESSING_FIELDS = ("ipv4", "ipv6")
 _HOST_FIELDS = ("name", "role", "count")
-_LINK_FIELDS = ("hosts", "mtu", "loss", "gso", "tx_checksum", "ipv4", "ipv6", "at")
-_END_FIELDS = ("loss", "gso", "tx_checksum", "ipv4", "ipv6")
+_LINK_FIELDS = ("hosts", "mtu", "loss", "rate", "gso", "tx_checksum", "ipv4", "ipv6", "at")
+_END_FIELDS = ("loss", "rate", "gso", "tx_checksum", "ipv4", "ipv6")
+
+# Rate limits (tc's units): multiplier to bit/s.
+RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9,
+              "bps": 8, "kbps": 8 * 10**3, "mbps": 8 * 10**6, "gbps": 8 * 10**9}
+RATE_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([a-z]+)$")
+#: Slowest and fastest rate a TBF is given, in bit/s.
+RATE_MIN, RATE_MAX = 8_000, 100 * 10**9
 
 
 @dataclass(frozen=True)
@@ -108,6 +125,9 @@ class LinkEnd:
     gso: bool
     #: TX checksum offload of this end's interface as a sender.
     tx_checksum: bool
+    #: Rate limit of packets ARRIVING at this end, in bit/s (a TBF on the peer's
+    #: interface); 0 = none.
+    rate: int = 0
 
 
 @dataclass(frozen=True)
@@ -205,7 +225,8 @@ class Topology:
                     "ends": [
                         {
                             "host": e.host, "ipv4": str(e.ipv4), "ipv6": str(e.ipv6),
-                            "loss": e.loss, "gso": e.gso, "tx_checksum": e.tx_checksum,
+                            "loss": e.loss, "rate": e.rate, "gso": e.gso,
+                            "tx_checksum": e.tx_checksum,
                         }
                         for e in link.ends
                     ],
@@ -223,7 +244,8 @@ class Topology:
                 Link(
                     *(
                         LinkEnd(e["host"], IPv4Interface(e["ipv4"]), IPv6Interface(e["ipv6"]),
-                                float(e["loss"]), bool(e["gso"]), bool(e["tx_checksum"]))
+                                float(e["loss"]), bool(e["gso"]), bool(e["tx_checksum"]),
+                                int(e.get("rate", 0)))
                         for e in link["ends"]
                     ),
                     mtu=int(link["mtu"]),
@@ -236,6 +258,37 @@ class Topology:
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(
                 f"malformed resolved topology ({type(exc).__name__}: {exc})") from None
+
+
+# --- rates -----------------------------------------------------------------------------
+
+
+def parse_rate(value: Any, where: str = "rate",
+               fail: Callable[[str], ConfigError] = ConfigError) -> int:
+    """A rate in bit/s from an integer (bit/s) or a tc-style string ("2mbit", "500kbps");
+    0 means no limit."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise fail(f"{where} {value!r} must be a number of bit/s or a string such as '2mbit'")
+    if isinstance(value, int):
+        bits = value
+    else:
+        m = RATE_RE.match(value.strip().lower())
+        if not m or m.group(2) not in RATE_UNITS:
+            raise fail(f"{where} {value!r} is not a rate: a number and one of the units "
+                       f"{', '.join(RATE_UNITS)} (e.g. '2mbit')")
+        bits = round(float(m.group(1)) * RATE_UNITS[m.group(2)])
+    if bits != 0 and not RATE_MIN <= bits <= RATE_MAX:
+        raise fail(f"{where} {value!r} is outside {format_rate(RATE_MIN)}.."
+                   f"{format_rate(RATE_MAX)} (0 = no limit)")
+    return bits
+
+
+def format_rate(bits: int) -> str:
+    """A rate in bit/s in tc's notation, exact: 2000000 -> '2mbit'."""
+    for unit in ("gbit", "mbit", "kbit"):
+        if bits and bits % RATE_UNITS[unit] == 0:
+            return f"{bits // RATE_UNITS[unit]}{unit}"
+    return f"{bits}bit"
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -430,6 +483,8 @@ class _Parser:
                         "host": host,
                         "loss": self.loss(over.get("loss", entry.get("loss", 0.0)),
                                           f"{label} loss"),
+                        "rate": parse_rate(over.get("rate", entry.get("rate", 0)),
+                                           f"{label} rate", self.fail),
                         "gso": self.flag(over, entry, "gso", self.gso_default(hosts, names), label),
                         "tx_checksum": self.flag(over, entry, "tx_checksum", True, label),
                         "explicit": {fam: over.get(f"ipv{fam}") for fam in (4, 6)},
@@ -540,7 +595,7 @@ class _Parser:
                                     f"{seen[addrs[fam].ip]} and {end['host']} on {p['label']}")
                 seen[addrs[fam].ip] = end["host"]
             built.append(LinkEnd(end["host"], addrs[4], addrs[6], end["loss"], end["gso"],
-                                 end["tx_checksum"]))
+                                 end["tx_checksum"], end["rate"]))
         return Link(built[0], built[1], mtu=p["mtu"])
 
     def end_address(self, explicit: Any, subnet: Any, number: int, family: int,

@@ -37,6 +37,7 @@ from hw.lab import (
     pin_dir,
     plan,
     state_path,
+    tbf_parameters,
 )
 from hw.topology import load_topology, loads_topology
 from relay import bpfload
@@ -65,6 +66,24 @@ hosts = ["relay", "pub1"]
 at.relay.loss = 0.1
 [[link]]
 hosts = ["relay", "sub1"]
+"""
+
+RATED = """
+name = "rated"
+[[host]]
+name = "pub1"
+role = "publisher"
+[[host]]
+name = "relay"
+role = "relay"
+[[host]]
+name = "slow"
+role = "subscriber"
+[[link]]
+hosts = ["relay", "pub1"]
+[[link]]
+hosts = ["relay", "slow"]
+at.slow.rate = "2mbit"
 """
 
 
@@ -127,12 +146,20 @@ def test_plan_names_indexes_and_macs() -> None:
         hosts["sub7"].interface_to("pub1")
 
 
+def test_plan_rate_is_of_what_arrives_and_tbf_parameters() -> None:
+    hosts = plan(loads_topology(RATED, source="RATED"), "x-1")
+    assert hosts["slow"].interface_to("relay").rate == 2_000_000
+    assert hosts["relay"].interface_to("slow").rate == 0
+    assert tbf_parameters(2_000_000, 1500) == (3028, 50_000)  # two full frames
+    assert tbf_parameters(1_000_000_000, 1500) == (1_250_000, 50_000)  # 10 ms
+
+
 def test_cli_bad_topology_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(LOSSY + "jitter = 3\n")
     result = run_cli(["lab", "up", str(path)], capsys, exit_code=1)
     assert result.stderr == (f"error: {path}: unknown field 'jitter' in [[link]] #2 (allowed: "
-                             "hosts, mtu, loss, gso, tx_checksum, ipv4, ipv6, at)\n")
+                             "hosts, mtu, loss, rate, gso, tx_checksum, ipv4, ipv6, at)\n")
 
 
 def test_cli_address_clash_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -658,3 +685,52 @@ def test_down_sweeps_the_lab_prefix_and_only_it() -> None:
             if (NETNS_DIR / ns).exists():
                 netns.remove(ns)
     assert_nothing_left(name)
+
+
+# --- root: rate limits ---------------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_rate_is_a_tbf_on_the_sending_interface_and_set_rate_changes_it() -> None:
+    with Lab.up(loads_topology(RATED, source="RATED"), name=unique_name()) as lab:
+        # what arrives at slow is limited: the TBF sits on the relay's interface `slow`
+        tbf = lab.rate_limit("relay", "slow")
+        assert tbf is not None and (tbf["rate"], tbf["burst"], tbf["latency_us"]) == (
+            2_000_000, 3028, 50_000), tbf
+        assert lab.rate_limit("slow", "relay") is None
+        assert lab.rate_limit("relay", "pub1") is None
+
+        # 2 MB offered at once to a 2 Mbit/s link with a 50 ms queue: the TBF holds most back
+        n, size = 2000, 1000
+        dst = (lab.address("slow", "relay"), 6002)
+        rx = lab.socket("slow", socket.AF_INET, socket.SOCK_DGRAM)
+        rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)
+        rx.bind(dst)
+        tx = lab.socket("relay", socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range(n):
+            try:
+                tx.sendto(b"r" * size, dst)
+            except OSError:
+                pass  # a full qdisc may refuse the send: that is shaping too
+        received = len(drain(rx, 0.5))
+        after = lab.rate_limit("relay", "slow")
+        assert after is not None
+        assert 0 < received < n / 2, received
+        assert after["drops"] > 0 and after["overlimits"] > 0, after
+
+        lab.set_rate("relay", "slow", "500kbit")
+        tbf = lab.rate_limit("relay", "slow")
+        assert tbf is not None and tbf["rate"] == 500_000, tbf
+        lab.set_rate("slow", "relay", 10_000_000)  # the other direction, now limited too
+        tbf = lab.rate_limit("slow", "relay")
+        assert tbf is not None and tbf["rate"] == 10_000_000, tbf
+        lab.set_rate("relay", "slow", None)
+        assert lab.rate_limit("relay", "slow") is None
+        lab.set_rate("relay", "slow", 0)  # nothing to remove: still fine
+        with pytest.raises(ConfigError, match=r"rate '2mb' is not a rate"):
+            lab.set_rate("relay", "slow", "2mb")
+        done = lab.run("slow", ["ping", "-c1", "-W2", lab.address("relay", "slow")],
+                       capture_output=True, timeout=10)
+        assert done.returncode == 0
+        rx.close()
+        tx.close()

@@ -11,8 +11,10 @@ import pytest
 from hw.topology import (
     Topology,
     available_topologies,
+    format_rate,
     load_topology,
     loads_topology,
+    parse_rate,
 )
 from relay.errors import ConfigError, NotFoundError
 
@@ -167,6 +169,43 @@ at.sub.loss = 0.2
     assert (down.end("relay").loss, down.end("sub3").loss) == (0.0, 0.2)
 
 
+def test_rate_limits_what_arrives_link_wide_and_per_end() -> None:
+    t = topo(HOSTS + """
+[[link]]
+hosts = ["relay", "pub1"]
+rate = "100mbit"
+at.pub1.rate = 0
+[[link]]
+hosts = ["relay", "sub"]
+at.sub.rate = "2mbit"
+""")
+    up = t.link("relay", "pub1")
+    assert (up.end("relay").rate, up.end("pub1").rate) == (100_000_000, 0)
+    down = t.link("relay", "sub2")
+    assert (down.end("relay").rate, down.end("sub2").rate) == (0, 2_000_000)
+    assert Topology.from_dict(t.to_dict()) == t
+
+
+def test_default_topology_has_no_rate_limit() -> None:
+    t = load_topology("default")
+    assert all(end.rate == 0 for link in t.links for end in link.ends)
+
+
+@pytest.mark.parametrize(("value", "bits"), [
+    ("2mbit", 2_000_000), ("500kbit", 500_000), ("1gbit", 10**9), ("1.5mbit", 1_500_000),
+    ("64000bit", 64_000), ("100kbps", 800_000), ("2mbps", 16_000_000), ("2MBit", 2_000_000),
+    ("2 mbit", 2_000_000), (8000, 8000), (0, 0), ("0mbit", 0),
+])
+def test_parse_rate_tc_units(value: object, bits: int) -> None:
+    assert parse_rate(value) == bits
+
+
+def test_format_rate_is_exact_tc_notation() -> None:
+    assert [format_rate(b) for b in (2_000_000, 1_500_000, 10**9, 8001)] == [
+        "2mbit", "1500kbit", "1gbit", "8001bit"]
+    assert all(parse_rate(format_rate(b)) == b for b in (2_000_000, 1_500_000, 8001))
+
+
 def test_offload_settings_link_wide_and_per_end() -> None:
     t = topo(HOSTS + """
 [[link]]
@@ -265,6 +304,16 @@ BAD = [
     ("negative loss", HOSTS + LINKS + "at.relay.loss = -0.1\n", r"loss -0.1 must be a probability"),
     ("boolean loss", HOSTS + LINKS + "loss = true\n", r"loss True must be a probability"),
     ("gso not a boolean", HOSTS + LINKS + "gso = 1\n", r"gso must be true or false, not 1"),
+    ("rate without a unit", HOSTS + LINKS + 'rate = "2"\n',
+     r"link relay–sub1 rate '2' is not a rate: a number and one of the units bit, kbit"),
+    ("rate with an unknown unit", HOSTS + LINKS + 'at.sub.rate = "2mb"\n',
+     r"link relay–sub1 rate '2mb' is not a rate"),
+    ("rate too low", HOSTS + LINKS + 'at.relay.rate = "1kbit"\n',
+     r"rate '1kbit' is outside 8kbit..100gbit \(0 = no limit\)"),
+    ("negative rate", HOSTS + LINKS + "rate = -5\n", r"rate -5 is outside 8kbit"),
+    ("boolean rate", HOSTS + LINKS + "rate = true\n",
+     r"rate True must be a number of bit/s or a string such as '2mbit'"),
+    ("float rate", HOSTS + LINKS + "rate = 2.5\n", r"rate 2.5 must be a number of bit/s"),
     ("overlapping subnets", HOSTS + """
 [[link]]
 hosts = ["relay", "pub1"]
