@@ -538,7 +538,10 @@ class RelayServer:
         if isinstance(action, SkipSubgroup):
             if self.fastpath is not None and action.upstream is not None and \
                     self.fastpath.claim(action.session, action.upstream) is not None:
-                return  # the kernel saw the stream under the old threshold: it forwards it
+                # the kernel saw the stream under the old threshold: it forwards it, so
+                # the core's skip count must not include it
+                self.core.counters.unskip(action.session, action.reason)
+                return
             self._signal_skip(action)
             return
         conn = self._conns.get(action.session)

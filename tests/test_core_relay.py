@@ -15,8 +15,8 @@ from relay.core.actions import (
     UnsubscribeUpstream,
     WriteStream,
 )
-from relay.core.priority import CongestionState
-from relay.core.relay import RelayConfig, RelayCore
+from relay.core.priority import CongestionState, SkipReason
+from relay.core.relay import RelayConfig, RelayCore, RelayCounters
 from relay.moqt.constants import (
     FetchErrorCode,
     FetchType,
@@ -376,6 +376,18 @@ def test_congested_subscriber_skips_low_priority_subgroups() -> None:
     skips = [a for a in sim.actions if isinstance(a, SkipSubgroup)]
     assert skips == [SkipSubgroup(S2, 2, 0, 1, 200, 63, "congestion", (PUB, delta))]
     assert sim.core.counters.skipped == {S2: {"congestion": 1}}
+
+
+def test_unskip_takes_back_a_skip_the_fast_path_forwarded_after_all() -> None:
+    counters = RelayCounters()
+    counters.skip(S1, SkipReason.CONGESTION)
+    counters.skip(S2, SkipReason.CONGESTION)
+    counters.skip(S2, SkipReason.CONGESTION)
+    counters.unskip(S2, "congestion")
+    counters.unskip(S1, "congestion")
+    counters.unskip(S1, "congestion")  # nothing left to take back: no negative count
+    assert counters.skipped == {S2: {"congestion": 1}}
+    assert counters.as_dict()["skipped"] == {str(S2): {"congestion": 1}}
 
 
 def test_absolute_range_ends_with_publish_done() -> None:

@@ -121,6 +121,17 @@ class RelayCounters:
         per = self.skipped.setdefault(session, {})
         per[reason.value] = per.get(reason.value, 0) + 1
 
+    def unskip(self, session: SessionId, reason: str) -> None:
+        """A counted skip did not happen after all (the fast path had already forwarded
+        the subgroup's first bytes under the previous threshold)."""
+        per = self.skipped.get(session, {})
+        if per.get(reason, 0) > 0:
+            per[reason] -= 1
+            if not per[reason]:
+                del per[reason]
+            if not per:
+                del self.skipped[session]
+
     def refuse(self, what: str) -> None:
         self.refusals[what] = self.refusals.get(what, 0) + 1
 
