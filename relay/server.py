@@ -183,6 +183,8 @@ class RelayServer:
         if self.upstream_url is not None:
             self._ensure_upstream()
         if self.fastpath is not None:
+            self.fastpath.source = lambda: (list(self.core.registry.tracks.values()),
+                                            self._protocol_of)
             self.fastpath.start(self._loop)
         return server_address(self.server)
 

@@ -145,6 +145,10 @@ class FastPathRuntime:
         self._touched: dict[int, Any] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Where `reconcile` gets the core's tracks again when a hand-over had to wait
+        #: (the relay sets it): (tracks, protocol_of).
+        self.source: Callable[[], tuple[Iterable[Any], Callable[[int], Any]]] | None = None
+        self._retry_reconcile = False
         self.counters: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
         self.punts: Counter[str] = Counter()
@@ -283,6 +287,7 @@ class FastPathRuntime:
             return None
         if protocol is None:
             self.counters["offload_deferred_not_ready"] += 1
+            self._retry_reconcile = True
             return None
         quic = protocol._quic
         if not isinstance(quic, FastrelayQuicConnection):
@@ -310,7 +315,11 @@ class FastPathRuntime:
         self._ups[session] = up
         self._by_up_idx[handle.up_idx] = up
         quic.listener = lambda event, up=up: self._upstream_event(up, event)
-        protocol.stream_tap = lambda sid, data, fin, s=session: self._upstream_data(s, sid, data, fin)
+        # Streams already under way are never forwarded (the kernel needs their offset 0):
+        # their bytes are not this tap's, it would see them from the middle.
+        under_way = frozenset(sid for sid in quic._streams if sid & 2)
+        protocol.stream_tap = lambda sid, data, fin, s=session: (
+            None if sid in under_way else self._upstream_data(s, sid, data, fin))
         self.counters["upstreams_offloaded"] += 1
         return up
 
@@ -323,12 +332,14 @@ class FastPathRuntime:
             return None
         transport = protocol._transport
         if transport is not None and transport.get_write_buffer_size():
-            # packets still queued with aioquic's numbers: try on the next event
+            # packets still queued with aioquic's numbers: try again on the next tick
             self.counters["offload_deferred_queued"] += 1
+            self._retry_reconcile = True
             return None
         peer_addr = quic._network_paths[0].addr if quic._network_paths else None
         if peer_addr is None:
             self.counters["offload_deferred_no_path"] += 1
+            self._retry_reconcile = True
             return None
         peer = (str(peer_addr[0]), int(peer_addr[1]))
         try:
@@ -448,6 +459,9 @@ class FastPathRuntime:
     def poll(self) -> int:
         """Drain and apply records, push changed state, expire streams, send what resulted."""
         started = time.perf_counter_ns()
+        if self._retry_reconcile and self.source is not None:
+            self._retry_reconcile = False
+            self.reconcile(*self.source())
         records = self.fp.drain()
         for rec in records:
             try:
