@@ -4,6 +4,8 @@
 - Loopback, no relay of ours yet: fastrelay publish -> moq-rs's own server as relay (run via
   relay/interop/moq_rs.py server; our clients offer only `moq-00`, which forces draft-14) ->
   two fastrelay subscribers and one moq-rs subscriber, all verifying the same payloads.
+- Loopback through our relay: two publishers -> `fastrelay relay` -> one `fastrelay subscribe`
+  with two tracks on one connection.
 Every process is ended by PID in `finally`; child output goes to files.
 """
 
@@ -302,6 +304,102 @@ def test_publish_through_moq_rs_relay_to_fastrelay_and_moq_rs_subscribers(
             assert summary["connection"]["version"] == MOQT_VERSION_DRAFT_14  # type: ignore
 
 
+# -- several tracks on one connection, through our relay ---------------------------------------
+
+
+def _relay_address(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> tuple[str, str]:
+    """(moqt URL, fingerprint) from `fastrelay relay`'s first two lines."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines(keepends=True)
+        if len(lines) >= 2 and lines[1].endswith("\n"):
+            assert lines[0].startswith("fingerprint sha256:"), lines
+            assert lines[1].startswith("listening "), lines
+            return f"moqt://{lines[1].split()[1]}/relay", lines[0].strip().split(":", 1)[1]
+        assert proc.poll() is None, f"relay exited with {proc.returncode}"
+        time.sleep(0.05)
+    raise AssertionError(f"no listening line from the relay within {timeout} s")
+
+
+def test_one_subscriber_two_tracks_through_our_relay(tmp_path: Path) -> None:
+    """Two publishers (two namespaces: our relay routes a namespace to its newest publisher
+    only), one `fastrelay subscribe --track NS/TRACK --track NS/TRACK` on one connection."""
+    objects, group_length = 90, 15
+    tracks = {"demo/cam1/video": 800, "demo/cam2/audio": 120}  # label -> object size
+    children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        with open(tmp_path / f"{name}.out", "w") as out, \
+                open(tmp_path / f"{name}.err", "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "relay", *argv], cwd=REPO,
+                                    env=child_env(), stdout=out, stderr=err)
+        children[name] = proc
+        return proc
+
+    def wait_text(name: str, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in (tmp_path / f"{name}.err").read_text():
+            assert children[name].poll() is None, (tmp_path / f"{name}.err").read_text()
+            assert time.monotonic() < deadline, f"no {text!r} from {name} within {timeout} s"
+            time.sleep(0.05)
+
+    try:
+        relay = spawn("relay", ["relay", "--listen", f"{LOOPBACK}:0", "--duration", "120"])
+        url, fingerprint = _relay_address(tmp_path / "relay.out", relay, timeout=15)
+        for i, (label, size) in enumerate(tracks.items()):
+            namespace, _, track = label.rpartition("/")
+            # --start-on-signal: both start once the subscriber has both tracks.
+            spawn(f"pub{i}", ["publish", "--url", url, "--namespace", namespace, "--track", track,
+                              "--fingerprint", fingerprint, "--objects", str(objects),
+                              "--group-length", str(group_length), "--object-size", str(size),
+                              "--rate", "300", "--layout", "single", "--wait-subscriber", "20",
+                              "--start-on-signal", "--json"])
+        sub = spawn("sub", ["subscribe", "--url", url, *(a for t in tracks for a in ("--track", t)),
+                            "--fingerprint", fingerprint, "--expect-objects", str(objects),
+                            "--duration", "30", "--json"])
+        wait_text("sub", "subscribed", timeout=25)  # every track's SUBSCRIBE_OK
+        for i in range(len(tracks)):
+            children[f"pub{i}"].send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 40
+        for name in ("pub0", "pub1", "sub"):
+            children[name].wait(timeout=max(0.1, deadline - time.monotonic()))
+        relay.send_signal(signal.SIGTERM)
+        relay.wait(timeout=10)
+    finally:
+        for proc in children.values():
+            stop_child(proc)
+
+    for i in range(len(tracks)):
+        published = _json(tmp_path / f"pub{i}.out")
+        assert children[f"pub{i}"].returncode == 0, published
+        assert published["objects"] == objects, published
+    summary = _json(tmp_path / "sub.out")
+    assert sub.returncode == 0, summary
+    assert (summary["ok"], summary["reason"], summary["objects"]) == (
+        True, "complete", len(tracks) * objects), summary
+    assert summary["bytes"] == objects * sum(tracks.values()), summary
+    assert (summary["lost"], summary["gaps"], summary["duplicates"],
+            summary["integrity_failures"]) == (0, 0, 0, 0), summary
+    assert summary["delay"]["count"] == len(tracks) * objects  # type: ignore[index]
+    assert summary["connection"]["track_alias"] is None  # type: ignore[index]
+    per_track = summary["tracks"]
+    assert isinstance(per_track, dict) and list(per_track) == list(tracks), summary
+    aliases = set()
+    for label, size in tracks.items():
+        part = per_track[label]
+        assert (part["ok"], part["reason"], part["objects"], part["bytes"]) == (
+            True, "complete", objects, objects * size), (label, part)
+        assert (part["lost"], part["gaps"], part["out_of_order"], part["duplicates"],
+                part["integrity_failures"], part["group_errors"]) == (0, 0, 0, 0, 0, 0), part
+        assert part["groups_complete"] == objects // group_length, (label, part)
+        aliases.add(part["connection"]["track_alias"])
+    assert None not in aliases and len(aliases) == len(tracks), per_track
+    # One connection for both tracks: the relay saw three sessions in all.
+    assert relay.returncode == 0, (tmp_path / "relay.err").read_text()
+    stats = json.loads((tmp_path / "relay.out").read_text().splitlines()[-1][len("stats "):])
+    assert stats["sessions_total"] == 3, stats
+
+
 # -- the endpoints against a peer of ours, in one event loop -----------------------------------
 
 
@@ -437,6 +535,12 @@ def test_cli_bad_url_and_tls_options(capsys: pytest.CaptureFixture[str]) -> None
             exit_code=2)
     run_cli(["subscribe", "--url", "moqt://x:1/y", "--namespace", "/", "--track", "t"], capsys,
             exit_code=1, stderr=r"error: --namespace '/': A track namespace needs")
+    run_cli(["subscribe", "--url", "moqt://x:1/y", "--track", "video"], capsys, exit_code=1,
+            stderr=r"^error: --track 'video': without --namespace, give each track as "
+                   r"NAMESPACE/TRACK \(e\.g\. live/cam1/video\)\n$")
+    run_cli(["subscribe", "--url", "moqt://x:1/y", "--namespace", "a", "--track", "v",
+             "--track", "v"], capsys, exit_code=1, stderr=r"^error: --track 'v' is given twice\n$")
+    run_cli(["subscribe", "--url", "moqt://x:1/y", "--namespace", "a"], capsys, exit_code=2)
 
 
 def test_cli_no_server_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
