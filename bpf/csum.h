@@ -3,8 +3,9 @@
  * All writes go through bpf_skb_store_bytes and the bpf_l3/l4_csum_replace helpers,
  * which handle CHECKSUM_PARTIAL (veth with TX offload: only pseudo-header changes
  * matter) and full checksums alike; BPF_F_MARK_MANGLED_0 leaves an IPv4 UDP checksum of
- * 0 ("none") alone and never produces 0. These helpers invalidate packet pointers; the
- * programs use bpf_skb_load_bytes only, so there is nothing to revalidate.
+ * 0 ("none") alone and never produces 0. These helpers (and bpf_skb_adjust_room,
+ * bpf_skb_change_tail) invalidate packet pointers; the programs use bpf_skb_load_bytes
+ * only, so there is nothing to revalidate.
  *
  * Payload writes compute the old and new bytes' 16-bit ones' complement sums in
  * registers and hand them to bpf_l4_csum_replace: the UDP header starts at an even
@@ -123,18 +124,36 @@ static __always_inline int fr_csum_write(struct __sk_buff *skb, __u32 l4_csum_of
 	return 0;
 }
 
+/* Mask of the first c bytes of a big-endian word, c clamped to 0..8, without a branch
+ * (the callers' loops stay one verifier path). */
+static __always_inline __u64 fr_head_mask(__s64 c)
+{
+	/* The sign masks go through a barrier: clang would turn max/min back into selects,
+	 * which are branches in BPF. */
+	__s64 neg = c >> 63;
+	fr_barrier_var(neg);
+	c &= ~neg;				/* max(c, 0) */
+	__s64 d = c - 8;
+	__s64 dneg = d >> 63;
+	fr_barrier_var(dneg);
+	c = 8 + (d & dneg);			/* min(c, 8) */
+	__u64 bits = 8 * c, half = bits / 2;	/* two shifts: never one of 64 */
+	return ~((~0ull >> half) >> (bits - half));
+}
+
 /* Ones' complement sum (folded, host order) of len (0..32) bytes at b, placed at a frame
- * offset of parity odd. b must have 32 readable bytes. */
+ * offset of parity odd. b must have 32 readable bytes (a map value: 8-byte loads at any
+ * alignment). Branch-free. */
 static __always_inline __u16 fr_csum_bytes32(const __u8 *b, __u32 len, __u32 odd)
 {
-	__u32 n1 = len > 8 ? len - 8 : 0, n2 = len > 16 ? len - 16 : 0, n3 = len > 24 ? len - 24 : 0;
-	__u16 s = fr_fold(fr_sum16x4(fr_be_head(fr_be64_of(b), len)) +
-			  fr_sum16x4(fr_be_head(fr_be64_of(b + 8), n1)) +
-			  fr_sum16x4(fr_be_head(fr_be64_of(b + 16), n2)) +
-			  fr_sum16x4(fr_be_head(fr_be64_of(b + 24), n3)));
-	if (odd & 1)
-		s = (s >> 8) | (s << 8);
-	return s;
+	__s64 n = len;
+	__u64 s = 0;
+#pragma clang loop unroll(disable)
+	for (int j = 0; j < 4; j++)
+		s += fr_sum16x4(__builtin_bswap64(*(const __u64 *)(b + 8 * j)) & fr_head_mask(n - 8 * j));
+	__u64 f = fr_fold(s);
+	__u64 sw = ((f >> 8) | (f << 8)) & 0xffff;
+	return f ^ ((f ^ sw) & (0 - (__u64)(odd & 1)));
 }
 
 /* 1 when the UDP checksum of skb is CHECKSUM_PARTIAL (the field holds the pseudo-header

@@ -16,22 +16,27 @@
  *
  * Fields whose size changes for the subscriber (its DCID length differs from the
  * upstream's, its packet number needs more bytes than the publisher wrote, a stream id
- * needs a wider varint) resize the packet in place, once, in the send stage: the walk
- * rewrites same-size fields in place at the offsets as they are and only plans the
- * others (fr_scratch.grow[]), so no offset it recorded moves before it is used. Each
- * edit changes the size by an even number of bytes (a PADDING byte goes in front of a
- * frame, or after the packet number, when the field grew by an odd number), so the
- * bytes behind keep their checksum parity. bpf_skb_adjust_room(BPF_ADJ_ROOM_NET) makes
- * or takes the room behind the IP header, the bytes from the UDP header to the last
- * edit are written back with the edits (the rest of the packet is where it belongs),
- * IPv4 total length and header checksum, IPv6 payload length, UDP length and checksum
- * are fixed. A grown packet must fit fr_sub.max_udp_payload (UDP payload bytes; 0 =
- * unknown: punted), else it is punted with the reason of the first field that changed
- * (FR_PUNT_CID_LEN, FR_PUNT_PN_GROW, FR_PUNT_SID_GROW); a shrunk one always fits. A
- * stream id that must grow more than FR_GROW_MAX_HEAD bytes into the datagram is
- * punted (FR_PUNT_SID_GROW), a CHECKSUM_PARTIAL clone that must change size too
- * (FR_PUNT_RESIZE_PARTIAL: moving the UDP header would leave the skb's csum_start
- * behind). The record's size and pn_len are those sent.
+ * needs a wider varint) resize the packet in place, once, at the end: the walk rewrites
+ * same-size fields in place at the offsets as they are and only plans the others
+ * (fr_scratch.grow[]: grow[0] the QUIC header, then stream ids), so no offset it
+ * recorded moves before it is used. Each edit changes the size by an even number of
+ * bytes (a PADDING byte goes in front of a frame, or after the packet number, when the
+ * field grew by an odd number), so every byte behind keeps its checksum parity and the
+ * UDP checksum changes only by the edited bytes and the lengths. The send stage decides
+ * (limit, PN) and re-enters itself by tail call (resize_phase) to resize from a fresh
+ * verifier state: the bytes from the UDP header to the last edit are copied to
+ * fr_scratch.head; bpf_skb_adjust_room(BPF_ADJ_ROOM_NET) makes or takes the room behind
+ * the IP header (the head moves) or, for CHECKSUM_PARTIAL clones (detected through
+ * bpf_l4_csum_replace, csum.h) and with fr_config FR_CFG_RESIZE_AT_TAIL,
+ * bpf_skb_change_tail at the end and the bytes behind the last edit move (the UDP header
+ * stays where csum_start points); the head is written back with the edits; IPv4 total
+ * length and header checksum, IPv6 payload length, UDP length and checksum (the
+ * pseudo-header's length only for CHECKSUM_PARTIAL) are fixed. A grown packet must fit
+ * fr_sub.max_udp_payload (UDP payload bytes; 0 = unknown: punted), else it is punted
+ * with the reason of the first field that changed (FR_PUNT_CID_LEN, FR_PUNT_PN_GROW,
+ * FR_PUNT_SID_GROW); a shrunk one always fits. A stream id that must grow more than
+ * FR_GROW_MAX_HEAD bytes into the datagram is punted (FR_PUNT_SID_GROW). The record's
+ * size and pn_len are those sent.
  *
  * Userspace's 1-RTT packets to a subscriber (found by peer address) get their packet
  * number from the same counter, in place (same length), and a record carrying the PN
@@ -229,6 +234,8 @@ static __always_inline int fr_egress_clone(struct __sk_buff *skb, __u32 sub_idx,
 	w->new_bytes = 0;
 	w->n_sent = 0;
 	w->n_grow = 0;
+	w->sid_delta = 0;
+	w->resize_phase = 0;
 	w->cid_len = 0;
 	w->rec.kind = FR_REC_SENT_CLONE;
 	w->rec.sub_idx = sub_idx;
@@ -353,6 +360,7 @@ static __always_inline int fr_plan_sid(struct fr_scratch *w, const struct quic_f
 		quic_varint_store(sid, size, e->bytes + 1);
 	}
 	w->n_grow = i;
+	w->sid_delta += size - old + pad;
 	return 0;
 }
 
@@ -570,14 +578,14 @@ static __always_inline __u8 *fr_head_at(struct fr_scratch *w, __u64 at)
 static __always_inline int fr_resize_delta(struct fr_scratch *w, __u32 dl, __u32 npl)
 {
 	int hd = (int)(dl + npl) - (int)(w->cid_len + w->rec.pn_len);
-	int delta = hd + (hd & 1);
-#pragma clang loop unroll(disable)
-	for (int i = 1; i <= MAX_RECORD_FRAMES; i++) {
-		if (i > w->n_grow)
-			break;
-		delta += (int)w->grow[i].new_len - (int)w->grow[i].old_len;
-	}
-	return delta;
+	return hd + (hd & 1) + w->sid_delta;
+}
+
+/* w->n_grow read afresh each time: a loop bounded by it leaves the verifier nothing
+ * learnt about it, so the states after the loop merge whatever the count was. */
+static __always_inline __u32 fr_n_grow(struct fr_scratch *w)
+{
+	return *(volatile __u32 *)&w->n_grow;
 }
 
 /* grow[0]: the subscriber's QUIC header at quic_off. */
@@ -607,24 +615,77 @@ static __always_inline void fr_plan_header(struct fr_scratch *w, const struct fr
 	e->bytes[(at + 4) & 31] = 0;
 }
 
-/* Resize the clone by delta (even) as planned in grow[0..n_grow]. 0, or -1 (the packet
- * may be half written: the caller drops it). */
-static __always_inline int fr_resize(struct __sk_buff *skb, struct fr_scratch *w,
-				     const struct fr_pkt *p, int delta)
+/* Move the bytes [from, skb->len) by delta (even, != 0) with the room made or taken at
+ * the end of the packet (bpf_skb_change_tail), 64 bytes at a time, from the far end when
+ * growing, through the upper half of fr_scratch.head. The UDP header stays where it is
+ * (CHECKSUM_PARTIAL: csum_start points at it).
+ * 0, -1, or 1 if more than FR_GROW_MAX_TAIL bytes would move. */
+static __always_inline int fr_move_tail(struct __sk_buff *skb, struct fr_scratch *w, __u32 from,
+					int delta)
 {
-	__u32 l4 = p->l4_off;
-	__u32 n = w->n_grow;
-	if (n > MAX_RECORD_FRAMES)
+	__u8 *b = w->head + FR_GROW_MAX_HEAD;	/* the half the head copy never uses */
+	__u32 len = skb->len;
+	if (from > len)
 		return -1;
-	__u32 last = n;
+	if (len - from > FR_GROW_MAX_TAIL)
+		return 1;
+	/* Whole 64-byte blocks in the loop (one verifier state per step), the rest after:
+	 * growing, blocks from the far end and the rest (the front) last; shrinking, the
+	 * other way round, then the end is cut. */
+	__u32 pos = delta > 0 ? len : from;
+	if (delta > 0 && bpf_skb_change_tail(skb, len + delta, 0))
+		return -1;
+#pragma clang loop unroll(disable)
+	for (int k = 0; k < FR_GROW_MAX_TAIL / 64; k++) {
+		__u32 src;
+		if (delta > 0) {
+			if (pos - from < 64)
+				break;
+			src = pos - 64;
+			pos = src;
+		} else {
+			if (len - pos < 64)
+				break;
+			src = pos;
+			pos += 64;
+		}
+		if (bpf_skb_load_bytes(skb, src, b, 64) || bpf_skb_store_bytes(skb, src + delta, b, 64, 0))
+			return -1;
+	}
+	__u64 r = delta > 0 ? pos - from : len - pos;
+	__u32 src = delta > 0 ? from : pos;
+	fr_barrier_var(r);
+	if (r > 63)
+		return -1;
+	if (r && (bpf_skb_load_bytes(skb, src, b, r) || bpf_skb_store_bytes(skb, src + delta, b, r, 0)))
+		return -1;
+	if (delta < 0 && bpf_skb_change_tail(skb, len + delta, 0))
+		return -1;
+	return 0;
+}
+
+/* Bytes from the UDP header at l4 to the end of the last edit; 0 if out of bounds. */
+static __always_inline __u64 fr_head_len(struct fr_scratch *w, __u32 l4)
+{
+	__u32 last = fr_n_grow(w);
 	fr_barrier_var(last);
 	if (last > MAX_RECORD_FRAMES)
-		return -1;
+		return 0;
 	__u64 hlen = (__u64)w->grow[last].start + w->grow[last].old_len - l4;
 	fr_barrier_var(hlen);
 	if (hlen < FR_UDP_HLEN || hlen > FR_GROW_MAX_HEAD)
-		return -1;
-	if (bpf_skb_load_bytes(skb, l4, w->head, hlen))
+		return 0;
+	return hlen;
+}
+
+/* Resize, first half: copy the head (UDP header to the last edit) to fr_scratch.head and
+ * give it the new UDP length and checksum. The packet is not changed yet. 0 or -1. */
+static __always_inline int fr_resize_prepare(struct __sk_buff *skb, struct fr_scratch *w,
+					     const struct fr_pkt *p, int delta, int partial)
+{
+	__u32 l4 = p->l4_off;
+	__u64 hlen = fr_head_len(w, l4);
+	if (!hlen || bpf_skb_load_bytes(skb, l4, w->head, hlen))
 		return -1;
 
 	/* UDP length and checksum (RFC 1624): the edits' bytes and the length, which the
@@ -632,12 +693,17 @@ static __always_inline int fr_resize(struct __sk_buff *skb, struct fr_scratch *w
 	__u32 old_len = ((__u32)w->head[4] << 8) | w->head[5];
 	__u32 new_len = old_len + delta;
 	__u16 csum = ((__u16)w->head[6] << 8) | w->head[7];
-	if (csum || p->family == 6) {
+	if (partial) {
+		/* the pseudo-header's length only: the device sums the rest */
+		csum = fr_fold((__u64)csum + (__u16)~old_len + (new_len & 0xffff));
+		w->head[6] = csum >> 8;
+		w->head[7] = csum;
+	} else if (csum || p->family == 6) {
 		__u64 sum = (__u16)~csum;
 		__u32 x = l4;
 #pragma clang loop unroll(disable)
 		for (int i = 0; i <= MAX_RECORD_FRAMES; i++) {
-			if (i > n)
+			if (i > fr_n_grow(w))
 				break;
 			struct fr_grow_edit *e = &w->grow[i];
 			__u32 at = e->start - l4;
@@ -656,9 +722,28 @@ static __always_inline int fr_resize(struct __sk_buff *skb, struct fr_scratch *w
 	}
 	w->head[4] = new_len >> 8;
 	w->head[5] = new_len;
+	return 0;
+}
 
-	if (delta && bpf_skb_adjust_room(skb, delta, BPF_ADJ_ROOM_NET, 0))
+/* Resize, second half (a fresh tail call: the verifier starts from one state): room
+ * behind the IP header (the head moves), or at the end (the tail moves: at_tail, and
+ * always for CHECKSUM_PARTIAL), then the head written back with the edits, then the IP
+ * length. 0, -1 (the packet may be half written: the caller drops it), or 1 (the tail
+ * is too long to move). */
+static __always_inline int fr_resize_apply(struct __sk_buff *skb, struct fr_scratch *w,
+					   const struct fr_pkt *p, int delta, int at_tail, int partial)
+{
+	__u32 l4 = p->l4_off;
+	__u64 hlen = fr_head_len(w, l4);
+	if (!hlen)
 		return -1;
+	if (delta && (at_tail || partial)) {
+		int r = fr_move_tail(skb, w, l4 + hlen, delta);
+		if (r)
+			return r;
+	} else if (delta && bpf_skb_adjust_room(skb, delta, BPF_ADJ_ROOM_NET, 0)) {
+		return -1;
+	}
 
 	/* Write back: the bytes before each edit, then the edit, each moved by the change
 	 * of the edits before it. */
@@ -666,7 +751,7 @@ static __always_inline int fr_resize(struct __sk_buff *skb, struct fr_scratch *w
 	int moved = 0;
 #pragma clang loop unroll(disable)
 	for (int i = 0; i <= MAX_RECORD_FRAMES; i++) {
-		if (i > n)
+		if (i > fr_n_grow(w))
 			break;
 		struct fr_grow_edit *e = &w->grow[i];
 		__u64 seg = e->start - x;
@@ -697,6 +782,95 @@ static __always_inline int fr_resize(struct __sk_buff *skb, struct fr_scratch *w
 	return bpf_skb_store_bytes(skb, ipl_off, &nipl, 2, 0) ? -1 : 0;
 }
 
+/* The end of a clone's send stage: UDP ports, IP addresses (pseudo-header and IPv4
+ * header checksums), MACs, the subscriber's counters, the record, the shim's verdict. */
+static __always_inline int fr_send_finish(struct __sk_buff *skb, struct fr_scratch *w,
+					  struct fr_sub *sub, const struct fr_conn *conn, __u32 ci,
+					  const struct fr_pkt *p, __u32 bytes)
+{
+	__u32 size = w->rec.size;
+	__u32 csum_off = p->csum_off;
+
+	if (fr_csum_port(skb, p->l4_off, csum_off, p->sport, sub->src_port) ||
+	    fr_csum_port(skb, p->l4_off + 2, csum_off, p->dport, sub->dst_port))
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	if (p->family == 4) {
+		__u32 os = 0, od = 0, ns = 0, nd = 0;
+		__builtin_memcpy(&os, p->saddr, 4);
+		__builtin_memcpy(&od, p->daddr, 4);
+		__builtin_memcpy(&ns, sub->src_addr, 4);
+		__builtin_memcpy(&nd, sub->dst_addr, 4);
+		if (fr_csum_addr_word(skb, p->l3_off + 12, p->l3_off + 10, csum_off, os, ns) ||
+		    fr_csum_addr_word(skb, p->l3_off + 16, p->l3_off + 10, csum_off, od, nd))
+			return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+	} else {
+#pragma clang loop unroll(disable)
+		for (int k = 0; k < 4; k++) {
+			__u32 os = 0, od = 0, ns = 0, nd = 0;
+			__builtin_memcpy(&os, p->saddr + 4 * k, 4);
+			__builtin_memcpy(&od, p->daddr + 4 * k, 4);
+			__builtin_memcpy(&ns, sub->src_addr + 4 * k, 4);
+			__builtin_memcpy(&nd, sub->dst_addr + 4 * k, 4);
+			if (fr_csum_addr_word(skb, p->l3_off + 8 + 4 * k, -1, csum_off, os, ns) ||
+			    fr_csum_addr_word(skb, p->l3_off + 24 + 4 * k, -1, csum_off, od, nd))
+				return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+		}
+	}
+	__u8 macs[12];
+	__builtin_memcpy(macs, sub->dst_mac, 6);
+	__builtin_memcpy(macs + 6, sub->src_mac, 6);
+	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0))
+		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
+
+	__sync_fetch_and_add(&sub->data_used, w->new_bytes);
+	__sync_fetch_and_add(&sub->bytes_in_flight, size);
+	fr_emit_scratch(w);
+	fr_set_cb(skb, conn, ci, p->quic_off, sub->dcid_len, w->rec.pn_len, 1);
+	return fr_eg_verdict(FR_EG_SENT_CLONE, bytes, TC_ACT_UNSPEC);
+}
+
+/* fastpath_egress_send re-entered (resize_phase 1; rec.wire_pn, resize_pn_len and
+ * resize_delta decided): resize, then finish. A tail call of its own so the
+ * verifier starts it from one state. A failure withholds the clone (its ranges are
+ * userspace's). */
+static __always_inline int fr_send_resized(struct __sk_buff *skb, struct fr_scratch *w)
+{
+	__u32 bytes = w->bytes;
+	w->resize_phase = 0;
+	__u32 sub_idx = w->sub_idx;
+	struct fr_sub *sub = fr_subs.lookup(&sub_idx);
+	if (!sub)
+		return fr_punt_clone(w, FR_PUNT_NO_SUBSCRIBER);
+	__u32 ci = sub->conn_idx;
+	struct fr_conn *conn = fr_conns.lookup(&ci);
+	if (!conn)
+		return fr_punt_clone(w, FR_PUNT_NO_SUBSCRIBER);
+	struct fr_pkt p = {};
+	if (fr_parse_udp(skb, &p))
+		return fr_punt_clone(w, FR_PUNT_RESIZE_FAILED);
+	int delta = w->resize_delta;
+	__u32 npl = w->resize_pn_len, dl = sub->dcid_len;
+	if (npl < 1 || npl > 4 || dl > QUIC_MAX_CID_LEN)
+		return fr_punt_clone(w, FR_PUNT_RESIZE_FAILED);
+	int partial = fr_csum_is_partial(skb, p.csum_off);
+	if (partial < 0)
+		return fr_punt_clone(w, FR_PUNT_RESIZE_FAILED);
+	__u32 zero = 0;
+	struct fr_config *cfg = fr_config.lookup(&zero);
+	int at_tail = cfg && (cfg->flags & FR_CFG_RESIZE_AT_TAIL);
+	__u8 first = (p.first & ~QUIC_SHORT_KEY_PHASE) | (conn->key_phase ? QUIC_SHORT_KEY_PHASE : 0);
+	fr_plan_header(w, sub, p.quic_off, first, dl, w->rec.wire_pn, npl);
+	if (fr_resize_prepare(skb, w, &p, delta, partial))
+		return fr_punt_clone(w, FR_PUNT_RESIZE_FAILED);
+	int r = fr_resize_apply(skb, w, &p, delta, at_tail, partial);
+	if (r)
+		return fr_punt_clone(w, r > 0 && partial ? FR_PUNT_RESIZE_PARTIAL : FR_PUNT_RESIZE_FAILED);
+	w->rec.size += delta;
+	w->rec.pn_len = npl;
+	fr_count(FR_EG_RESIZED, bytes);
+	return fr_send_finish(skb, w, sub, conn, ci, &p, bytes);
+}
+
 /* Stage FR_PROG_EG_SEND: credit, congestion, PN, header rewrite (or resize), record. */
 int fastpath_egress_send(struct __sk_buff *skb)
 {
@@ -704,6 +878,8 @@ int fastpath_egress_send(struct __sk_buff *skb)
 	struct fr_scratch *w = fr_scratch.lookup(&slot);
 	if (!w)
 		return TC_ACT_SHOT;
+	if (w->resize_phase)
+		return fr_send_resized(skb, w);
 	__u32 bytes = w->bytes;
 	if (w->punt)
 		return fr_punt_clone(w, w->punt);
@@ -726,13 +902,9 @@ int fastpath_egress_send(struct __sk_buff *skb)
 	 * userspace's resync can overshoot by one packet. */
 	if (sub->data_used + w->new_bytes > sub->max_data)
 		return fr_punt_clone(w, FR_PUNT_NO_CREDIT);
-	/* The size on the wire, with the PN length the next number would need. */
-	__u32 npl = quic_pn_len_needed(sub->next_pn, sub->largest_acked);
-	if (npl < pn_len)
-		npl = pn_len;
-	if (npl > 4)
-		npl = 4;
-	int delta = fr_resize_delta(w, dl, npl);
+	/* The size on the wire (a packet number that grows adds a few bytes more: left out,
+	 * like the race with userspace's resync). */
+	int delta = fr_resize_delta(w, dl, pn_len);
 	if (sub->bytes_in_flight + w->rec.size + delta > sub->cwnd)
 		return fr_punt_clone(w, FR_PUNT_NO_CWND);
 
@@ -741,7 +913,7 @@ int fastpath_egress_send(struct __sk_buff *skb)
 		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
 	__u64 full = __sync_fetch_and_add(&sub->next_pn, 1);
 	w->rec.wire_pn = full;
-	npl = quic_pn_len_needed(full, sub->largest_acked);
+	__u32 npl = quic_pn_len_needed_flat(full, sub->largest_acked);
 	if (npl > 4)
 		return fr_punt_clone(w, FR_PUNT_PN_GROW);
 	if (npl < pn_len)
@@ -765,15 +937,12 @@ int fastpath_egress_send(struct __sk_buff *skb)
 		if ((__u64)w->grow[last].start + w->grow[last].old_len - p.l4_off > FR_GROW_MAX_HEAD &&
 		    last)
 			return fr_punt_clone(w, FR_PUNT_SID_GROW);
-		int partial = fr_csum_is_partial(skb, csum_off);
-		if (partial)
-			return fr_punt_clone(w, partial > 0 ? FR_PUNT_RESIZE_PARTIAL : FR_PUNT_RESIZE_FAILED);
-		fr_plan_header(w, sub, p.quic_off, first, dl, full, npl);
-		if (fr_resize(skb, w, &p, delta))
-			return fr_punt_clone(w, FR_PUNT_RESIZE_FAILED);
-		w->rec.size = size;
-		w->rec.pn_len = npl;
-		fr_count(FR_EG_RESIZED, bytes);
+		w->resize_pn_len = npl;
+		w->resize_delta = delta;
+		w->resize_phase = 1;
+		fr_progs.call(skb, FR_PROG_EG_SEND);
+		w->resize_phase = 0;
+		return fr_punt_clone(w, FR_PUNT_RESIZE_FAILED);
 	} else {
 		/* QUIC: first byte (key phase), DCID, packet number, in place. */
 		if (first != p.first) {
@@ -791,45 +960,7 @@ int fastpath_egress_send(struct __sk_buff *skb)
 		if (fr_csum_write(skb, csum_off, w->pn_off, buf, pn_len))
 			return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
 	}
-	__u32 size = w->rec.size;
-
-	/* UDP ports, IP addresses (pseudo-header and IPv4 header checksums), MACs. */
-	if (fr_csum_port(skb, p.l4_off, csum_off, p.sport, sub->src_port) ||
-	    fr_csum_port(skb, p.l4_off + 2, csum_off, p.dport, sub->dst_port))
-		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
-	if (p.family == 4) {
-		__u32 os = 0, od = 0, ns = 0, nd = 0;
-		__builtin_memcpy(&os, p.saddr, 4);
-		__builtin_memcpy(&od, p.daddr, 4);
-		__builtin_memcpy(&ns, sub->src_addr, 4);
-		__builtin_memcpy(&nd, sub->dst_addr, 4);
-		if (fr_csum_addr_word(skb, p.l3_off + 12, p.l3_off + 10, csum_off, os, ns) ||
-		    fr_csum_addr_word(skb, p.l3_off + 16, p.l3_off + 10, csum_off, od, nd))
-			return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
-	} else {
-#pragma clang loop unroll(disable)
-		for (int k = 0; k < 4; k++) {
-			__u32 os = 0, od = 0, ns = 0, nd = 0;
-			__builtin_memcpy(&os, p.saddr + 4 * k, 4);
-			__builtin_memcpy(&od, p.daddr + 4 * k, 4);
-			__builtin_memcpy(&ns, sub->src_addr + 4 * k, 4);
-			__builtin_memcpy(&nd, sub->dst_addr + 4 * k, 4);
-			if (fr_csum_addr_word(skb, p.l3_off + 8 + 4 * k, -1, csum_off, os, ns) ||
-			    fr_csum_addr_word(skb, p.l3_off + 24 + 4 * k, -1, csum_off, od, nd))
-				return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
-		}
-	}
-	__u8 macs[12];
-	__builtin_memcpy(macs, sub->dst_mac, 6);
-	__builtin_memcpy(macs + 6, sub->src_mac, 6);
-	if (bpf_skb_store_bytes(skb, 0, macs, 12, 0))
-		return fr_eg_verdict(FR_EG_DROP_BAD_CLONE, bytes, TC_ACT_SHOT);
-
-	__sync_fetch_and_add(&sub->data_used, w->new_bytes);
-	__sync_fetch_and_add(&sub->bytes_in_flight, size);
-	fr_emit_scratch(w);
-	fr_set_cb(skb, conn, ci, p.quic_off, dl, w->rec.pn_len, 1);
-	return fr_eg_verdict(FR_EG_SENT_CLONE, bytes, TC_ACT_UNSPEC);
+	return fr_send_finish(skb, w, sub, conn, ci, &p, bytes);
 }
 
 /* Not attached anywhere: userspace runs it with BPF_PROG_TEST_RUN on a frame carrying a

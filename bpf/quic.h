@@ -126,6 +126,23 @@ static __always_inline __u32 quic_pn_len_needed(__u64 full_pn, __u64 largest_ack
 	return 5;
 }
 
+/* 1 if x != 0, else 0, without a branch (x < 2^63). */
+static __always_inline __u64 quic_nonzero(__u64 x)
+{
+	__u64 y = x | (0 - x);
+	asm volatile("" : "+r"(y));		/* no select back from clang */
+	return y >> 63;
+}
+
+/* quic_pn_len_needed without branches: the verifier carries one state (1..5) on. */
+static __always_inline __u32 quic_pn_len_needed_flat(__u64 full_pn, __u64 largest_acked)
+{
+	__u64 unacked = largest_acked == 0xFFFFFFFFFFFFFFFFull ? full_pn + 1 : full_pn - largest_acked;
+	unacked &= (1ull << 62) - 1;		/* real counts are far below: keeps the sign bit clear */
+	return 1 + quic_nonzero(unacked >> 7) + quic_nonzero(unacked >> 15) +
+	       quic_nonzero(unacked >> 23) + quic_nonzero(unacked >> 31);
+}
+
 /* Big-endian truncated packet number: the low pn_len bytes of full_pn. */
 static __always_inline void quic_pn_store(__u64 full_pn, __u32 pn_len, __u8 *out)
 {

@@ -72,8 +72,9 @@
 #define FR_PUNT_USER_PN_GROW 80		/* userspace packet whose new PN does not fit: dropped, reported */
 #define FR_PUNT_GSO 81			/* GSO clone */
 #define FR_PUNT_ALIAS_WIDTH 82		/* the subscriber's track alias does not fit the upstream's width */
-#define FR_PUNT_RESIZE_PARTIAL 83	/* a clone that must change size is CHECKSUM_PARTIAL (moving the
-					 * UDP header would leave csum_start behind) */
+#define FR_PUNT_RESIZE_PARTIAL 83	/* a CHECKSUM_PARTIAL clone (resized at the tail: the UDP header
+					 * must stay at csum_start) with more than FR_GROW_MAX_TAIL
+					 * bytes behind its last edit */
 #define FR_PUNT_RESIZE_FAILED 84	/* bpf_skb_adjust_room or a write of the resize failed */
 
 #define FR_REASON_MAX 128		/* entries of fr_stats */

@@ -61,9 +61,12 @@
 #define FR_PROT_USERSPACE 3		/* aioquic protects: the fast path leaves it untouched */
 
 /* fr_config: global settings, one entry. */
+#define FR_CFG_RESIZE_AT_TAIL 0x1	/* resize every clone by moving the bytes behind its last
+					 * edit (as CHECKSUM_PARTIAL clones always are) instead of
+					 * moving the head into room made behind the IP header */
 struct fr_config {
 	__u32 host_cid_len;		/* length of every relay-chosen CID (short-header demux) */
-	__u32 flags;			/* reserved, 0 */
+	__u32 flags;			/* FR_CFG_* (0: none) */
 };
 
 /* fr_cids key: a relay-chosen connection id (ingress demux). Unused bytes are 0. */
@@ -297,6 +300,7 @@ struct fr_record {
  * added where needed), so every byte behind keeps its checksum parity. */
 #define FR_GROW_EDIT_MAX 32		/* QUIC header: first byte, 20-byte DCID, 4-byte PN, PADDING */
 #define FR_GROW_MAX_HEAD 512		/* the last edit ends at most this far after the UDP header */
+#define FR_GROW_MAX_TAIL 2048		/* bytes moved behind the last edit when resizing at the tail */
 struct fr_grow_edit {
 	__u32 start;
 	__u8 old_len;
@@ -332,6 +336,10 @@ struct fr_scratch {
 	__u32 n_grow;			/* stream-id edits in grow[1..n_grow] */
 	struct fr_grow_edit grow[MAX_RECORD_FRAMES + 1];	/* [0] QUIC header, then stream ids */
 	__u8 head[2 * FR_GROW_MAX_HEAD];	/* bytes from the UDP header to the last edit, as they were */
+	__s32 sid_delta;		/* bytes the stream-id edits add */
+	__u32 resize_phase;		/* 1: fastpath_egress_send re-entered to apply the resize */
+	__s32 resize_delta;		/* bytes the resize adds (even; < 0 shrinks) */
+	__u32 resize_pn_len;		/* the subscriber's PN length (rec.pn_len is the publisher's until then) */
 };
 
 #endif /* FASTRELAY_STRUCTS_H */

@@ -234,7 +234,8 @@ def scratch_struct(record: type[ctypes.Structure]) -> type[ctypes.Structure]:
         ("csum_off", u32), ("new_bytes", u64), ("n_frames", u32), ("n_sent", u32),
         ("punt", u32), ("ring_count", u32), ("rec", record),
         ("cid_len", u32), ("n_grow", u32), ("grow", FrGrowEdit * (max_record_frames + 1)),
-        ("head", u8 * (2 * GROW_MAX_HEAD)), ("sid_delta", ctypes.c_int32), ("_pad_grow", u32)]})
+        ("head", u8 * (2 * GROW_MAX_HEAD)), ("sid_delta", ctypes.c_int32),
+        ("resize_phase", u32), ("resize_delta", ctypes.c_int32), ("resize_pn_len", u32)]})
 
 
 FrScratch = scratch_struct(FrRecord)
