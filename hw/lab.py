@@ -500,7 +500,9 @@ class Lab:
 
     def status_rows(self) -> list[dict[str, Any]]:
         """One row per interface: host, role, namespace, interface, peer, addresses, MTU,
-        configured and actual loss, and the loss counters of traffic arriving there."""
+        configured and actual loss, the configured rate limit of what arrives there
+        (rate_in, bit/s, 0 = none; set_rate changes are not reflected), and the loss
+        counters of traffic arriving there."""
         present = set(_lab_namespaces(self.name))
         rows = []
         maps = self._open_maps(missing_ok=True) if os.geteuid() == 0 else None
@@ -511,7 +513,7 @@ class Lab:
                         "host": host.name, "role": host.role, "namespace": host.netns,
                         "present": host.netns in present, "interface": iface.name,
                         "peer": iface.peer, "ipv4": str(iface.ipv4), "ipv6": str(iface.ipv6),
-                        "mtu": iface.mtu, "loss": iface.loss,
+                        "mtu": iface.mtu, "loss": iface.loss, "rate_in": iface.rate,
                         "packets_in": None, "dropped_in": None,
                     }
                     if maps is not None:

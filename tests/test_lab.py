@@ -699,6 +699,8 @@ def test_rate_is_a_tbf_on_the_sending_interface_and_set_rate_changes_it() -> Non
             2_000_000, 3028, 50_000), tbf
         assert lab.rate_limit("slow", "relay") is None
         assert lab.rate_limit("relay", "pub1") is None
+        rows = {(r["host"], r["peer"]): r["rate_in"] for r in lab.status_rows()}
+        assert (rows[("slow", "relay")], rows[("relay", "slow")]) == (2_000_000, 0)
 
         # 2 MB offered at once to a 2 Mbit/s link with a 50 ms queue: the TBF holds most back
         n, size = 2000, 1000

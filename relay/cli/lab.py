@@ -14,15 +14,18 @@ from relay.errors import FastrelayError, NotFoundError
 app = typer.Typer(help="Bring the namespace lab up and down, inspect it, run commands in it.",
                   no_args_is_help=True)
 
-_HOST_COLUMNS = ("Host", "Role", "Namespace", "Interface", "Peer", "IPv4", "IPv6", "MTU", "Loss")
+# Loss and rate are of what arrives at the interface (rate in bit/s, 0 = no limit).
+_HOST_COLUMNS = ("Host", "Role", "Namespace", "Interface", "Peer", "IPv4", "IPv6", "MTU", "Loss",
+                 "Rate in")
 _STATUS_COLUMNS = ("Host", "Role", "Namespace", "Present", "Interface", "Peer", "IPv4", "IPv6",
-                   "MTU", "Loss", "Packets in", "Dropped in")
+                   "MTU", "Loss", "Rate in", "Packets in", "Dropped in")
 _LIST_COLUMNS = ("Name", "Topology", "Status", "Hosts", "Links", "Namespaces", "Created", "PID")
 
 
 def _host_rows(lab: Any) -> list[tuple[Any, ...]]:
     return [
-        (h.name, h.role, h.netns, i.name, i.peer, str(i.ipv4), str(i.ipv6), i.mtu, i.loss)
+        (h.name, h.role, h.netns, i.name, i.peer, str(i.ipv4), str(i.ipv6), i.mtu, i.loss,
+         i.rate)
         for h in lab.hosts.values() for i in h.interfaces
     ]
 
@@ -47,7 +50,8 @@ def up(
              f"remove it with `fastrelay lab down {lab.name}`")
     rows = _host_rows(lab)
     if as_json:
-        keys = ["host", "role", "namespace", "interface", "peer", "ipv4", "ipv6", "mtu", "loss"]
+        keys = ["host", "role", "namespace", "interface", "peer", "ipv4", "ipv6", "mtu", "loss",
+                "rate_in"]
         emit_json({"name": lab.name, "topology": topo.name,
                    "interfaces": [dict(zip(keys, r)) for r in rows]})
         return
