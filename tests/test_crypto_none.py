@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crypto_backends import NoneBackend
+from crypto_backends import NoneBackend, get_backend
 from relay.moqt.quic import TlsOptions, connect, serve, server_address
 from relay.moqt.session import ObjectReceived, SubscribeAccepted, SubscribeRequested
 from tests.conftest import run_cli
@@ -119,3 +119,14 @@ def test_relay_shorthand_refuses_an_unusable_backend_before_setting_up(
                      exit_code=1, stderr=r"^error: crypto backend 'nic' cannot run here: ")
     assert result.stdout == ""  # no certificate, no socket: nothing was set up
     assert result.stderr.count("\n") == 1
+
+
+def test_none_needs_nothing_from_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Endpoints with --crypto none never run the probe (it compiles eBPF proofs)."""
+    import offload.probe
+
+    def no_probe(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the probe ran")
+
+    monkeypatch.setattr(offload.probe, "run_probe", no_probe)
+    get_backend("none").check()

@@ -26,7 +26,9 @@ from relay.errors import FastrelayError
 PORT = 4443
 FASTRELAY = [sys.executable, "-m", "relay"]
 MOQ_RS = [sys.executable, "-m", "relay.interop.moq_rs"]
-START_TIMEOUT = 30.0
+START_TIMEOUT = 90.0
+"""Seconds a relay may take to say it listens: compiling the fast path with bcc takes
+seconds, many more on a loaded machine."""
 
 
 class PathUnavailable(FastrelayError):
