@@ -924,7 +924,8 @@ int fastpath_egress_send(struct __sk_buff *skb)
 	__u8 first = (p.first & ~QUIC_SHORT_KEY_PHASE) | (conn->key_phase ? QUIC_SHORT_KEY_PHASE : 0);
 	if (dl != w->cid_len || npl != pn_len || w->n_grow) {
 		/* Fields change size: within the subscriber's limit, resize the packet. */
-		__u32 why = dl != w->cid_len ? FR_PUNT_CID_LEN :
+		/* punted for the first field that grows: DCID, PN, stream ids */
+		__u32 why = dl > w->cid_len ? FR_PUNT_CID_LEN :
 			    npl != pn_len ? FR_PUNT_PN_GROW : FR_PUNT_SID_GROW;
 		delta = fr_resize_delta(w, dl, npl);
 		__u64 size = (__u64)w->rec.size + delta;

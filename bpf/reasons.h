@@ -60,7 +60,8 @@
 #define FR_PUNT_SID_GROW 70		/* a stream id needs a wider varint and the grown packet would pass
 					 * the limit (or it is 0), or the id sits past FR_GROW_MAX_HEAD */
 #define FR_PUNT_CID_LEN 71		/* subscriber DCID longer than the upstream's and the grown packet
-					 * would pass the limit (or it is 0); the first of 71, 69, 70 */
+					 * would pass the limit (or it is 0); the first growing field of
+					 * DCID (71), PN (69), stream ids (70) names the punt */
 #define FR_PUNT_FAMILY 72		/* IPv4 packet for an IPv6 subscriber or the reverse */
 #define FR_PUNT_MAP_FULL 73		/* a translation entry could not be inserted */
 #define FR_PUNT_FRAME_LIMIT 74		/* too many or unknown frames to rewrite */

@@ -186,6 +186,12 @@ CASES = [
     Case("limit unknown (0): growth punted",
          stream(UP_SID, head()), None, {R.EG_SEEN: 1, R.PUNT_CID_LEN: 1},
          Sub(dcid=bytes(range(1, 21)), max_udp_payload=0)),
+    Case("limit unknown (0): DCID 8 -> 6 but PN 1 -> 4, punted for the PN",
+         stream(UP_SID, head()), None, {R.EG_SEEN: 1, R.PUNT_PN_GROW: 1},
+         Sub(dcid=bytes(6), next_pn=1 << 23, max_udp_payload=0), pn_len=1),
+    Case("limit unknown (0): DCID 8 -> 6 but a stream id 1 -> 4, punted for the stream id",
+         stream(UP_SID, head()), None, {R.EG_SEEN: 1, R.PUNT_SID_GROW: 1},
+         Sub(dcid=bytes(6), next_uni_index=5000, max_streams_uni=1 << 40, max_udp_payload=0)),
     Case("limit unknown (0): a shrink needs no limit",
          stream(UP_SID, head()), stream(3, head()), RESIZED, Sub(dcid=b"", max_udp_payload=0)),
 ]
