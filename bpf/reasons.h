@@ -72,7 +72,8 @@
 #define FR_PUNT_RECORD_FRAMES 79	/* more STREAM/DATAGRAM frames than a record describes */
 #define FR_PUNT_USER_PN_GROW 80		/* userspace packet whose new PN does not fit: dropped, reported */
 #define FR_PUNT_GSO 81			/* GSO clone */
-#define FR_PUNT_ALIAS_WIDTH 82		/* the subscriber's track alias does not fit the upstream's width */
+#define FR_PUNT_ALIAS_WIDTH 82		/* the subscriber's track alias does not fit the upstream's width
+					 * (or the MoQT header is not whole in the frame) */
 #define FR_PUNT_RESIZE_PARTIAL 83	/* a CHECKSUM_PARTIAL clone (resized at the tail: the UDP header
 					 * must stay at csum_start) with more than FR_GROW_MAX_TAIL
 					 * bytes behind its last edit */
