@@ -500,6 +500,20 @@ def test_subscriber_tells_skipped_from_lost(certificate: tuple[Path, Path, str])
     assert summary.ok is False
 
 
+def _wait_signal_handler(proc: subprocess.Popen[bytes], signum: int, timeout: float) -> None:
+    """Until `proc` catches `signum` (its SigCgt mask in /proc), so the signal is not fatal."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        caught = int(next(line for line in status.splitlines()
+                          if line.startswith("SigCgt:")).split()[1], 16)
+        if caught >> (signum - 1) & 1:
+            return
+        assert proc.poll() is None, f"{proc.args!r} exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"no handler for signal {signum} in {timeout} s"
+        time.sleep(0.05)
+
+
 def test_subscriber_exits_cleanly_on_sigterm(moq_rs_relay: dict[str, object],
                                              tmp_path: Path) -> None:
     url = f"moqt://{moq_rs_relay['bind']}/x"
@@ -509,7 +523,9 @@ def test_subscriber_exits_cleanly_on_sigterm(moq_rs_relay: dict[str, object],
              "--track", "t", "--insecure", "--duration", "30", "--json"],
             cwd=REPO, env=child_env(), stdout=out, stderr=err)
     try:
-        time.sleep(1.5)  # connected and retrying a SUBSCRIBE for a track nobody announced
+        # Python's start-up alone can take 1.5 s on a loaded machine: wait for the handler.
+        _wait_signal_handler(proc, signal.SIGTERM, timeout=15)
+        time.sleep(0.5)  # connected and retrying a SUBSCRIBE for a track nobody announced
         assert proc.poll() is None
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
