@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relay.fastpath.shadow import ShadowStreams, ShadowWrite
+from relay.moqt.data import SubgroupHeader, encode_subgroup_header
 
 KEY = (1, 2)  # publisher session 1, upstream stream 2
 
@@ -49,3 +50,17 @@ def test_expire_after_linger_and_forget() -> None:
     s.kernel_stream(7, (1, 10), 15, 0.0)
     assert s.forget_session(7) == [(1, 10)]
     assert s.owner_stream(7, (1, 10)) is None
+
+
+def test_the_subscribers_alias_is_written_into_its_copy() -> None:
+    """The kernel rewrote alias 5 to 9 in the subscriber's copy: so does the shadow."""
+    header = encode_subgroup_header(SubgroupHeader.new(5, 0, 128, 0))
+    s = ShadowStreams(alias_of=lambda session, publisher, alias: {7: 9}.get(session, alias))
+    s.kernel_stream(7, KEY, 3, 0.0)
+    s.kernel_stream(8, KEY, 11, 0.0)
+    assert s.data(KEY, header[:1], False, 0.0) == []  # header cut: wait for its alias
+    writes = s.data(KEY, header[1:] + b"obj", False, 0.0)
+    mine = encode_subgroup_header(SubgroupHeader.new(9, 0, 128, 0))
+    assert writes == [ShadowWrite(7, 3, 0, mine + b"obj", False),
+                      ShadowWrite(8, 11, 0, header + b"obj", False)]
+    assert s.data(KEY, b"more", True, 0.0)[0] == ShadowWrite(7, 3, len(mine) + 3, b"more", True)

@@ -132,7 +132,7 @@ class FastPathRuntime:
         self.tick = tick
         self.stream_linger = stream_linger
         self.controller = FastPathController(fastpath, host_cid_len, fastpath.caps)
-        self.shadow = ShadowStreams()
+        self.shadow = ShadowStreams(alias_of=self._subscriber_alias)
         self._subs: dict[int, _Sub] = {}
         self._ups: dict[int, _Up] = {}
         self._by_sub_idx: dict[int, _Sub] = {}
@@ -273,6 +273,10 @@ class FastPathRuntime:
 
     def upstream_ended(self, publisher: int, stream_id: int) -> None:
         self.shadow.ended((publisher, stream_id), self._now())
+
+    def _subscriber_alias(self, session: int, publisher: int, upstream_alias: int) -> int | None:
+        entry = self._sub_tracks.get((session, publisher, upstream_alias))
+        return entry[1] if entry is not None else None
 
     # --- offloading connections ---------------------------------------------------------
 

@@ -8,12 +8,21 @@ order), and the kernel's ring records (which subscriber stream id each copy got)
 come first. `ShadowStreams` writes each byte once, in order, as soon as both are known, and
 keeps an upstream stream's bytes until it ended and lingered (a record may still name it).
 
+A subscriber may know the track by another alias than the publisher (same varint width):
+the kernel rewrites it in the subgroup header at offset 0, so the shadow copy does too
+(`alias_of`), else a retransmission by aioquic would carry the publisher's alias.
+
 Pure bookkeeping: the relay applies the `ShadowWrite`s to the connections.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from aioquic.buffer import Buffer
+
+from relay.moqt.data import rewrite_track_alias, subgroup_header_layout
 
 SessionId = int
 UpstreamKey = tuple[SessionId, int]
@@ -44,9 +53,14 @@ class _Upstream:
     copies: dict[SessionId, _Copy] = field(default_factory=dict)
 
 
+AliasOf = Callable[[SessionId, SessionId, int], "int | None"]
+"""(subscriber session, publisher session, upstream alias) -> the subscriber's alias."""
+
+
 class ShadowStreams:
-    def __init__(self) -> None:
+    def __init__(self, alias_of: AliasOf | None = None) -> None:
         self._streams: dict[UpstreamKey, _Upstream] = {}
+        self._alias_of = alias_of
         self.bytes_written = 0
 
     def __len__(self) -> int:
@@ -59,7 +73,8 @@ class ShadowStreams:
         if fin:
             up.fin = True
             up.ended_at = now
-        return [w for session, copy in up.copies.items() for w in self._catch_up(up, session, copy)]
+        return [w for session, copy in up.copies.items()
+                for w in self._catch_up(key, up, session, copy)]
 
     def ended(self, key: UpstreamKey, now: float) -> None:
         """The upstream stream was reset (or its publisher left): no more bytes will come."""
@@ -79,7 +94,7 @@ class ShadowStreams:
         elif copy.stream_id != stream_id:
             raise ValueError(f"upstream stream {key} reached session {session} as "
                              f"{copy.stream_id} and {stream_id}")
-        return self._catch_up(up, session, copy)
+        return self._catch_up(key, up, session, copy)
 
     def owner_stream(self, session: SessionId, key: UpstreamKey) -> int | None:
         """The subscriber stream id the kernel gave `key` for `session`, if it forwards it."""
@@ -114,13 +129,26 @@ class ShadowStreams:
                 if up.ended_at is not None and now - up.ended_at >= linger]
         return [(k, list(self._streams.pop(k).copies)) for k in done]
 
-    def _catch_up(self, up: _Upstream, session: SessionId, copy: _Copy) -> list[ShadowWrite]:
+    def _catch_up(self, key: UpstreamKey, up: _Upstream, session: SessionId,
+                  copy: _Copy) -> list[ShadowWrite]:
         start = copy.written
         end = len(up.data)
         fin = up.fin and not copy.fin_written
         if end == start and not fin:
             return []
+        data = bytes(up.data[start:end])
+        if start == 0 and self._alias_of is not None:
+            layout = subgroup_header_layout(data)
+            if layout is None:
+                if not up.fin:
+                    return []  # the header is not whole yet: its alias may need rewriting
+            else:
+                at, width = layout.track_alias_offset, layout.track_alias_width
+                upstream_alias = Buffer(data=data[at:at + width]).pull_uint_var()
+                alias = self._alias_of(session, key[0], upstream_alias)
+                if alias is not None and alias != upstream_alias:
+                    data = rewrite_track_alias(data, alias)
         copy.written = end
         copy.fin_written = copy.fin_written or up.fin
         self.bytes_written += end - start
-        return [ShadowWrite(session, copy.stream_id, start, bytes(up.data[start:end]), fin)]
+        return [ShadowWrite(session, copy.stream_id, start, data, fin)]
