@@ -260,3 +260,42 @@ def test_late_joiner_gets_whole_groups_and_a_leaver_disturbs_nobody(tmp_path: Pa
     assert late["groups_complete"] >= 1 and late["groups_open"] == 0, late
     assert late["objects"] == late["groups_complete"] * GROUP, late
     assert stats["fastpath"]["counters"]["subscribers_offloaded"] == 3, stats["fastpath"]
+
+
+def test_two_publishers_several_tracks_on_one_subscriber_connection(tmp_path: Path) -> None:
+    """Each subscriber takes a track of each of two publishers on one connection: the two
+    publishers chose the same alias (the relay gives the second track another one of the
+    same width, which the kernel writes in place), and the subscriber's stream ids run ahead
+    of each publisher's (they pass 64, a second varint byte, while the publishers' do not:
+    the kernel grows the packets in place)."""
+    objects = 150
+    tracks = ("lab/cam1/video", "lab/cam2/audio")
+
+    def body(s: Scenario) -> None:
+        pubs = [s.publish(host, objects, "--rate", "60", "--wait-subscriber", "60",
+                          "--start-on-signal", namespace=track.rsplit("/", 1)[0],
+                          track=track.rsplit("/", 1)[1])
+                for host, track in zip(s.lab.publishers, tracks)]
+        subs = [s._spawn(f"{host}-both", host, [
+            "subscribe", "--url", s.url(host), *[a for t in tracks for a in ("--track", t)],
+            *s.relay.client_args, "--expect-objects", str(objects), "--duration", "90", "--json"])
+            for host in s.lab.subscribers]
+        wait_subscribed(subs)
+        for pub in pubs:
+            pub.proc.send_signal(signal.SIGUSR1)
+        wait_all(subs + pubs, 120)
+
+    scenario, stats = run(tmp_path, topology(tmp_path, 2, publishers=2), body)
+    for party in scenario.parties:
+        if "-both" in party.name:
+            summary = party.summary()
+            assert_intact(summary, 2 * objects)
+            aliases = {t["connection"]["track_alias"] for t in summary["tracks"].values()}
+            assert len(aliases) == 2, summary["tracks"]
+    fp = stats["fastpath"]
+    assert fp["counters"]["upstreams_offloaded"] == 2 and fp["subscriptions"] == 0, fp
+    assert fp["counters"]["streams_kernel"] >= 2 * 2 * (objects // GROUP) * 2, fp
+    assert fp["kernel_bytes_share"] >= 0.9, fp
+    kernel = fp["kernel"]
+    assert kernel.get("EG_RESIZED", {}).get("packets", 0) > 0, kernel  # ids grew in place
+    assert "PUNT_SID_GROW" not in fp["punts"] and "PUNT_ALIAS_WIDTH" not in fp["punts"], fp
