@@ -63,6 +63,8 @@ DATAGRAM_FRAME_TYPE = 0x30
 STREAM_LINGER = 3.0
 """Seconds an ended upstream stream keeps its entries (publisher retransmissions)."""
 TICK = 0.002
+IDLE_TICK = 0.02
+"""Without records the tick backs off (doubling) to this, and snaps back at the next one."""
 HASH_MAPS = ("fr_cids", "fr_peers", "fr_tracks", "fr_sub_tracks", "fr_up_streams", "fr_sub_streams")
 """The maps whose entries come and go with connections and streams (`stats` counts them)."""
 
@@ -130,6 +132,7 @@ class FastPathRuntime:
         self.port = port
         self.interfaces = interfaces
         self.tick = tick
+        self._interval = tick
         self.stream_linger = stream_linger
         self.controller = FastPathController(fastpath, host_cid_len, fastpath.caps)
         self.shadow = ShadowStreams(alias_of=self._subscriber_alias)
@@ -453,12 +456,14 @@ class FastPathRuntime:
 
     def _on_tick(self) -> None:
         self._timer = None
+        records = 0
         try:
-            self.poll()
+            records = self.poll()
         except Exception:  # pragma: no cover - never let the loop lose the timer
             logger.exception("fast path tick failed")
+        self._interval = self.tick if records else min(IDLE_TICK, self._interval * 2)
         if self._loop is not None:
-            self._timer = self._loop.call_later(self.tick, self._on_tick)
+            self._timer = self._loop.call_later(self._interval, self._on_tick)
 
     def poll(self) -> int:
         """Drain and apply records, push changed state, expire streams, send what resulted."""
