@@ -11,9 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from relay.bench import measure, report
-from relay.bench.paths import DEFAULT_PATHS, PATHS
-from relay.bench.runner import BenchConfig, Run, _window, bench_topology, delay_figures, percentile
+from relay.bench import measure, report, runner
+from relay.bench.paths import PATHS, QUICK_PATHS
+from relay.bench.runner import (
+    BenchConfig,
+    Run,
+    _window,
+    bench_topology,
+    delay_figures,
+    delay_trend,
+    highest_sustained,
+    percentile,
+    sustained,
+)
 from tests.conftest import run_cli, run_cli_process
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,7 +45,8 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     assert "[1/" in proc.stderr  # the progress display
     runs = doc["runs"]
     assert {(r["path"], r["subscribers"]) for r in runs} == \
-        {(p, n) for p in DEFAULT_PATHS for n in (1, 4)}
+        {(p, n) for p in QUICK_PATHS for n in (1, 4)}
+    assert doc["sweep"] == [] and doc["parameters"]["rates"] == []  # --quick does not sweep
     assert any(r["available"] for r in runs)
     for r in runs:
         where = f"{r['path']} x {r['subscribers']}"
@@ -55,8 +66,22 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
             assert f[key] and f[key] > 0, (where, key)
         assert isinstance(f["machine_limited"], bool)
         assert f["kernel_bytes_share"] is not None, where
-        assert (r["path"] not in ("userspace", "moq-rs")) or f["ebpf"] is None
+        assert isinstance(f["delay_trend"]["growing"], bool), where
+        if PATHS[r["path"]].kernel_path:
+            # the fast-path columns: present and numeric (eBPF window, the relay's own stats)
+            assert isinstance(f["ebpf"]["us_per_packet"], (int, float)), where
+            assert f["ebpf"]["run_cnt"] > 0, where
+            assert isinstance(f["catchup_us_per_forwarded_packet"], (int, float)), where
+            assert 0 < f["kernel_bytes_share"] <= 1, where
+        else:
+            assert f["ebpf"] is None and f["catchup_us_per_forwarded_packet"] is None, where
+            assert f["kernel_bytes_share"] == 0.0, where
         assert (out / r["raw"]["delays_file"]).is_file()
+    soft = [r for r in runs if r["path"] == "fastpath-soft"]
+    for r in soft:  # until soft is wired to the fast path: the relay's own refusal
+        if not r["available"]:
+            assert r["reason"].startswith("relay refuses: --fastpath on: ") or \
+                "relay did not start" in r["reason"], r["reason"]
     userspace = [r for r in runs if r["path"] == "userspace" and r["available"]]
     for r in userspace:
         assert r["figures"]["ratios"]["vs_userspace"]["p50_us"] == 1.0
@@ -66,6 +91,10 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
 
 
 def test_bad_options_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    run_cli(["bench", "--rates", "100,x"], capsys, exit_code=1,
+            stderr=r"^error: --rates '100,x': expected objects/s")
+    run_cli(["bench", "--rates", "-5"], capsys, exit_code=1,
+            stderr=r"^error: --rates '-5': each rate must be above 0\n$")
     run_cli(["bench", "--paths", "userspace,nope"], capsys, exit_code=1,
             stderr=r"^error: --paths: unknown path 'nope' \(paths: userspace, userspace-none, "
                    r"moq-rs")
@@ -146,9 +175,19 @@ def test_table_marks_unavailable_and_measured_rows() -> None:
         "machine_cpu_us_per_packet": 4000.0, "machine_busy_share": 0.95,
         "background_busy_share": 0.1, "machine_non_lab_share": 0.2, "lab_processes_cpu_us_per_packet": 2000.0,
         "relay_cpu_us_per_packet": 700.0, "ebpf": None, "packets_per_s_per_relay_core": 1429,
+        "catchup_us_per_forwarded_packet": None,
         "kernel_bytes_share": 0.0, "machine_limited": True})
     missing = Run("fastpath-none", 4, False, reason="eBPF fast path not built yet")
+    fast = Run("fastpath-none", 1, True, figures={
+        **measured.figures, "ebpf": {"us_per_packet": 1.25}, "kernel_bytes_share": 0.97,
+        "catchup_us_per_forwarded_packet": 42.5, "machine_limited": False})
     rows = report.table_rows([measured, missing])
+    column = {c.replace("\n", " "): i for i, c in enumerate(report.COLUMNS)}
+    fast_row = report.table_rows([fast])[0]
+    assert fast_row[column["eBPF µs/pkt"]] == "1.2"
+    assert fast_row[column["Catch-up µs/fwd pkt"]] == "42.5"
+    assert fast_row[column["Kernel bytes"]] == "97%"
+    assert rows[0][column["Catch-up µs/fwd pkt"]] == "n/a"
     assert rows[0][:4] == ["userspace", "4", "400/400", "2,000/5,000/9,000"]
     assert "n/a" in rows[0] and "machine" in rows[0]
     assert rows[1][-1] == "not available: eBPF fast path not built yet"
@@ -173,3 +212,87 @@ def test_bpf_prog_stats_finds_a_program_this_process_holds() -> None:
         assert fn.fd >= 0
     finally:
         bpf.cleanup()
+
+
+# -- the rate sweep -------------------------------------------------------------------------------
+
+
+def test_delay_trend_flags_a_growing_queue_not_jitter() -> None:
+    ms = 1_000_000
+    flat = [[2 * ms, 3 * ms, 2 * ms] * 10, [1 * ms] * 30]
+    assert delay_trend(flat)["growing"] is False  # type: ignore[index]
+    growing = [[(i + 1) * ms for i in range(30)]]  # 1 ms .. 30 ms: p99 of the thirds 10 / 30
+    trend = delay_trend(growing)
+    assert trend == {"first_third_p99_us": 10_000.0, "last_third_p99_us": 30_000.0,
+                     "growing": True}
+    jitter = [[100_000, 100_000, 400_000] * 10]  # sub-ms: 3x but under the 5 ms floor
+    assert delay_trend([[100_000] * 10 + [400_000] * 20])["growing"] is False  # type: ignore[index]
+    assert delay_trend(jitter)["growing"] is False  # type: ignore[index]
+    bound = [[int(runner.DELAY_BOUND_US * 1000) + ms] * 30]  # flat but above the bound
+    assert delay_trend(bound)["growing"] is True  # type: ignore[index]
+    assert delay_trend([[ms], []]) is None
+
+
+def _run(rate: float, *, lost: int = 0, growing: bool = False, sent: float | None = None,
+         path: str = "userspace") -> Run:
+    return Run(path, 4, True, rate=rate, figures={
+        "objects_expected": 400, "objects_delivered": 400 - lost, "objects_lost": lost,
+        "publisher_rate": rate if sent is None else sent, "delivered_pps": rate * 4,
+        "delay": {"p50_us": 1000.0, "p99_us": 2000.0, "max_us": 3000.0},
+        "delay_trend": {"first_third_p99_us": 1000.0, "last_third_p99_us": 9000.0,
+                        "growing": growing},
+        "machine_busy_share": 0.5, "machine_limited": False})
+
+
+def test_sustained_names_what_stopped_the_path() -> None:
+    assert sustained(_run(100)) == (True, None)
+    assert sustained(_run(100, lost=3)) == (False, "3 objects lost or not delivered in time")
+    assert sustained(_run(100, growing=True)) == \
+        (False, "growing delay: p99 1.0 ms in the first third, 9.0 ms in the last")
+    ok, why = sustained(_run(800, sent=500))
+    assert not ok and why is not None and why.startswith("publisher sent only 500/s")
+    assert sustained(Run("fastpath-soft", 4, False, reason="x")) == (False, "not available: x")
+    assert sustained(Run("userspace", 4, True, error="boom")) == (False, "failed: boom")
+
+
+def test_sweep_stops_a_path_at_its_first_failing_rate(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = {"userspace": 200.0, "moq-rs": 10_000.0}
+    ran: list[tuple[str, float]] = []
+
+    def fake_run(self: object, path: runner.BenchPath, n: int, cfg: BenchConfig,
+                 tag: str = "") -> Run:
+        ran.append((path.name, cfg.rate))
+        assert n == 4 and cfg.duration == 3.0
+        return _run(cfg.rate, lost=int(cfg.rate > limits[path.name]), path=path.name)
+
+    monkeypatch.setattr(runner._Plan, "run", fake_run)
+    monkeypatch.setattr(PATHS["moq-rs"], "unavailable", lambda: None)
+    cfg = BenchConfig(subscribers=[], paths=["userspace", "moq-rs"], rates=[100, 200, 400, 800],
+                      sweep_subscribers=4, sweep_duration=3.0, out=tmp_path)
+    runs, sweep = runner.run_bench(cfg, lambda m: None)
+    assert runs == []
+    assert ran == [("userspace", 100), ("userspace", 200), ("userspace", 400),
+                   ("moq-rs", 100), ("moq-rs", 200), ("moq-rs", 400), ("moq-rs", 800)]
+    capacity = highest_sustained(cfg, sweep)
+    assert [(c["path"], c["highest_sustained_rate"], c["stopped_at_rate"]) for c in capacity] == \
+        [("userspace", 200, 400), ("moq-rs", 800, None)]
+    assert capacity[0]["stop_reason"] == "1 objects lost or not delivered in time"
+    assert capacity[0]["delivered_pps"] == 800
+    rows = report.sweep_rows(capacity)
+    assert rows[0][:4] == ["userspace", "4", "100,200,400", "200"]
+    assert rows[1][-1] == "sustained every rate swept (the limit is higher)"
+    assert report.markdown_sweep_table(capacity).count("\n") == 3
+    files = report.write_sweep_plot(cfg, sweep, capacity, tmp_path)
+    assert (tmp_path / files["rate_sweep"]).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_fastpath_soft_reason_is_the_relays_own_refusal() -> None:
+    reason = PATHS["fastpath-soft"].unavailable()
+    if reason is None:
+        pytest.skip("the relay accepts --fastpath on --crypto soft here")
+    assert "\n" not in reason
+    if reason.startswith("relay refuses: --fastpath on: "):
+        from relay.fastpath.runtime import unavailable_reason
+
+        assert reason.endswith(str(unavailable_reason("soft", "0.0.0.0")))

@@ -2,10 +2,11 @@
 run here, how to start its relay in the lab's relay namespace, and what extra arguments the
 publisher and subscribers need for it.
 
-Adding a path = one more `BenchPath` in `PATHS`. The fast-path rows are already here: they
-report "not available" with the reason until `fastrelay relay` has `--fastpath`, and from then
-on start the relay with `--fastpath on --crypto none|soft`; if that relay refuses to start,
-its one-line error becomes the row's reason.
+Adding a path = one more `BenchPath` in `PATHS`. The fast-path rows start the relay with
+`--fastpath on --crypto none|soft`. Before any lab is brought up, a fast-path row asks the relay's
+own check (`relay.fastpath.runtime.unavailable_reason`, the one `fastrelay relay --fastpath on`
+refuses with) and reports "not available" with that reason (today: `soft` is not wired to the
+fast path); a relay that still refuses to start in the lab gives its one-line error instead.
 """
 
 from __future__ import annotations
@@ -112,6 +113,15 @@ class BenchPath:
                     return None
         return None
 
+    def catchup_us_per_packet(self, stats: dict[str, Any] | None) -> float | None:
+        """Userspace catch-up time per packet the kernel forwarded (records, shadow writes, state
+        pushes), from the relay's `stats` line: a lifetime figure of the relay process, part of
+        the relay CPU column, never to be added to it. None where no packet left through eBPF."""
+        if not self.kernel_path or not stats:
+            return None
+        value = (stats.get("fastpath") or {}).get("catchup_us_per_forwarded_packet")
+        return float(value) if isinstance(value, (int, float)) else None
+
     def kernel_bytes_share(self, stats: dict[str, Any] | None) -> float | None:
         """Share of the bytes to subscribers that the kernel (eBPF) sent; 0 for userspace."""
         if not self.kernel_path:
@@ -128,14 +138,31 @@ class BenchPath:
 
 
 class FastPath(BenchPath):
-    """`fastrelay relay --fastpath on --crypto X`: available once the relay has --fastpath."""
+    """`fastrelay relay --fastpath on --crypto X`: available when the relay would accept it."""
 
     def unavailable(self) -> str | None:
+        # asked once per run: the check imports bcc (seconds)
+        if not hasattr(self, "_reason"):
+            self._reason = self._relay_refusal()
+        return self._reason
+
+    def _relay_refusal(self) -> str | None:
         from relay.cli import relay_cmd
 
         if "fastpath" not in inspect.signature(relay_cmd.relay_command).parameters:
             return "eBPF fast path not built yet (`fastrelay relay` has no --fastpath)"
-        return None
+        from relay.fastpath.runtime import unavailable_reason
+        from relay.publisher import crypto_option
+
+        # the relay's own checks, in its order: the --crypto backend's probe, then the fast path
+        crypto = self.relay_argv[self.relay_argv.index("--crypto") + 1]
+        try:
+            crypto_option(crypto)
+        except FastrelayError as exc:
+            return f"relay refuses: {exc}"
+        reason = unavailable_reason(crypto, "0.0.0.0")
+        # the words `fastrelay relay --fastpath on` exits with
+        return None if reason is None else f"relay refuses: --fastpath on: {reason}"
 
 
 class MoqRsPath(BenchPath):
@@ -168,7 +195,9 @@ def _paths() -> dict[str, BenchPath]:
 
 PATHS: dict[str, BenchPath] = _paths()
 #: What `fastrelay bench` compares unless --paths says otherwise.
-DEFAULT_PATHS = ["userspace", "moq-rs", "fastpath-none", "fastpath-soft"]
+DEFAULT_PATHS = ["userspace", "userspace-none", "fastpath-none", "fastpath-soft", "moq-rs"]
+#: `--quick`: one row per kind of relay (userspace-none is the like-for-like of fastpath-none).
+QUICK_PATHS = ["userspace", "fastpath-none", "fastpath-soft", "moq-rs"]
 #: The baseline ratios are taken against.
 USERSPACE = "userspace"
 ANCHOR = "moq-rs"

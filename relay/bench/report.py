@@ -7,15 +7,23 @@ from pathlib import Path
 from typing import Any
 
 from relay.bench.paths import ANCHOR, PATHS, USERSPACE
-from relay.bench.runner import BenchConfig, Run
+from relay.bench.runner import GROWING_DELAY, BenchConfig, Run
+from relay.errors import FastrelayError
 
 NOTES = [
     "machine CPU/packet (the headline) is whole-machine busy time from /proc/stat over the "
     "measured window divided by the UDP packets the relay namespace sent to subscribers "
     "(interface counters, GSO off, so both QUIC stacks are counted alike); it includes the "
     "publisher, every subscriber, the kernel, and any other work on the machine",
-    "relay CPU/packet (/proc/PID/stat utime+stime) and eBPF run time/packet (kernel BPF "
-    "statistics) are a breakdown that overlaps the headline: never add them up",
+    "relay CPU/packet (/proc/PID/stat utime+stime), eBPF run time/packet (kernel BPF "
+    "statistics: run_time_ns of the relay's top-level programs over the window) and catch-up/"
+    "fwd pkt are a breakdown that overlaps the headline: never add them up",
+    "catch-up/fwd pkt = the relay's userspace catch-up time (ring-buffer records, shadow "
+    "writes, state pushes) per packet the kernel forwarded, from the relay's own stats at exit "
+    "(fastpath.catchup_us_per_forwarded_packet, the relay's whole life, not only the window); "
+    "it is inside relay CPU, not beside it; n/a on paths without eBPF",
+    "kernel bytes = share of the bytes to subscribers the kernel (eBPF) sent, from the relay's "
+    "stats at exit (fastpath.kernel_bytes_share); 0% on userspace paths",
     "packets/s per relay core = 1 / relay CPU per packet: the capacity the relay process alone "
     "would have, as the subscribers cost more than the relay on a small machine",
     "delay is one-way, per object, publisher send to subscriber receive (one clock), "
@@ -31,7 +39,25 @@ NOTES = [
     "vs userspace / vs moq-rs = ratio of machine CPU per packet / of p50 delay against that "
     "path at the same subscriber count (below 1: better)",
     "limit 'machine' = whole-machine busy above 90% during the window",
+    "same objects through each path: each path runs in its own scenario (a fresh lab, its relay "
+    "alone on the machine) with the same workload: the same publisher command, object count, "
+    "sizes, rate, group layout and subscribers; the objects are deterministic (self-verifying "
+    "payload by group/object), so every path carries the same objects, but not at the same "
+    "moment: delays are compared as distributions, not paired object by object",
 ]
+
+SWEEP_NOTES = [
+    "highest sustainable rate: the same scenario at rising publisher rates (objects/s, one "
+    "object = one packet per subscriber) for one subscriber count; a path stops at the first "
+    "rate where an object is lost or not delivered in time, the delay grows (" + GROWING_DELAY
+    + "), or the publisher could not send at the rate (then the bench was the limit); "
+    "'machine' = the machine was above 90% busy at the stopping rate, so the machine (the "
+    "subscribers), not the relay, may have been the limit",
+]
+
+
+def notes(cfg: BenchConfig) -> list[str]:
+    return NOTES + (SWEEP_NOTES if cfg.rates else [])
 
 
 def _num(value: Any) -> str:
@@ -57,8 +83,8 @@ def _ratio(run: Run, base: str) -> str:
 
 COLUMNS = ("Path", "Subs", "Objects", "Delay µs\np50/p99/max", "Machine CPU\nµs/pkt",
            "Busy\n(not lab)", "Lab procs\nµs/pkt", "Relay CPU\nµs/pkt", "eBPF\nµs/pkt",
-           "Pkts/s per\nrelay core", "Kernel\nbytes", "Limit", "vs userspace\nCPU/p50",
-           "vs moq-rs\nCPU/p50", "Note")
+           "Catch-up\nµs/fwd pkt", "Pkts/s per\nrelay core", "Kernel\nbytes", "Limit",
+           "vs userspace\nCPU/p50", "vs moq-rs\nCPU/p50", "Note")
 
 
 def table_rows(runs: list[Run]) -> list[list[str]]:
@@ -82,6 +108,8 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
             _num(f.get("lab_processes_cpu_us_per_packet")),
             _num(f["relay_cpu_us_per_packet"]),
             "n/a" if ebpf is None else _num(ebpf.get("us_per_packet")),
+            "n/a" if not PATHS[r.path].kernel_path else
+            _num(f.get("catchup_us_per_forwarded_packet")),
             _num(f["packets_per_s_per_relay_core"]),
             "–" if share is None else f"{share * 100:.0f}%",
             "machine" if f["machine_limited"] else "–",
@@ -99,8 +127,40 @@ def markdown_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+SWEEP_COLUMNS = ("Path", "Subs", "Rates run\nobjects/s", "Highest sustained\nobjects/s",
+                 "Delivered\npkts/s", "p99 µs\nthere", "Busy\nthere", "Stopped at\nobjects/s",
+                 "Limit", "Stopped by")
+
+
+def sweep_rows(capacity: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for c in capacity:
+        if not c["available"]:
+            rows.append([c["path"], ""] + [""] * (len(SWEEP_COLUMNS) - 3) +
+                        [f"not available: {c['reason']}"])
+            continue
+        rows.append([
+            c["path"], str(c["subscribers"]), ",".join(f"{r:g}" for r in c["rates_run"]),
+            "none" if c["highest_sustained_rate"] is None else f"{c['highest_sustained_rate']:g}",
+            _num(c["delivered_pps"]), _num(c["p99_us"]), _pct(c["machine_busy_share"]),
+            "–" if c["stopped_at_rate"] is None else f"{c['stopped_at_rate']:g}",
+            "machine" if c["stop_machine_limited"] else "–", c["stop_reason"] or "",
+        ])
+    return rows
+
+
+def markdown_sweep_table(capacity: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(c.replace("\n", " ") for c in SWEEP_COLUMNS) + " |",
+             "|" + "---|" * len(SWEEP_COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |"
+              for row in sweep_rows(capacity)]
+    return "\n".join(lines)
+
+
 def document(cfg: BenchConfig, runs: list[Run], *, machine: dict[str, Any], command: str,
-             started: str, finished: str, files: dict[str, str]) -> dict[str, Any]:
+             started: str, finished: str, files: dict[str, str],
+             sweep: list[Run] | None = None,
+             capacity: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "tool": "fastrelay bench",
         "command": command,
@@ -111,13 +171,17 @@ def document(cfg: BenchConfig, runs: list[Run], *, machine: dict[str, Any], comm
                        "object_size": cfg.object_size, "rate": cfg.rate,
                        "duration_s": cfg.duration, "objects": cfg.objects,
                        "group_length": cfg.group_length, "layout": "single",
-                       "start_delay_s": cfg.start_delay, "window": "10%..90% of delivered packets"},
+                       "start_delay_s": cfg.start_delay, "window": "10%..90% of delivered packets",
+                       "rates": cfg.rates, "sweep_subscribers": cfg.sweep_subscribers,
+                       "sweep_duration_s": cfg.sweep_duration, "growing_delay": GROWING_DELAY},
         "paths": {name: {"description": PATHS[name].description,
                          "available": PATHS[name].unavailable() is None,
                          "reason": PATHS[name].unavailable()} for name in cfg.paths},
-        "notes": NOTES,
+        "notes": notes(cfg),
         "files": files,
         "runs": [r.to_json() for r in runs],
+        "capacity": capacity or [],
+        "sweep": [r.to_json() for r in sweep or []],
     }
 
 
@@ -206,6 +270,105 @@ def write_plots(runs: list[Run], out: Path) -> dict[str, str]:
     return files
 
 
+def write_sweep_plot(cfg: BenchConfig, sweep: list[Run], capacity: list[dict[str, Any]],
+                     out: Path) -> dict[str, str]:
+    """One PNG: delivered packets/s and p99 delay against the offered rate, per path, the
+    highest sustained rate marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = list(dict.fromkeys(cfg.paths))
+    colours = {p: f"C{i}" for i, p in enumerate(paths)}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    best = {c["path"]: c.get("highest_sustained_rate") for c in capacity if c["available"]}
+    for path in paths:
+        rs = [r for r in sweep if r.path == path and r.figures.get("delay")]
+        if not rs:
+            for ax in (ax1, ax2):
+                ax.plot([], [], color=colours[path], linestyle=":", label=f"{path}: not measured")
+            continue
+        xs = [r.rate for r in rs]
+        ax1.plot(xs, [r.figures.get("delivered_pps") for r in rs], "-o", color=colours[path],
+                 label=path)
+        ax2.plot(xs, [r.figures["delay"]["p99_us"] / 1000 for r in rs], "-o",
+                 color=colours[path], label=path)
+        for r in rs:
+            if not r.figures.get("sustained"):
+                ax1.plot([r.rate], [r.figures.get("delivered_pps")], "x", color=colours[path],
+                         markersize=12)
+                ax2.plot([r.rate], [r.figures["delay"]["p99_us"] / 1000], "x",
+                         color=colours[path], markersize=12)
+        if best.get(path):
+            ax1.axvline(best[path], color=colours[path], alpha=0.3, linestyle="--")
+    rates = sorted({r.rate for r in sweep if r.rate})
+    for ax, ylabel in ((ax1, "delivered packets/s (relay → subscribers)"),
+                       (ax2, "p99 one-way delay (ms)")):
+        if rates:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(rates, [f"{r:g}" for r in rates])
+        ax.set_yscale("log")
+        ax.set_xlabel("publisher rate (objects/s)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"Rate sweep, {cfg.sweep_subscribers} subscriber(s): x = not sustained "
+                 f"(loss, growing delay or publisher limit); dashed = highest sustained")
+    fig.tight_layout()
+    fig.savefig(out / "rate_sweep.png", dpi=110)
+    plt.close(fig)
+    return {"rate_sweep": "rate_sweep.png"}
+
+
+DOC_START = "<!-- fastrelay bench: start (generated by --doc, do not edit by hand) -->"
+DOC_END = "<!-- fastrelay bench: end -->"
+
+
+def markdown_block(doc: dict[str, Any], runs: list[Run], capacity: list[dict[str, Any]],
+                   plots: str) -> str:
+    """The latest run for a Markdown document: when, the command, the machine and its load,
+    the tables, the plots (`plots`: their directory relative to the document)."""
+    m = doc["machine"]
+    load = m.get("loadavg_at_start") or []
+    lines = [
+        DOC_START,
+        f"{doc['started']} – {doc['finished']}: `{doc['command']}`",
+        "",
+        f"Machine: {m.get('cpu_model')}, {m.get('cores')} vCPUs, {m.get('memory_gib')} GiB, "
+        f"kernel {m.get('kernel')}, Python {m.get('python')}; load average at the start "
+        f"{', '.join(f'{x:g}' for x in load)}, at the end "
+        f"{', '.join(f'{x:g}' for x in doc.get('loadavg_at_end') or [])}.",
+        "",
+        markdown_table(runs),
+    ]
+    if capacity:
+        p = doc["parameters"]
+        lines += ["", f"Highest sustainable rate ({p['sweep_subscribers']} subscribers, "
+                      f"{p['sweep_duration_s']:g} s per rate, rates "
+                      f"{','.join(f'{r:g}' for r in p['rates'])} objects/s):", "",
+                  markdown_sweep_table(capacity)]
+    lines += [""] + [f"- {n}" for n in doc["notes"]] + [""]
+    for key, title in (("delay_distribution", "per-object delay distribution per path"),
+                       ("cpu_vs_subscribers", "CPU per delivered packet vs subscribers"),
+                       ("delay_vs_subscribers", "delay vs subscribers"),
+                       ("rate_sweep", "rate sweep: delivered packets/s and p99 vs rate")):
+        if key in doc["files"]:
+            lines += [f"![{title}]({plots}/{doc['files'][key]})", ""]
+    lines.append(DOC_END)
+    return "\n".join(lines)
+
+
+def update_document(path: Path, block: str) -> None:
+    """Replace the generated block of a Markdown file (between DOC_START and DOC_END)."""
+    text = path.read_text()
+    start, end = text.find(DOC_START), text.find(DOC_END)
+    if start < 0 or end < start:
+        raise FastrelayError(f"--doc {path}: no generated block to replace (a line "
+                             f"'{DOC_START}' followed by '{DOC_END}')")
+    path.write_text(text[:start] + block + text[end + len(DOC_END):])
+
+
 def write_json(doc: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
@@ -215,7 +378,7 @@ def load_runs(out: Path) -> list[Run]:
     draw its plots again: `write_plots(load_runs(d), d)`."""
     doc = json.loads((out / "results.json").read_text())
     runs = []
-    for item in doc["runs"]:
+    for item in doc["runs"] + doc.get("sweep", []):
         run = Run(**item)
         name = run.raw.get("delays_file")
         if name:

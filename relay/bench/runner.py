@@ -11,6 +11,11 @@ Whole-machine CPU, relay process CPU and eBPF run time are deltas over that wind
 Delay is one way, publisher send (time.time_ns in the payload) to subscriber receive, per
 object, from every subscriber's raw list (`fastrelay subscribe --delays-file`); all namespaces
 share one clock. Percentiles are taken over all subscribers' objects together.
+
+The rate sweep (`--rates`) runs the same scenario at rising publisher rates for one subscriber
+count and stops a path at the first rate it does not sustain: an object lost or not delivered
+in time, a growing delay (GROWING_DELAY below), or a publisher that could not send at the rate
+(then the bench, not the relay, was the limit; the sweep of that path ends there too).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import math
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +45,19 @@ READY_PACKETS = 3
 READY_BYTES = 1500
 #: Whole-machine busy above this share of every core: the machine, not the relay, was the limit.
 MACHINE_LIMIT = 0.90
+#: "Growing delay", the sweep's second stop condition: each subscriber's delays in the order it
+#: received the objects are cut in thirds; the delay grows when the p99 of the last thirds (all
+#: subscribers together) is above GROWTH_FACTOR x the p99 of the first thirds and at least
+#: GROWTH_FLOOR_US above it (sub-millisecond jitter does not count), or when the run's p99 is
+#: above DELAY_BOUND_US whatever its trend (a queue already full from the first third).
+GROWTH_FACTOR = 2.0
+GROWTH_FLOOR_US = 5_000.0
+DELAY_BOUND_US = 500_000.0
+GROWING_DELAY = (f"p99 of the last third of each subscriber's objects > {GROWTH_FACTOR:g}x the "
+                 f"first third's and > it + {GROWTH_FLOOR_US / 1000:g} ms, or p99 over the run > "
+                 f"{DELAY_BOUND_US / 1000:g} ms")
+#: The publisher kept the rate when it sent at least this share of it (Python, one core).
+PUBLISHER_KEPT_RATE = 0.95
 
 
 @dataclass
@@ -55,6 +73,10 @@ class BenchConfig:
     background_s: float = 1.0
     """Seconds of whole-machine CPU sampled before the publisher starts (other work)."""
     out: Path = Path("bench-results")
+    rates: list[float] = field(default_factory=list)
+    """The rate sweep (objects/s, ascending); empty: no sweep."""
+    sweep_subscribers: int = 4
+    sweep_duration: float = 4.0
 
     @property
     def objects(self) -> int:
@@ -99,6 +121,27 @@ def delay_figures(delays_ns: list[int]) -> dict[str, float | int] | None:
             "min_us": round(d[0] / 1000, 1), "mean_us": round(sum(d) / len(d) / 1000, 1)}
 
 
+def delay_trend(per_subscriber_ns: list[list[int]]) -> dict[str, Any] | None:
+    """First and last third of each subscriber's delays (receive order), and whether the delay
+    grew over the run (GROWING_DELAY)."""
+    first: list[int] = []
+    last: list[int] = []
+    for delays in per_subscriber_ns:
+        third = len(delays) // 3
+        if third:
+            first.extend(delays[:third])
+            last.extend(delays[-third:])
+    if not first:
+        return None
+    p_first = percentile(sorted(first), 99) / 1000
+    p_last = percentile(sorted(last), 99) / 1000
+    p_all = percentile(sorted(d for ds in per_subscriber_ns for d in ds), 99) / 1000
+    growing = (p_last > GROWTH_FACTOR * p_first and p_last - p_first >= GROWTH_FLOOR_US) \
+        or p_all > DELAY_BOUND_US
+    return {"first_third_p99_us": round(p_first, 1), "last_third_p99_us": round(p_last, 1),
+            "growing": growing}
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["NO_COLOR"] = "1"
@@ -114,6 +157,8 @@ class Run:
     subscribers: int
     available: bool
     reason: str | None = None
+    rate: float | None = None
+    """Objects/s the publisher was asked for (every run of a sweep has its own)."""
     error: str | None = None
     figures: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
@@ -152,7 +197,7 @@ class Scenario:
     def run(self) -> Run:
         from hw.lab import Lab
 
-        run = Run(self.path.name, self.n, available=True)
+        run = Run(self.path.name, self.n, available=True, rate=self.cfg.rate)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.say("lab up")
         with Lab.up(bench_topology(self.n)) as lab:
@@ -164,6 +209,7 @@ class Scenario:
             stats = self.path.stats(handle)
             run.raw["relay_stats"] = stats
             run.figures["kernel_bytes_share"] = self.path.kernel_bytes_share(stats)
+            run.figures["catchup_us_per_forwarded_packet"] = self.path.catchup_us_per_packet(stats)
             self.say("lab down")
         return run
 
@@ -272,6 +318,7 @@ class Scenario:
         cfg = self.cfg
         summaries: dict[str, dict[str, Any]] = {}
         delays: list[int] = []
+        per_subscriber: list[list[int]] = []
         for s in procs:
             try:
                 summaries[s] = json.loads((self.logs / f"{s}.out").read_text())
@@ -279,9 +326,11 @@ class Scenario:
                 summaries[s] = {"ok": False, "objects": 0, "lost": cfg.objects,
                                 "errors": [self._last_line(f"{s}.err")]}
             try:
-                delays.extend(int(x) for x in (self.logs / f"{s}.delays").read_text().split())
+                mine = [int(x) for x in (self.logs / f"{s}.delays").read_text().split()]
             except OSError:
-                pass
+                mine = []
+            per_subscriber.append(mine)
+            delays.extend(mine)
         try:
             publisher = json.loads((self.logs / "publisher.out").read_text())
         except (OSError, ValueError):
@@ -298,7 +347,9 @@ class Scenario:
         f["subscribers_ok"] = sum(1 for v in summaries.values() if v.get("ok"))
         f["publisher_ok"] = bool(publisher.get("ok"))
         f["publisher_max_lateness_us"] = publisher.get("max_lateness_us")
+        f["publisher_rate"] = publisher.get("rate")
         f["delay"] = delay_figures(delays)
+        f["delay_trend"] = delay_trend(per_subscriber)
         f["background_busy_share"] = round(background[0], 4)
         f["background_non_lab_share"] = round(background[1], 4)
         window = _window(samples, 0)
@@ -346,6 +397,8 @@ class Scenario:
             cnt = sum(v[1] - s0.get(k, (0, 0))[1] for k, v in s1.items())
             f["ebpf"] = {"programs": sorted(s1), "run_time_ns": ns, "run_cnt": cnt,
                          "us_per_packet": round(ns / 1000 / pkts, 3) if pkts else None,
+                         "ns_per_run": round(ns / cnt, 1) if cnt else None,
+                         "runs_per_packet": round(cnt / pkts, 2) if pkts else None,
                          "stats_enabled": measure.bpf_stats_enabled()}
         else:
             f["ebpf"] = None  # n/a: no eBPF program on this path
@@ -378,53 +431,140 @@ def add_ratios(runs: list[Run]) -> None:
         r.figures["ratios"] = ratios
 
 
-def run_bench(cfg: BenchConfig, say: Progress) -> list[Run]:
-    runs: list[Run] = []
-    plan: list[tuple[BenchPath, int]] = []
+def sustained(run: Run) -> tuple[bool, str | None]:
+    """Whether a run kept up with its rate: (True, None) or (False, why). The reasons are the
+    sweep's stop conditions (module docstring)."""
+    f = run.figures
+    if not run.available:
+        return False, f"not available: {run.reason}"
+    if run.error:
+        return False, f"failed: {run.error}"
+    lost = f.get("objects_lost") or 0
+    missing = (f.get("objects_expected") or 0) - (f.get("objects_delivered") or 0)
+    if lost or missing > 0:
+        return False, f"{max(lost, missing):,} objects lost or not delivered in time"
+    sent_rate = f.get("publisher_rate")
+    if run.rate and isinstance(sent_rate, (int, float)) and \
+            sent_rate < PUBLISHER_KEPT_RATE * run.rate:
+        return False, f"publisher sent only {sent_rate:g}/s (the bench, not the relay, was the limit)"
+    trend = f.get("delay_trend")
+    if trend and trend["growing"]:
+        return False, (f"growing delay: p99 {trend['first_third_p99_us'] / 1000:.1f} ms in the "
+                       f"first third, {trend['last_third_p99_us'] / 1000:.1f} ms in the last")
+    return True, None
+
+
+class _Plan:
+    """Runs scenarios one after the other with a progress label each, writing delay files."""
+
+    def __init__(self, cfg: BenchConfig, say: Progress, total: int) -> None:
+        self.cfg, self.say, self.total, self.index = cfg, say, total, 0
+
+    def run(self, path: BenchPath, n: int, cfg: BenchConfig, tag: str = "") -> Run:
+        self.index += 1
+        label = (f"[{self.index}/{self.total}] {path.name}, {n} subscriber{'s' if n != 1 else ''}"
+                 f"{tag}")
+        started = time.monotonic()
+        stem = f"{path.name}-{n}" + (f"-r{cfg.rate:g}" if tag else "")
+        scenario = Scenario(path, n, cfg, cfg.out / "logs" / stem,
+                            lambda m, label=label: self.say(f"{label}: {m}"))
+        try:
+            run = scenario.run()
+        except PathUnavailable as exc:
+            run = Run(path.name, n, available=False, reason=str(exc), rate=cfg.rate)
+        except FastrelayError as exc:
+            run = Run(path.name, n, available=True, error=str(exc), rate=cfg.rate)
+        run.raw["scenario_seconds"] = round(time.monotonic() - started, 1)
+        if run.delays_ns:
+            (cfg.out / "delays").mkdir(parents=True, exist_ok=True)
+            name = f"{stem}.txt"
+            (cfg.out / "delays" / name).write_text("".join(f"{d}\n" for d in run.delays_ns))
+            run.raw["delays_file"] = f"delays/{name}"
+        d = run.figures.get("delay")
+        if run.error:
+            self.say(f"{label}: FAILED: {run.error}")
+        elif d:
+            self.say(f"{label}: p50 {d['p50_us']} µs, p99 {d['p99_us']} µs, "
+                     f"{run.figures['machine_cpu_us_per_packet']} µs machine CPU/packet")
+        return run
+
+
+def _available(cfg: BenchConfig, say: Progress) -> tuple[list[BenchPath], list[Run]]:
+    paths, unavailable = [], []
     for name in cfg.paths:
         path = PATHS[name]
         reason = path.unavailable()
-        if reason is not None:
-            for n in cfg.subscribers:
-                runs.append(Run(name, n, available=False, reason=reason))
-            say(f"{name}: not available ({reason})")
+        if reason is None:
+            paths.append(path)
             continue
-        plan.extend((path, n) for n in cfg.subscribers)
+        unavailable.extend(Run(name, n, available=False, reason=reason, rate=cfg.rate)
+                           for n in cfg.subscribers)
+        say(f"{name}: not available ({reason})")
+    return paths, unavailable
+
+
+def run_bench(cfg: BenchConfig, say: Progress) -> tuple[list[Run], list[Run]]:
+    """The subscriber scenarios, then the rate sweep: (runs, sweep runs)."""
+    paths, runs = _available(cfg, say)
+    total = len(paths) * (len(cfg.subscribers) + len(cfg.rates))
+    plan = _Plan(cfg, say, total)
     restore_bpf_stats: bool | None = None
-    if any(p.kernel_path for p, _ in plan):
+    if any(p.kernel_path for p in paths):
         restore_bpf_stats = measure.bpf_stats_enabled()
         if restore_bpf_stats is False:
             measure.set_bpf_stats(True)
+    sweep: list[Run] = []
     try:
-        for index, (path, n) in enumerate(plan, 1):
-            label = f"[{index}/{len(plan)}] {path.name}, {n} subscriber{'s' if n != 1 else ''}"
-            started = time.monotonic()
-            scenario = Scenario(path, n, cfg, cfg.out / "logs" / f"{path.name}-{n}",
-                                lambda m, label=label: say(f"{label}: {m}"))
-            try:
-                run = scenario.run()
-            except PathUnavailable as exc:
-                run = Run(path.name, n, available=False, reason=str(exc))
-            except FastrelayError as exc:
-                run = Run(path.name, n, available=True, error=str(exc))
-            run.raw["scenario_seconds"] = round(time.monotonic() - started, 1)
-            if run.delays_ns:
-                (cfg.out / "delays").mkdir(parents=True, exist_ok=True)
-                name = f"{path.name}-{n}.txt"
-                (cfg.out / "delays" / name).write_text(
-                    "".join(f"{d}\n" for d in run.delays_ns))
-                run.raw["delays_file"] = f"delays/{name}"
-            d = run.figures.get("delay")
-            if run.error:
-                say(f"{label}: FAILED: {run.error}")
-            elif d:
-                say(f"{label}: p50 {d['p50_us']} µs, p99 {d['p99_us']} µs, "
-                    f"{run.figures['machine_cpu_us_per_packet']} µs machine CPU/packet")
-            runs.append(run)
+        for path in paths:
+            for n in cfg.subscribers:
+                runs.append(plan.run(path, n, cfg))
+        sweep_cfg = replace(cfg, duration=cfg.sweep_duration)
+        for path in paths:
+            for rate in cfg.rates:
+                run = plan.run(path, cfg.sweep_subscribers, replace(sweep_cfg, rate=rate),
+                               f" at {rate:g} objects/s")
+                ok, why = sustained(run)
+                run.figures["sustained"] = ok
+                run.figures["stop_reason"] = why
+                sweep.append(run)
+                if not ok:
+                    say(f"{path.name}: stops at {rate:g} objects/s ({why})")
+                    plan.total -= len(cfg.rates) - cfg.rates.index(rate) - 1
+                    break
     finally:
         if restore_bpf_stats is False:
             measure.set_bpf_stats(False)
     order = {name: i for i, name in enumerate(cfg.paths)}
     runs.sort(key=lambda r: (order[r.path], r.subscribers))
     add_ratios(runs)
-    return runs
+    return runs, sweep
+
+
+def highest_sustained(cfg: BenchConfig, sweep: list[Run]) -> list[dict[str, Any]]:
+    """One entry per path of the sweep: the highest rate it sustained and what stopped it."""
+    out = []
+    for name in cfg.paths:
+        path = PATHS[name]
+        mine = [r for r in sweep if r.path == name]
+        reason = path.unavailable()
+        if reason is not None:
+            out.append({"path": name, "available": False, "reason": reason})
+            continue
+        if not mine:
+            continue
+        good = [r for r in mine if r.figures.get("sustained")]
+        best = good[-1] if good else None
+        stop = next((r for r in mine if not r.figures.get("sustained")), None)
+        out.append({
+            "path": name, "available": True, "subscribers": cfg.sweep_subscribers,
+            "rates_run": [r.rate for r in mine],
+            "highest_sustained_rate": best.rate if best else None,
+            "delivered_pps": best.figures.get("delivered_pps") if best else None,
+            "p99_us": (best.figures.get("delay") or {}).get("p99_us") if best else None,
+            "machine_busy_share": best.figures.get("machine_busy_share") if best else None,
+            "stopped_at_rate": stop.rate if stop else None,
+            "stop_reason": stop.figures.get("stop_reason") if stop else
+            "sustained every rate swept (the limit is higher)",
+            "stop_machine_limited": stop.figures.get("machine_limited") if stop else None,
+        })
+    return out

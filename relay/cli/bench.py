@@ -2,14 +2,17 @@
 
 For each path and subscriber count: a fresh lab, that path's relay in the relay namespace,
 the subscribers, then the publisher (same workload for every path: `--layout single`,
-self-verifying objects); counters over the steady part of the run; teardown. Progress goes to
-stderr; the table (or `--json`: every figure, raw counters and the machine description) to
-stdout; results.json, table.md, per-object delays and PNG plots into --out.
+self-verifying objects); counters over the steady part of the run; teardown. Then, with
+`--rates`, the same scenario at rising rates for `--sweep-subscribers` subscribers until each
+path stops sustaining the rate. Progress goes to stderr; the tables (or `--json`: every figure,
+raw counters and the machine description) to stdout; results.json, table.md, per-object delays
+and PNG plots into --out.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -19,8 +22,8 @@ import typer
 
 from relay import bpfload
 from relay.bench import measure, report
-from relay.bench.paths import DEFAULT_PATHS, PATHS
-from relay.bench.runner import BenchConfig, run_bench
+from relay.bench.paths import DEFAULT_PATHS, PATHS, QUICK_PATHS
+from relay.bench.runner import BenchConfig, highest_sustained, run_bench
 from relay.cli.output import JsonOption, emit_json, progress, stdout
 from relay.errors import ConfigError, FastrelayError
 
@@ -29,7 +32,10 @@ QUICK_SUBSCRIBERS = [1, 4]
 QUICK_DURATION = 3.0
 QUICK_RATE = 100.0
 DEFAULT_RATE = 10.0
-DEFAULT_DURATION = 15.0
+DEFAULT_DURATION = 6.0
+DEFAULT_RATES = "50,100,200,400,800"
+DEFAULT_SWEEP_SUBSCRIBERS = 4
+DEFAULT_SWEEP_DURATION = 4.0
 MAX_SUBSCRIBERS = 256
 #: The table is wide; in a pipe or log give it this many columns rather than cut it.
 TABLE_WIDTH = 230
@@ -44,6 +50,26 @@ def parse_subscribers(text: str) -> list[int]:
     if not counts or any(not 1 <= n <= MAX_SUBSCRIBERS for n in counts):
         raise ConfigError(f"--subscribers {text!r}: each count must be 1..{MAX_SUBSCRIBERS}")
     return sorted(set(counts))
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"--doc {path}: {exc.strerror or exc}") from None
+
+
+def parse_rates(text: str) -> list[float]:
+    if text.strip().lower() in ("", "none", "0"):
+        return []
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--rates {text!r}: expected objects/s separated by commas, "
+                          "e.g. 100,200,400 (or none)") from None
+    if any(r <= 0 for r in rates):
+        raise ConfigError(f"--rates {text!r}: each rate must be above 0")
+    return sorted(set(rates))
 
 
 def parse_paths(text: str) -> list[str]:
@@ -67,24 +93,44 @@ def bench_command(
              "about fill 2 vCPUs); --quick: 100].")] = None,
     duration: Annotated[float | None, typer.Option(
         "--duration", min=1, metavar="S",
-        help="Seconds of publishing per scenario [default: 15; --quick: 3].")] = None,
-    paths: Annotated[str, typer.Option(
+        help=f"Seconds of publishing per scenario [default: {DEFAULT_DURATION:g}; --quick: "
+             f"{QUICK_DURATION:g}].")] = None,
+    paths: Annotated[str | None, typer.Option(
         "--paths", metavar="P,P,...",
-        help=f"Paths to compare, of: {', '.join(PATHS)}.")] = ",".join(DEFAULT_PATHS),
+        help=f"Paths to compare, of: {', '.join(PATHS)} [default: {','.join(DEFAULT_PATHS)}; "
+             f"--quick: {','.join(QUICK_PATHS)}].")] = None,
+    rates: Annotated[str | None, typer.Option(
+        "--rates", metavar="R,R,...",
+        help=f"Rate sweep: objects/s to try in turn for each path at --sweep-subscribers, "
+             f"stopping a path at the first rate with a lost object or a growing delay; none: "
+             f"no sweep [default: {DEFAULT_RATES}; --quick: none].")] = None,
+    sweep_subscribers: Annotated[int, typer.Option(
+        "--sweep-subscribers", min=1, max=MAX_SUBSCRIBERS, metavar="N",
+        help="Subscribers during the rate sweep.")] = DEFAULT_SWEEP_SUBSCRIBERS,
+    sweep_duration: Annotated[float, typer.Option(
+        "--sweep-duration", min=1, metavar="S",
+        help="Seconds of publishing per rate of the sweep.")] = DEFAULT_SWEEP_DURATION,
     group_length: Annotated[int, typer.Option("--group-length", min=1,
                                               help="Objects per group.")] = 30,
     quick: Annotated[bool, typer.Option(
-        "--quick", help="Smoke run: 1 and 4 subscribers, 3 s at 100 objects/s each (about a "
-                        "minute).")] = False,
+        "--quick", help="Smoke run: 1 and 4 subscribers, 3 s at 100 objects/s each, no rate "
+                        "sweep (about a minute).")] = False,
     out: Annotated[Path | None, typer.Option(
         "--out", metavar="DIR", help="Where results go [default: bench-results/<timestamp>/].")]
     = None,
+    doc_file: Annotated[Path | None, typer.Option(
+        "--doc", metavar="FILE.md",
+        help="Also write this run (tables, notes, plot links) into the generated block of a "
+             "Markdown file, e.g. BENCHMARKS.md.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Measure every relay path side by side: delay, CPU per delivered packet, fan-out."""
     counts = parse_subscribers(subscribers) if subscribers is not None else \
         (QUICK_SUBSCRIBERS if quick else parse_subscribers(DEFAULT_SUBSCRIBERS))
-    names = parse_paths(paths)
+    names = parse_paths(paths) if paths is not None else \
+        list(QUICK_PATHS if quick else DEFAULT_PATHS)
+    sweep = parse_rates(rates) if rates is not None else ([] if quick else
+                                                          parse_rates(DEFAULT_RATES))
     started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     if out is None:
         out = Path("bench-results") / started.strftime("%Y%m%dT%H%M%SZ")
@@ -94,7 +140,10 @@ def bench_command(
                       duration=duration if duration is not None else
                       (QUICK_DURATION if quick else DEFAULT_DURATION),
                       group_length=group_length, out=out,
-                      start_delay=1.0, background_s=0.5 if quick else 1.0)
+                      start_delay=1.0, background_s=0.5 if quick else 1.0, rates=sweep,
+                      sweep_subscribers=sweep_subscribers, sweep_duration=sweep_duration)
+    if doc_file is not None and report.DOC_START not in _read(doc_file):
+        raise ConfigError(f"--doc {doc_file}: no line '{report.DOC_START}' to replace")
     if any(PATHS[n].unavailable() is None for n in names):
         bpfload.require_root("fastrelay bench")
     try:
@@ -103,20 +152,34 @@ def bench_command(
         raise ConfigError(f"--out {out}: {exc.strerror or exc}") from None
     machine = measure.machine_description()
     progress(f"bench: {len(names)} path(s) × subscribers {','.join(map(str, counts))}, "
-             f"{cfg.objects} objects of {object_size} B at {rate:g}/s each; results in {out}")
-    runs = run_bench(cfg, progress)
+             f"{cfg.objects} objects of {object_size} B at {rate:g}/s each"
+             + (f"; rate sweep {','.join(f'{r:g}' for r in sweep)} objects/s at "
+                f"{sweep_subscribers} subscriber(s)" if sweep else "") + f"; results in {out}")
+    runs, sweep_runs = run_bench(cfg, progress)
+    capacity = highest_sustained(cfg, sweep_runs)
     files = {"json": "results.json", "table": "table.md"}
     files.update(report.write_plots(runs, out))
-    for r in runs:
+    if sweep:
+        files.update(report.write_sweep_plot(cfg, sweep_runs, capacity, out))
+    for r in [*runs, *sweep_runs]:
         if r.raw.get("delays_file"):
-            files[f"delays {r.path} {r.subscribers}"] = r.raw["delays_file"]
+            files[f"delays {r.raw['delays_file'][7:-4]}"] = r.raw["delays_file"]
     finished = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     command = "fastrelay bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"]
                                               else sys.argv[1:])
     doc = report.document(cfg, runs, machine=machine, command=command,
-                          started=started.isoformat(), finished=finished.isoformat(), files=files)
+                          started=started.isoformat(), finished=finished.isoformat(), files=files,
+                          sweep=sweep_runs, capacity=capacity)
+    doc["loadavg_at_end"] = measure.machine_description()["loadavg_at_start"]
     report.write_json(doc, out / "results.json")
-    (out / "table.md").write_text(report.markdown_table(runs) + "\n")
+    if doc_file is not None:
+        plots = os.path.relpath(out.resolve(), doc_file.resolve().parent)
+        report.update_document(doc_file, report.markdown_block(doc, runs, capacity, plots))
+        progress(f"wrote the run into {doc_file}")
+    table_md = report.markdown_table(runs) + "\n"
+    if sweep:
+        table_md += "\n" + report.markdown_sweep_table(capacity) + "\n"
+    (out / "table.md").write_text(table_md)
     if as_json:
         emit_json(doc)
     else:
@@ -135,10 +198,19 @@ def bench_command(
         wide = Console(highlight=False, soft_wrap=False,
                        width=None if sys.stdout.isatty() else TABLE_WIDTH)
         wide.print(table)
-        for note in report.NOTES:
+        if sweep:
+            st = Table(title=f"highest sustainable rate, {sweep_subscribers} subscriber(s), "
+                             f"{sweep_duration:g} s per rate", title_justify="left")
+            for column in report.SWEEP_COLUMNS:
+                st.add_column(column, no_wrap=column != "Stopped by",
+                              overflow="fold" if column == "Stopped by" else "ellipsis")
+            for row in report.sweep_rows(capacity):
+                st.add_row(*row)
+            wide.print(st)
+        for note in report.notes(cfg):
             stdout.print(f"- {note}")
         stdout.print(f"results: {out}/results.json, plots: {out}/*.png")
-    failed = [r for r in runs if r.error]
+    failed = [r for r in runs if r.error]  # a sweep step that fails only ends that path's sweep
     if failed:
         first = failed[0]
         raise FastrelayError(f"{len(failed)} scenario(s) failed, first {first.path} with "
