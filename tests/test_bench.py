@@ -33,7 +33,7 @@ PLOTS = ("delay_distribution.png", "cpu_vs_subscribers.png", "delay_vs_subscribe
 @pytest.mark.root
 def test_bench_quick_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    proc = run_cli_process(["bench", "--quick", "--out", str(out), "--json"], timeout=240)
+    proc = run_cli_process(["bench", "--quick", "--out", str(out), "--json"], timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
     assert json.loads((out / "results.json").read_text())["runs"] == doc["runs"]

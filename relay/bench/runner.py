@@ -76,7 +76,7 @@ class BenchConfig:
     rates: list[float] = field(default_factory=list)
     """The rate sweep (objects/s, ascending); empty: no sweep."""
     sweep_subscribers: int = 4
-    sweep_duration: float = 4.0
+    sweep_duration: float = 3.0
 
     @property
     def objects(self) -> int:
