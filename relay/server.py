@@ -540,9 +540,13 @@ class RelayServer:
         if isinstance(action, SkipSubgroup):
             if self.fastpath is not None and action.upstream is not None and \
                     self.fastpath.claim(action.session, action.upstream) is not None:
-                # the kernel saw the stream under the old threshold: it forwards it, so
-                # the core's skip count must not include it
+                # The kernel saw the stream under the old threshold: it forwards it. The
+                # core counted a skip and no stream: take the skip back, and count the
+                # stream for PUBLISH_DONE like a skip-signal stream (a stream_count short
+                # of what was sent lets the subscriber stop before the stream ends).
                 self.core.counters.unskip(action.session, action.reason)
+                key = (action.session, action.request_id)
+                self._skip_streams[key] = self._skip_streams.get(key, 0) + 1
                 return
             self._signal_skip(action)
             return
