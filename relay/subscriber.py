@@ -95,10 +95,7 @@ from relay.publisher import (
 # A SUBSCRIBE refused because the relay does not know the track yet is retried this often
 # (the publisher may not have announced it yet), until the --duration deadline.
 RETRY_INTERVAL = 0.2
-# After PUBLISH_DONE (or END_OF_TRACK), keep waiting for the streams still owed while
-# they make progress: give up once the track has had no event for this long. A congested
-# link delivers the tail of a track long after the end was announced; a stalled stream
-# delivers nothing.
+# After PUBLISH_DONE, wait at most this long for the streams it counts.
 DONE_GRACE = 2.0
 
 
@@ -190,8 +187,6 @@ class TrackSubscription:
         self.end_of_track_group = 0
         self.done_streams: int | None = None
         self.done_at: float | None = None
-        #: When the last event of this track arrived (the grace counts from here too).
-        self.last_event_at: float | None = None
         self.streams_opened = 0
         self.streams_closed = 0
         self.subscribed_at: float | None = None
@@ -202,7 +197,6 @@ class TrackSubscription:
 
     def on_event(self, event: Event, now_ns: int, delays_ns: array[int] | None) -> None:
         """An event of this track's current request id."""
-        self.last_event_at = time.monotonic()
         if isinstance(event, ObjectReceived):
             header = event.header
             if header.status == ObjectStatus.END_OF_TRACK:
@@ -255,21 +249,16 @@ class TrackSubscription:
         if self.end_of_track_at is not None and self.done_streams is None and (
                 (self.streams_closed >= self.streams_opened
                  and self.verifier.complete_before(self.end_of_track_group))
-                or self._quiet_since(self.end_of_track_at)):
+                or time.monotonic() - self.end_of_track_at > DONE_GRACE):
             self.track_ended = True
             return "track_ended"
         if self.done_streams is not None:
             assert self.done_at is not None
-            if self.streams_closed >= self.done_streams or self._quiet_since(self.done_at):
+            if self.streams_closed >= self.done_streams or \
+                    time.monotonic() - self.done_at > DONE_GRACE:
                 self.track_ended = True
                 return "track_ended"
         return None
-
-    def _quiet_since(self, announced: float) -> bool:
-        """No event of this track for DONE_GRACE since the end was announced and since its
-        last event: what is still owed is not coming."""
-        last = max(announced, self.last_event_at or announced)
-        return time.monotonic() - last > DONE_GRACE
 
     def summary(self, opts: SubscriberOptions, reason: str, closed: SessionClosed | None,
                 t0: float) -> SubscribeSummary:
