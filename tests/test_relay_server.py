@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from relay.core.access import AccessConfig
-from relay.core.priority import CongestionState
+from relay.core.actions import SkipSubgroup
+from relay.core.priority import CongestionState, SkipReason
 from relay.core.relay import RelayConfig
 from relay.moqt.constants import SessionErrorCode
 from relay.moqt.quic import TlsOptions, connect, generate_certificate
@@ -172,3 +173,21 @@ def test_malformed_message_closes_only_that_session(certificate: tuple[Path, Pat
     assert published.ok, published
     assert sub.ok and sub.objects == 40 and sub.lost == 0, sub
     assert stats["sessions_failed"] == {"PROTOCOL_VIOLATION": 1}, stats
+
+
+class _KernelForwardedIt:
+    """A fast path whose kernel saw every stream's offset 0 under a higher threshold: it
+    forwards them (the claim returns the subscriber's stream id)."""
+
+    def claim(self, session: int, upstream: tuple[int, int]) -> int | None:
+        return 7
+
+
+def test_skip_the_kernel_overrode_is_taken_back_and_counted_as_a_stream() -> None:
+    """The core skipped a subgroup, the kernel had already forwarded it: no skip in the
+    counters, and PUBLISH_DONE's stream_count includes the stream the kernel sent."""
+    relay = RelayServer(fastpath=_KernelForwardedIt())  # type: ignore[arg-type]
+    relay.core.counters.skip(3, SkipReason.CONGESTION)  # as the core's decision does
+    relay._dispatch([SkipSubgroup(3, 5, 2, 1, 128, 127, "congestion", (1, 14))])
+    assert relay.core.counters.skipped == {}
+    assert relay._skip_streams == {(3, 5): 1}
