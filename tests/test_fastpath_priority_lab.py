@@ -7,7 +7,7 @@ the subscriber reports them as skipped, not lost) while its high-priority subgro
 the other subscribers get everything, from the kernel; no stream that starts at the slow
 subscriber stalls (it ends on the end of the track, not on its --duration).
 
-Scenario helpers (Scenario, run, start_when_subscribed...) are tests/test_fastpath_lab.py's.
+Scenario helpers (Scenario, run, start_when_subscribed...) are tests/lab_scenario.py's.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 
 from relay.bench.paths import PATHS
 from relay.publisher import DELTA_PRIORITY, KEY_PRIORITY
-from tests import test_fastpath_lab as fl
+from tests import lab_scenario as fl
 
 pytestmark = pytest.mark.root
 
@@ -63,12 +63,10 @@ at.slow.rate = "{SLOW_RATE}"
     return path
 
 
-def test_congested_subscriber_skips_low_priority_subgroups_whole(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_congested_subscriber_skips_low_priority_subgroups_whole(tmp_path: Path) -> None:
     base = PATHS["fastpath-none"]
     path = dataclasses.replace(
         base, relay_argv=[*base.relay_argv, "--queue-budget", str(QUEUE_BUDGET)])
-    monkeypatch.setattr(fl, "FASTPATH", path)
     shaped: dict[str, Any] = {}
 
     def body(s: fl.Scenario) -> None:
@@ -81,7 +79,7 @@ def test_congested_subscriber_skips_low_priority_subgroups_whole(
         fl.wait_all(subs + [pub], 75)
         shaped.update(s.lab.rate_limit(s.lab.relay, "slow") or {})
 
-    scenario, stats = fl.run(tmp_path, topology(tmp_path), body)
+    scenario, stats = fl.run(tmp_path, topology(tmp_path), body, path)
     summaries = {p.name.split("-")[0]: p.summary() for p in scenario.parties
                  if "-pub-" not in p.name}
     report = json.dumps({"summaries": summaries, "relay": stats, "tbf": shaped}, indent=1)
