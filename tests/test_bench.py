@@ -221,11 +221,12 @@ def test_delay_trend_flags_a_growing_queue_not_jitter() -> None:
     ms = 1_000_000
     flat = [[2 * ms, 3 * ms, 2 * ms] * 10, [1 * ms] * 30]
     assert delay_trend(flat)["growing"] is False  # type: ignore[index]
-    growing = [[(i + 1) * ms for i in range(30)]]  # 1 ms .. 30 ms: p99 of the thirds 10 / 30
+    growing = [[2 * (i + 1) * ms for i in range(30)]]  # 2 .. 60 ms: p99 of the thirds 20 / 60
     trend = delay_trend(growing)
-    assert trend == {"first_third_p99_us": 10_000.0, "last_third_p99_us": 30_000.0,
+    assert trend == {"first_third_p99_us": 20_000.0, "last_third_p99_us": 60_000.0,
                      "growing": True}
-    jitter = [[100_000, 100_000, 400_000] * 10]  # sub-ms: 3x but under the 5 ms floor
+    assert delay_trend([[5 * ms] * 10 + [18 * ms] * 20])["growing"] is False  # type: ignore[index]
+    jitter = [[100_000, 100_000, 400_000] * 10]  # sub-ms: 4x but under the 20 ms floor
     assert delay_trend([[100_000] * 10 + [400_000] * 20])["growing"] is False  # type: ignore[index]
     assert delay_trend(jitter)["growing"] is False  # type: ignore[index]
     bound = [[int(runner.DELAY_BOUND_US * 1000) + ms] * 30]  # flat but above the bound

@@ -48,10 +48,10 @@ MACHINE_LIMIT = 0.90
 #: "Growing delay", the sweep's second stop condition: each subscriber's delays in the order it
 #: received the objects are cut in thirds; the delay grows when the p99 of the last thirds (all
 #: subscribers together) is above GROWTH_FACTOR x the p99 of the first thirds and at least
-#: GROWTH_FLOOR_US above it (sub-millisecond jitter does not count), or when the run's p99 is
+#: GROWTH_FLOOR_US above it (jitter of a few ms does not count), or when the run's p99 is
 #: above DELAY_BOUND_US whatever its trend (a queue already full from the first third).
 GROWTH_FACTOR = 2.0
-GROWTH_FLOOR_US = 5_000.0
+GROWTH_FLOOR_US = 20_000.0
 DELAY_BOUND_US = 500_000.0
 GROWING_DELAY = (f"p99 of the last third of each subscriber's objects > {GROWTH_FACTOR:g}x the "
                  f"first third's and > it + {GROWTH_FLOOR_US / 1000:g} ms, or p99 over the run > "
@@ -418,7 +418,8 @@ def add_ratios(runs: list[Run]) -> None:
             ("p50_us", "delay"), ("p99_us", "delay"))
     for r in by.values():
         ratios: dict[str, dict[str, float | None]] = {}
-        for base_name in (USERSPACE, ANCHOR):
+        # userspace-none: the like-for-like baseline of fastpath-none (JSON only)
+        for base_name in (USERSPACE, "userspace-none", ANCHOR):
             base = by.get((base_name, r.subscribers))
             if base is None:
                 continue
