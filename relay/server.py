@@ -185,6 +185,11 @@ class RelayServer:
         if self.fastpath is not None:
             self.fastpath.source = lambda: (list(self.core.registry.tracks.values()),
                                             self._protocol_of)
+            if self.queue_budget > 0:
+                # The kernel decides at each new stream's offset 0: keep thresholds fresh
+                # between upstream streams too, not only when userspace sees one open.
+                self.fastpath.on_records = lambda: self._busy_call(
+                    lambda: self._report_congestion(self._now()))
             self.fastpath.start(self._loop)
         return server_address(self.server)
 

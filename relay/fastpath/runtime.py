@@ -152,6 +152,9 @@ class FastPathRuntime:
         #: (the relay sets it): (tracks, protocol_of).
         self.source: Callable[[], tuple[Iterable[Any], Callable[[int], Any]]] | None = None
         self._retry_reconcile = False
+        #: Called on every tick that drained records (the relay refreshes its subscribers'
+        #: congestion, so the kernel decides each new stream with a current threshold).
+        self.on_records: Callable[[], None] | None = None
         self.counters: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
         self.punts: Counter[str] = Counter()
@@ -479,6 +482,8 @@ class FastPathRuntime:
                 self.counters["record_errors"] += 1
                 logger.warning("record %d for subscriber %d: %s", rec.kind, rec.sub_idx, exc)
         self.counters["records"] += len(records)
+        if records and self.on_records is not None:
+            self.on_records()
         for sub in list(self._subs.values()):
             self._push_state(sub)
         self._expire()
