@@ -41,6 +41,8 @@ from relay.quic.fastpath import (
 )
 
 NS = 1e-9
+DATAGRAM_FRAME_TYPE = 0x30
+"""Frame types below it in a record are STREAM frames (DATAGRAM frames: 0x30, 0x31)."""
 BPF_NOEXIST = 1
 
 
@@ -342,21 +344,28 @@ class FastPathController:
 
     # --- ring records ------------------------------------------------------------------------
 
+    @staticmethod
+    def stream_frames(rec: Any) -> list[Any]:
+        """The record's STREAM frames that have a subscriber stream id (a frame punted before
+        the kernel gave it one belongs to a stream userspace sends itself)."""
+        return [f for f in list(rec.frames)[:rec.n_frames]
+                if f.type < DATAGRAM_FRAME_TYPE and f.sub_sid != L.NO_SUB_SID]
+
     def translate(self, rec: Any) -> tuple[int, WireNumber | ForwardedPacket | Punt]:
         """(subscriber index, what the record means for that subscriber's connection)."""
-        frames = list(rec.frames)[:rec.n_frames]
         if rec.kind == L.REC_SENT_USER:
             return rec.sub_idx, WireNumber(built_pn=rec.built_pn, wire_pn=rec.wire_pn,
                                            size=rec.size, sent_time=rec.ts_ns * NS)
-        ff = tuple(ForwardedFrame(stream_id=f.sub_sid, offset=f.offset, length=f.length,
-                                  fin=bool(f.fin)) for f in frames if f.type < 0x30)
+        frames = self.stream_frames(rec)
+        ff = tuple(ForwardedFrame(stream_id=int(f.sub_sid), offset=int(f.offset),
+                                  length=int(f.length), fin=bool(f.fin)) for f in frames)
         if rec.kind == L.REC_SENT_CLONE:
             return rec.sub_idx, ForwardedPacket(wire_pn=rec.wire_pn, size=rec.size,
                                                 sent_time=rec.ts_ns * NS, frames=ff)
         if rec.kind in (L.REC_PUNT_CLONE, L.REC_PUNT_USER):
             return rec.sub_idx, Punt(sub_idx=rec.sub_idx, reason=Reason(rec.reason),
                                      clone=rec.kind == L.REC_PUNT_CLONE, frames=ff,
-                                     upstream_stream_ids=tuple(f.up_sid for f in frames if f.type < 0x30),
+                                     upstream_stream_ids=tuple(int(f.up_sid) for f in frames),
                                      built_pn=rec.built_pn if rec.kind == L.REC_PUNT_USER else None)
         raise FastrelayError(f"unknown record kind {rec.kind}")
 

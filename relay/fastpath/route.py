@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from relay.errors import FastrelayError
 
+IFF_UP = 0x1
 LOOPBACK_FLAG = 0x8  # IFF_LOOPBACK
 T = TypeVar("T")
 
@@ -109,4 +110,4 @@ def relay_interfaces(names: list[str] | None = None) -> list[tuple[int, str]]:
                                  f"(have: {', '.join(sorted(links))})")
         return [(links[n]["index"], n) for n in names]
     return sorted((link["index"], name) for name, link in links.items()
-                  if not link["flags"] & LOOPBACK_FLAG and link["flags"] & 0x1)
+                  if not link["flags"] & LOOPBACK_FLAG and link["flags"] & IFF_UP)

@@ -35,7 +35,13 @@ from typing import Any
 from relay import bpfload
 from relay.errors import FastrelayError
 from relay.fastpath import layout as L
-from relay.fastpath.controller import FastPathController, Subscriber, SubscriberPath, Upstream
+from relay.fastpath.controller import (
+    FastPathController,
+    Punt,
+    Subscriber,
+    SubscriberPath,
+    Upstream,
+)
 from relay.fastpath.loader import FastPath
 from relay.fastpath.reasons import Reason
 from relay.fastpath.route import relay_interfaces, resolve
@@ -46,7 +52,6 @@ from relay.quic.fastpath import (
     CongestionChanged,
     CreditChanged,
     FastPathEvent,
-    ForwardedFrame,
     ForwardedPacket,
     HostConnectionIdIssued,
     HostConnectionIdRetired,
@@ -58,8 +63,6 @@ from relay.quic.fastpath import (
 
 logger = logging.getLogger(__name__)
 
-NS = 1e-9
-DATAGRAM_FRAME_TYPE = 0x30
 STREAM_LINGER = 3.0
 """Seconds an ended upstream stream keeps its entries (publisher retransmissions)."""
 TICK = 0.002
@@ -502,35 +505,29 @@ class FastPathRuntime:
             self.counters["records_unknown_subscriber"] += 1
             return
         quic = sub.quic
-        kind = rec.kind
-        if kind == L.REC_SENT_USER:
-            quic.on_wire_number(WireNumber(built_pn=rec.built_pn, wire_pn=rec.wire_pn,
-                                           size=rec.size, sent_time=rec.ts_ns * NS))
+        _, what = self.controller.translate(rec)
+        if isinstance(what, WireNumber):
+            quic.on_wire_number(what)
             return
         self._touch(sub)
-        if kind == L.REC_PUNT_USER:
-            self.punts[Reason(rec.reason).name] += 1
+        if isinstance(what, Punt) and not what.clone:
+            self.punts[what.reason.name] += 1
             if quic._loss.discard_parked(rec.built_pn) is None:
                 self.counters["punted_user_packets_unknown"] += 1
             return
         up = self._by_up_idx.get(rec.up_idx)
-        frames = [f for f in list(rec.frames)[:rec.n_frames] if f.type < DATAGRAM_FRAME_TYPE]
-        now = self._now()
-        for f in frames:
-            if f.sub_sid != L.NO_SUB_SID and up is not None:
-                self._apply_writes(self.shadow.kernel_stream(sub.session, (up.session, f.up_sid),
+        if up is not None:
+            now = self._now()
+            for f in self.controller.stream_frames(rec):
+                self._apply_writes(self.shadow.kernel_stream(sub.session, (up.session, int(f.up_sid)),
                                                              int(f.sub_sid), now))
-        forwarded = tuple(ForwardedFrame(stream_id=int(f.sub_sid), offset=int(f.offset),
-                                         length=int(f.length), fin=bool(f.fin))
-                          for f in frames if f.sub_sid != L.NO_SUB_SID)
-        if kind == L.REC_SENT_CLONE:
-            quic.register_forwarded(ForwardedPacket(wire_pn=rec.wire_pn, size=rec.size,
-                                                    sent_time=rec.ts_ns * NS, frames=forwarded))
+        if isinstance(what, ForwardedPacket):
+            quic.register_forwarded(what)
             self.counters["forwarded_packets"] += 1
-            self.counters["forwarded_stream_bytes"] += sum(f.length for f in forwarded)
-        elif kind == L.REC_PUNT_CLONE:
-            self.punts[Reason(rec.reason).name] += 1
-            for f in forwarded:
+            self.counters["forwarded_stream_bytes"] += sum(f.length for f in what.frames)
+        else:
+            self.punts[what.reason.name] += 1
+            for f in what.frames:
                 quic.resend_range(f.stream_id, f.offset, f.stop, f.fin)
                 self.counters["punted_stream_bytes"] += f.length
 
