@@ -208,7 +208,9 @@ class TrackSubscription:
                 self.verifier.on_object(header.group_id, event.payload, now_ns,
                                         send_ns=None if ts is None else ts * 1000)
                 if delays_ns is not None and self.verifier.objects > before:
-                    delays_ns.append(now_ns - PAYLOAD_HEADER.unpack_from(event.payload)[-1])
+                    # (group, object, delay): the bench pairs copies of one object by its id
+                    delays_ns.extend((header.group_id, header.object_id,
+                                      now_ns - PAYLOAD_HEADER.unpack_from(event.payload)[-1]))
         elif isinstance(event, SubgroupStreamOpened):
             if isinstance(event.header, SubgroupHeader):
                 self.streams_opened += 1
@@ -470,7 +472,9 @@ async def run_subscriber(opts: SubscriberOptions, *,
     summary.timings_ms = timings
     summary.connection = connection
     if opts.delays_file is not None and sub.delays_ns is not None:
-        opts.delays_file.write_text("".join(f"{d}\n" for d in sub.delays_ns))
+        d = sub.delays_ns
+        opts.delays_file.write_text("".join(f"{d[i]} {d[i + 1]} {d[i + 2]}\n"
+                                            for i in range(0, len(d), 3)))
     return summary
 
 
@@ -526,7 +530,8 @@ def subscribe_command(
     connect_timeout: ConnectTimeoutOption = 5.0,
     delays_file: Annotated[Path | None, typer.Option(
         "--delays-file", metavar="PATH",
-        help="Write every intact object's one-way delay (ns, one a line) to PATH.")] = None,
+        help="Write every intact object's one-way delay to PATH, a line each: group id, "
+             "object id, delay in ns.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Subscribe to tracks and verify every object; exit 0 only if all arrived intact."""

@@ -21,7 +21,9 @@ from relay.bench.runner import (
     delay_figures,
     delay_trend,
     highest_sustained,
+    paired_figures,
     percentile,
+    read_object_delays,
     sustained,
 )
 from tests.conftest import run_cli, run_cli_process
@@ -85,6 +87,23 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     userspace = [r for r in runs if r["path"] == "userspace" and r["available"]]
     for r in userspace:
         assert r["figures"]["ratios"]["vs_userspace"]["p50_us"] == 1.0
+    # the paired scenario: one relay, one subscriber on each path, the same objects
+    [paired] = doc["paired"]
+    assert paired["subscribers"] == 2 and doc["parameters"]["paired_subscribers"] == [2]
+    if paired["available"]:
+        assert paired["error"] is None, paired["error"]
+        p = paired["figures"]["paired"]
+        assert (p["kernel_subscribers"], p["userspace_subscribers"]) == (1, 1)
+        # the relay's own word: one subscriber handed to the kernel, one kept in userspace
+        assert (p["relay_offloaded_subscribers"], p["relay_held_subscribers"]) == (1, 1)
+        assert p["objects_paired"] == paired["figures"]["objects_expected"] // 2
+        assert p["kernel"]["count"] == p["userspace"]["count"] == p["objects_paired"]
+        d = p["difference_us"]
+        assert d["p10"] <= d["p50"] <= d["p90"]
+        assert 0 <= p["kernel_earlier_share"] <= 1
+        assert (out / "paired_delay.png").read_bytes()[:8] == PNG_MAGIC
+    else:
+        assert paired["reason"] == PATHS["fastpath-none"].unavailable()
 
 
 # -- no lab needed ------------------------------------------------------------------------------
@@ -102,14 +121,16 @@ def test_bad_options_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> 
             stderr=r"^error: --subscribers '1,x': expected counts")
     run_cli(["bench", "--subscribers", "0"], capsys, exit_code=1,
             stderr=r"^error: --subscribers '0': each count must be 1\.\.256\n$")
+    run_cli(["bench", "--paired", "4,3"], capsys, exit_code=1,
+            stderr=r"^error: --paired '4,3': expected even subscriber counts 2\.\.256 ")
 
 
 def test_unavailable_paths_need_no_lab(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     unavailable = [n for n, p in PATHS.items() if p.unavailable() is not None]
     if not unavailable:
         pytest.skip("every path is available here")
-    result = run_cli(["bench", "--paths", unavailable[0], "--subscribers", "1", "--out",
-                      str(tmp_path), "--json"], capsys)
+    result = run_cli(["bench", "--paths", unavailable[0], "--subscribers", "1", "--paired",
+                      "none", "--out", str(tmp_path), "--json"], capsys)
     doc = json.loads(result.stdout)
     assert [(r["path"], r["available"]) for r in doc["runs"]] == [(unavailable[0], False)]
     assert doc["runs"][0]["reason"] == PATHS[unavailable[0]].unavailable()
@@ -271,8 +292,8 @@ def test_sweep_stops_a_path_at_its_first_failing_rate(tmp_path: Path,
     monkeypatch.setattr(PATHS["moq-rs"], "unavailable", lambda: None)
     cfg = BenchConfig(subscribers=[], paths=["userspace", "moq-rs"], rates=[100, 200, 400, 800],
                       sweep_subscribers=4, sweep_duration=3.0, out=tmp_path)
-    runs, sweep = runner.run_bench(cfg, lambda m: None)
-    assert runs == []
+    runs, sweep, paired = runner.run_bench(cfg, lambda m: None)
+    assert runs == [] and paired == []
     assert ran == [("userspace", 100), ("userspace", 200), ("userspace", 400),
                    ("moq-rs", 100), ("moq-rs", 200), ("moq-rs", 400), ("moq-rs", 800)]
     capacity = highest_sustained(cfg, sweep)
@@ -297,3 +318,23 @@ def test_fastpath_soft_reason_is_the_relays_own_refusal() -> None:
         from relay.fastpath.runtime import unavailable_reason
 
         assert reason.endswith(str(unavailable_reason("soft", "0.0.0.0")))
+
+
+def test_paired_figures_compare_the_same_objects() -> None:
+    ms = 1_000_000
+    # two kernel-path and one userspace-path subscriber; object (0, 2) missed by one of them
+    kernel = [{(0, 0): 1 * ms, (0, 1): 2 * ms, (0, 2): 3 * ms},
+              {(0, 0): 3 * ms, (0, 1): 4 * ms}]
+    userspace = [{(0, 0): 4 * ms, (0, 1): 1 * ms, (0, 2): 9 * ms}]
+    p = paired_figures(kernel, userspace)
+    assert p is not None and p["objects_paired"] == 2
+    # per object: median of the kernel half minus the userspace one: (0,0) 2-4, (0,1) 3-1
+    assert p["difference_us"] == {"p10": -2000.0, "p50": -2000.0, "p90": 2000.0, "mean": 0.0}
+    assert p["kernel_earlier_share"] == 0.5
+    assert p["kernel"]["count"] == 4 and p["userspace"]["count"] == 2
+    assert paired_figures(kernel, []) is None
+    assert paired_figures([{(0, 0): 1}], [{(1, 0): 1}]) is None
+
+
+def test_object_delays_file_is_group_object_delay() -> None:
+    assert read_object_delays("3 0 1500\n3 1 1700\n\n") == {(3, 0): 1500, (3, 1): 1700}

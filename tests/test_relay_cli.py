@@ -35,7 +35,12 @@ def test_fastpath_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
                                        r"\(loopback\)")
     run_cli(["relay", "--listen", "127.0.0.1:0", "--fastpath", "off", "--interface", "eth0"],
             capsys, exit_code=1,
-            stderr=r"^error: --interface and --fastpath-capacity go with --fastpath on or auto\n$")
+            stderr=r"^error: --interface, --fastpath-capacity and --userspace-peer go with "
+                   r"--fastpath on or auto\n$")
+    run_cli(["relay", "--listen", "127.0.0.1:0", "--fastpath", "off", "--userspace-peer",
+             "10.0.0.2"], capsys, exit_code=1, stderr=r"--userspace-peer go with --fastpath on")
+    run_cli(["relay", "--listen", "0.0.0.0:0", "--userspace-peer", "sub1"], capsys,
+            exit_code=1, stderr=r"^error: --userspace-peer sub1: not an IP address\n$")
     run_cli(["relay", "--listen", "0.0.0.0:0", "--fastpath-capacity", "max_bananas=3"], capsys,
             exit_code=1, stderr=r"^error: --fastpath-capacity 'max_bananas=3': expected NAME=VALUE "
                                 r"with NAME one of max_subscribers_per_upstream, ")

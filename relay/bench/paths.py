@@ -91,10 +91,14 @@ class BenchPath:
         """Why this path cannot run on this machine now, or None."""
         return None
 
+    def argv(self, lab: Any) -> list[str]:
+        """The relay's command line in this lab."""
+        return self.relay_argv
+
     def start(self, lab: Any, logs: Path, env: dict[str, str]) -> RelayHandle:
         out, err = logs / "relay.out", logs / "relay.err"
         with open(out, "wb") as o, open(err, "wb") as e:
-            proc = lab.popen(lab.relay, self.relay_argv, stdout=o, stderr=e, env=env)
+            proc = lab.popen(lab.relay, self.argv(lab), stdout=o, stderr=e, env=env)
         handle = RelayHandle(proc, out, err, ["--insecure", *self.client_args])
         try:
             _wait_line(proc, out, err, self.listening, START_TIMEOUT)
@@ -165,6 +169,21 @@ class FastPath(BenchPath):
         return None if reason is None else f"relay refuses: --fastpath on: {reason}"
 
 
+class PairedFastPath(FastPath):
+    """fastpath-none with the second half of the subscribers held on the userspace path
+    (`--userspace-peer`): one relay, one publisher, the same objects through both paths at the
+    same moment, so their delays pair object by object."""
+
+    @staticmethod
+    def held(subscribers: list[str]) -> list[str]:
+        """The subscribers served by userspace: the second half."""
+        return subscribers[len(subscribers) // 2:]
+
+    def argv(self, lab: Any) -> list[str]:
+        return [*self.relay_argv, *(arg for sub in self.held(lab.subscribers)
+                                    for arg in ("--userspace-peer", lab.address(sub, lab.relay)))]
+
+
 class MoqRsPath(BenchPath):
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("moq") is None:
@@ -194,6 +213,11 @@ def _paths() -> dict[str, BenchPath]:
 
 
 PATHS: dict[str, BenchPath] = _paths()
+#: `--paired`: the fast path and the userspace path in one relay at once (not a row of its own).
+PAIRED = PairedFastPath("paired-none", "fastrelay relay, eBPF fast path, 1-RTT crypto none, half "
+                        "the subscribers held on the userspace path (--userspace-peer)",
+                        PATHS["fastpath-none"].relay_argv, client_args=["--crypto", "none"],
+                        kernel_path=True)
 #: What `fastrelay bench` compares unless --paths says otherwise.
 DEFAULT_PATHS = ["userspace", "userspace-none", "fastpath-none", "fastpath-soft", "moq-rs"]
 #: `--quick`: one row per kind of relay (userspace-none is the like-for-like of fastpath-none).

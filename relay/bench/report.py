@@ -43,7 +43,19 @@ NOTES = [
     "alone on the machine) with the same workload: the same publisher command, object count, "
     "sizes, rate, group layout and subscribers; the objects are deterministic (self-verifying "
     "payload by group/object), so every path carries the same objects, but not at the same "
-    "moment: delays are compared as distributions, not paired object by object",
+    "moment: these rows compare delays as distributions; the paired table (--paired) has the "
+    "same objects through the kernel and the userspace path at the same moment",
+]
+
+PAIRED_NOTES = [
+    "paired: one relay with the fast path (crypto none) serving the first half of the "
+    "subscribers from the kernel and holding the second half on the userspace path "
+    "(--userspace-peer), one publisher: every object reaches both halves at the same moment. "
+    "Per object that every subscriber received: median delay of the kernel-path subscribers "
+    "minus the median of the userspace-path ones (negative: the kernel copy arrived first); "
+    "difference p10/p50/p90 over the objects, 'kernel first' = share of objects with a negative "
+    "difference. Offloaded/held = the relay's own counts of subscribers it handed to the kernel "
+    "and kept in userspace",
 ]
 
 SWEEP_NOTES = [
@@ -57,7 +69,7 @@ SWEEP_NOTES = [
 
 
 def notes(cfg: BenchConfig) -> list[str]:
-    return NOTES + (SWEEP_NOTES if cfg.rates else [])
+    return NOTES + (SWEEP_NOTES if cfg.rates else []) + (PAIRED_NOTES if cfg.paired else [])
 
 
 def _num(value: Any) -> str:
@@ -157,10 +169,49 @@ def markdown_sweep_table(capacity: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+PAIRED_COLUMNS = ("Subs\nkernel+user", "Objects\npaired", "Kernel path µs\np50/p99",
+                  "Userspace path µs\np50/p99", "Difference µs\np10/p50/p90", "Kernel\nfirst",
+                  "Offloaded/\nheld", "Note")
+
+
+def paired_rows(paired: list[Run]) -> list[list[str]]:
+    rows = []
+    for r in paired:
+        p = r.figures.get("paired")
+        if not r.available or r.error or not p:
+            why = r.reason if not r.available else (r.error or "no object reached every subscriber")
+            rows.append([str(r.subscribers)] + [""] * (len(PAIRED_COLUMNS) - 2) +
+                        [("not available: " if not r.available else "failed: ") + why])
+            continue
+        k, u, d = p["kernel"], p["userspace"], p["difference_us"]
+        lost = r.figures.get("objects_lost") or 0
+        rows.append([
+            f"{p['kernel_subscribers']}+{p['userspace_subscribers']}",
+            f"{p['objects_paired']:,}",
+            f"{_num(k['p50_us'])}/{_num(k['p99_us'])}",
+            f"{_num(u['p50_us'])}/{_num(u['p99_us'])}",
+            f"{_num(d['p10'])}/{_num(d['p50'])}/{_num(d['p90'])}",
+            _pct(p["kernel_earlier_share"]),
+            "/".join("–" if p.get(k) is None else str(p[k])
+                     for k in ("relay_offloaded_subscribers", "relay_held_subscribers")),
+            "" if not lost else f"{lost:,} objects lost or not delivered in time",
+        ])
+    return rows
+
+
+def markdown_paired_table(paired: list[Run]) -> str:
+    lines = ["| " + " | ".join(c.replace("\n", " ") for c in PAIRED_COLUMNS) + " |",
+             "|" + "---|" * len(PAIRED_COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |"
+              for row in paired_rows(paired)]
+    return "\n".join(lines)
+
+
 def document(cfg: BenchConfig, runs: list[Run], *, machine: dict[str, Any], command: str,
              started: str, finished: str, files: dict[str, str],
              sweep: list[Run] | None = None,
-             capacity: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+             capacity: list[dict[str, Any]] | None = None,
+             paired: list[Run] | None = None) -> dict[str, Any]:
     return {
         "tool": "fastrelay bench",
         "command": command,
@@ -173,7 +224,8 @@ def document(cfg: BenchConfig, runs: list[Run], *, machine: dict[str, Any], comm
                        "group_length": cfg.group_length, "layout": "single",
                        "start_delay_s": cfg.start_delay, "window": "10%..90% of delivered packets",
                        "rates": cfg.rates, "sweep_subscribers": cfg.sweep_subscribers,
-                       "sweep_duration_s": cfg.sweep_duration, "growing_delay": GROWING_DELAY},
+                       "sweep_duration_s": cfg.sweep_duration, "growing_delay": GROWING_DELAY,
+                       "paired_subscribers": cfg.paired},
         "paths": {name: {"description": PATHS[name].description,
                          "available": PATHS[name].unavailable() is None,
                          "reason": PATHS[name].unavailable()} for name in cfg.paths},
@@ -182,6 +234,7 @@ def document(cfg: BenchConfig, runs: list[Run], *, machine: dict[str, Any], comm
         "runs": [r.to_json() for r in runs],
         "capacity": capacity or [],
         "sweep": [r.to_json() for r in sweep or []],
+        "paired": [r.to_json() for r in paired or []],
     }
 
 
@@ -321,12 +374,44 @@ def write_sweep_plot(cfg: BenchConfig, sweep: list[Run], capacity: list[dict[str
     return {"rate_sweep": "rate_sweep.png"}
 
 
+def write_paired_plot(paired: list[Run], out: Path) -> dict[str, str]:
+    """One PNG per paired run, side by side: the delay CDF of each half of the subscribers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in paired if r.figures.get("paired") and r.paired_delays_ns]
+    if not measured:
+        return {}
+    fig, axes = plt.subplots(1, len(measured), figsize=(5.5 * len(measured), 4.2), squeeze=False,
+                             sharey=True)
+    for ax, r in zip(axes[0], measured):
+        for (name, delays), colour in zip(r.paired_delays_ns.items(), ("C2", "C0")):
+            d = sorted(x / 1e6 for x in delays)
+            ax.plot(d, [(i + 1) / len(d) for i in range(len(d))], color=colour,
+                    label=f"{name} path")
+        p = r.figures["paired"]
+        ax.set_title(f"{p['kernel_subscribers']}+{p['userspace_subscribers']} subscribers, "
+                     f"{p['objects_paired']:,} objects")
+        ax.set_xscale("log")
+        ax.set_xlabel("one-way delay (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right", fontsize="small")
+    axes[0][0].set_ylabel("share of objects (CDF)")
+    fig.suptitle("The same objects through both paths of one relay at once")
+    fig.tight_layout()
+    fig.savefig(out / "paired_delay.png", dpi=110)
+    plt.close(fig)
+    return {"paired_delay": "paired_delay.png"}
+
+
 DOC_START = "<!-- fastrelay bench: start (generated by --doc, do not edit by hand) -->"
 DOC_END = "<!-- fastrelay bench: end -->"
 
 
 def markdown_block(doc: dict[str, Any], runs: list[Run], capacity: list[dict[str, Any]],
-                   plots: str) -> str:
+                   plots: str, paired: list[Run] | None = None) -> str:
     """The latest run for a Markdown document: when, the command, the machine and its load,
     the tables, the plots (`plots`: their directory relative to the document)."""
     m = doc["machine"]
@@ -348,11 +433,15 @@ def markdown_block(doc: dict[str, Any], runs: list[Run], capacity: list[dict[str
                       f"{p['sweep_duration_s']:g} s per rate, rates "
                       f"{','.join(f'{r:g}' for r in p['rates'])} objects/s):", "",
                   markdown_sweep_table(capacity)]
+    if paired:
+        lines += ["", "The same objects through both paths of one relay at once (--paired):", "",
+                  markdown_paired_table(paired)]
     lines += [""] + [f"- {n}" for n in doc["notes"]] + [""]
     for key, title in (("delay_distribution", "per-object delay distribution per path"),
                        ("cpu_vs_subscribers", "CPU per delivered packet vs subscribers"),
                        ("delay_vs_subscribers", "delay vs subscribers"),
-                       ("rate_sweep", "rate sweep: delivered packets/s and p99 vs rate")):
+                       ("rate_sweep", "rate sweep: delivered packets/s and p99 vs rate"),
+                       ("paired_delay", "paired: the same objects through both paths at once")):
         if key in doc["files"]:
             lines += [f"![{title}]({plots}/{doc['files'][key]})", ""]
     lines.append(DOC_END)

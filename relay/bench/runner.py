@@ -31,8 +31,19 @@ from typing import Any, Callable
 
 from hw.topology import Topology, parse_topology
 from relay.bench import measure
-from relay.bench.paths import ANCHOR, FASTRELAY, PATHS, PORT, USERSPACE, BenchPath, PathUnavailable
+from relay.bench.paths import (
+    ANCHOR,
+    FASTRELAY,
+    PAIRED,
+    PATHS,
+    PORT,
+    USERSPACE,
+    BenchPath,
+    PairedFastPath,
+    PathUnavailable,
+)
 from relay.errors import FastrelayError
+from relay.fastpath.runtime import USERSPACE_PEER_REASON
 
 NAMESPACE = "bench/live"
 TRACK = "video"
@@ -77,6 +88,8 @@ class BenchConfig:
     """The rate sweep (objects/s, ascending); empty: no sweep."""
     sweep_subscribers: int = 4
     sweep_duration: float = 3.0
+    paired: list[int] = field(default_factory=list)
+    """Subscriber counts (even) of the paired scenario: half on each path of one relay."""
 
     @property
     def objects(self) -> int:
@@ -142,6 +155,57 @@ def delay_trend(per_subscriber_ns: list[list[int]]) -> dict[str, Any] | None:
             "growing": growing}
 
 
+ObjectDelays = dict[tuple[int, int], int]
+"""One subscriber's delays by object: (group id, object id) -> ns."""
+
+
+def read_object_delays(text: str) -> ObjectDelays:
+    """A `fastrelay subscribe --delays-file`: a line per object, group id, object id, delay ns."""
+    out: ObjectDelays = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 3:
+            out[(int(fields[0]), int(fields[1]))] = int(fields[2])
+    return out
+
+
+def _median(values: list[int]) -> float:
+    v = sorted(values)
+    mid = len(v) // 2
+    return float(v[mid]) if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+def common_objects(subscribers: list[ObjectDelays]) -> set[tuple[int, int]]:
+    """The objects every one of these subscribers received."""
+    return set.intersection(*(set(d) for d in subscribers)) if subscribers else set()
+
+
+def paired_figures(kernel: list[ObjectDelays], userspace: list[ObjectDelays]) -> dict[str, Any] | None:
+    """The same objects through both paths of one relay at once: for every object every
+    subscriber received, the median delay of the kernel-path subscribers minus the median of
+    the userspace-path ones (negative: the kernel copy arrived first). None when no object
+    reached every subscriber."""
+    if not kernel or not userspace:
+        return None
+    common = common_objects([*kernel, *userspace])
+    if not common:
+        return None
+    diffs = sorted(_median([d[o] for d in kernel]) - _median([d[o] for d in userspace])
+                   for o in common)
+
+    def us(q: float) -> float:
+        return round(percentile(diffs, q) / 1000, 1)  # type: ignore[arg-type]
+
+    return {
+        "objects_paired": len(common),
+        "kernel": delay_figures([d[o] for d in kernel for o in common]),
+        "userspace": delay_figures([d[o] for d in userspace for o in common]),
+        "difference_us": {"p10": us(10), "p50": us(50), "p90": us(90),
+                          "mean": round(sum(diffs) / len(diffs) / 1000, 1)},
+        "kernel_earlier_share": round(sum(1 for x in diffs if x < 0) / len(diffs), 4),
+    }
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["NO_COLOR"] = "1"
@@ -163,10 +227,13 @@ class Run:
     figures: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
     delays_ns: list[int] = field(default_factory=list, repr=False)
+    paired_delays_ns: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    """Paired runs: the paired objects' delays of each half ("kernel", "userspace"), for plots."""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("delays_ns")
+        out.pop("paired_delays_ns")
         return out
 
 
@@ -193,6 +260,8 @@ class Scenario:
         self.logs = logs
         self.say = say
         self.env = _env()
+        #: Each subscriber's delays by object, filled by _collect.
+        self.object_delays: dict[str, ObjectDelays] = {}
 
     def run(self) -> Run:
         from hw.lab import Lab
@@ -210,8 +279,29 @@ class Scenario:
             run.raw["relay_stats"] = stats
             run.figures["kernel_bytes_share"] = self.path.kernel_bytes_share(stats)
             run.figures["catchup_us_per_forwarded_packet"] = self.path.catchup_us_per_packet(stats)
+            if isinstance(self.path, PairedFastPath):
+                self._paired(lab, stats, run)
             self.say("lab down")
         return run
+
+    def _paired(self, lab: Any, stats: dict[str, Any] | None, run: Run) -> None:
+        """Kernel-path against userspace-path subscribers of this one relay, object by object,
+        with the relay's own word on who was served where."""
+        held = set(PairedFastPath.held(lab.subscribers))
+        kernel = [d for s, d in self.object_delays.items() if s not in held]
+        userspace = [d for s, d in self.object_delays.items() if s in held]
+        figures = run.figures["paired"] = paired_figures(kernel, userspace)
+        if figures is None:
+            return
+        common = common_objects([*kernel, *userspace])
+        run.paired_delays_ns = {"kernel": [d[o] for d in kernel for o in common],
+                                "userspace": [d[o] for d in userspace for o in common]}
+        fp = (stats or {}).get("fastpath") or {}
+        figures["kernel_subscribers"] = len(kernel)
+        figures["userspace_subscribers"] = len(userspace)
+        figures["relay_offloaded_subscribers"] = (fp.get("counters") or {}).get(
+            "subscribers_offloaded")
+        figures["relay_held_subscribers"] = (fp.get("refused") or {}).get(USERSPACE_PEER_REASON)
 
     def _subscriber_argv(self, lab: Any, sub: str, client_args: list[str]) -> list[str]:
         url = f"moqt://{lab.address('relay', sub)}:{PORT}/bench"
@@ -326,9 +416,11 @@ class Scenario:
                 summaries[s] = {"ok": False, "objects": 0, "lost": cfg.objects,
                                 "errors": [self._last_line(f"{s}.err")]}
             try:
-                mine = [int(x) for x in (self.logs / f"{s}.delays").read_text().split()]
+                by_object = read_object_delays((self.logs / f"{s}.delays").read_text())
             except OSError:
-                mine = []
+                by_object = {}
+            self.object_delays[s] = by_object
+            mine = list(by_object.values())  # receive order (dicts keep insertion order)
             per_subscriber.append(mine)
             delays.extend(mine)
         try:
@@ -504,13 +596,20 @@ def _available(cfg: BenchConfig, say: Progress) -> tuple[list[BenchPath], list[R
     return paths, unavailable
 
 
-def run_bench(cfg: BenchConfig, say: Progress) -> tuple[list[Run], list[Run]]:
-    """The subscriber scenarios, then the rate sweep: (runs, sweep runs)."""
+def run_bench(cfg: BenchConfig, say: Progress) -> tuple[list[Run], list[Run], list[Run]]:
+    """The subscriber scenarios, the rate sweep, then the paired scenarios:
+    (runs, sweep runs, paired runs)."""
     paths, runs = _available(cfg, say)
-    total = len(paths) * (len(cfg.subscribers) + len(cfg.rates))
+    paired_reason = PAIRED.unavailable() if cfg.paired else None
+    paired: list[Run] = [Run(PAIRED.name, n, available=False, reason=paired_reason,
+                             rate=cfg.rate) for n in cfg.paired] if paired_reason else []
+    if paired_reason:
+        say(f"{PAIRED.name}: not available ({paired_reason})")
+    total = len(paths) * (len(cfg.subscribers) + len(cfg.rates)) + \
+        (0 if paired_reason else len(cfg.paired))
     plan = _Plan(cfg, say, total)
     restore_bpf_stats: bool | None = None
-    if any(p.kernel_path for p in paths):
+    if any(p.kernel_path for p in paths) or (cfg.paired and not paired_reason):
         restore_bpf_stats = measure.bpf_stats_enabled()
         if restore_bpf_stats is False:
             measure.set_bpf_stats(True)
@@ -532,13 +631,15 @@ def run_bench(cfg: BenchConfig, say: Progress) -> tuple[list[Run], list[Run]]:
                     say(f"{path.name}: stops at {rate:g} objects/s ({why})")
                     plan.total -= len(cfg.rates) - cfg.rates.index(rate) - 1
                     break
+        if not paired_reason:
+            paired.extend(plan.run(PAIRED, n, cfg) for n in cfg.paired)
     finally:
         if restore_bpf_stats is False:
             measure.set_bpf_stats(False)
     order = {name: i for i, name in enumerate(cfg.paths)}
     runs.sort(key=lambda r: (order[r.path], r.subscribers))
     add_ratios(runs)
-    return runs, sweep
+    return runs, sweep, paired
 
 
 def highest_sustained(cfg: BenchConfig, sweep: list[Run]) -> list[dict[str, Any]]:

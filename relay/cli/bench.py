@@ -4,7 +4,9 @@ For each path and subscriber count: a fresh lab, that path's relay in the relay 
 the subscribers, then the publisher (same workload for every path: `--layout single`,
 self-verifying objects); counters over the steady part of the run; teardown. Then, with
 `--rates`, the same scenario at rising rates for `--sweep-subscribers` subscribers until each
-path stops sustaining the rate. Progress goes to stderr; the tables (or `--json`: every figure,
+path stops sustaining the rate; then, with `--paired`, one relay serving half the subscribers
+from the kernel and half from userspace at once, their delays paired object by object.
+Progress goes to stderr; the tables (or `--json`: every figure,
 raw counters and the machine description) to stdout; results.json, table.md, per-object delays
 and PNG plots into --out.
 """
@@ -36,6 +38,8 @@ DEFAULT_DURATION = 6.0
 DEFAULT_RATES = "100,200,400,800"
 DEFAULT_SWEEP_SUBSCRIBERS = 4
 DEFAULT_SWEEP_DURATION = 3.0
+DEFAULT_PAIRED = "4,16"
+QUICK_PAIRED = [2]
 MAX_SUBSCRIBERS = 256
 #: The table is wide; in a pipe or log give it this many columns rather than cut it.
 TABLE_WIDTH = 230
@@ -50,6 +54,19 @@ def parse_subscribers(text: str) -> list[int]:
     if not counts or any(not 1 <= n <= MAX_SUBSCRIBERS for n in counts):
         raise ConfigError(f"--subscribers {text!r}: each count must be 1..{MAX_SUBSCRIBERS}")
     return sorted(set(counts))
+
+
+def parse_paired(text: str) -> list[int]:
+    if text.strip().lower() in ("", "none", "0"):
+        return []
+    try:
+        counts = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        counts = []
+    if not counts or any(n < 2 or n % 2 or n > MAX_SUBSCRIBERS for n in counts):
+        raise ConfigError(f"--paired {text!r}: expected even subscriber counts 2..{MAX_SUBSCRIBERS} "
+                          "separated by commas (half on each path), or none")
+    return counts
 
 
 def _read(path: Path) -> str:
@@ -110,6 +127,12 @@ def bench_command(
     sweep_duration: Annotated[float, typer.Option(
         "--sweep-duration", min=1, metavar="S",
         help="Seconds of publishing per rate of the sweep.")] = DEFAULT_SWEEP_DURATION,
+    paired: Annotated[str | None, typer.Option(
+        "--paired", metavar="N,N,...",
+        help=f"Paired scenario: one relay with the fast path serving half of N subscribers "
+             f"from the kernel and holding the other half in userspace, the same objects to "
+             f"both at once, delays compared object by object; none: skip it [default: "
+             f"{DEFAULT_PAIRED}; --quick: {','.join(map(str, QUICK_PAIRED))}].")] = None,
     group_length: Annotated[int, typer.Option("--group-length", min=1,
                                               help="Objects per group.")] = 30,
     quick: Annotated[bool, typer.Option(
@@ -131,6 +154,8 @@ def bench_command(
         list(QUICK_PATHS if quick else DEFAULT_PATHS)
     sweep = parse_rates(rates) if rates is not None else ([] if quick else
                                                           parse_rates(DEFAULT_RATES))
+    paired_counts = parse_paired(paired) if paired is not None else \
+        (QUICK_PAIRED if quick else parse_paired(DEFAULT_PAIRED))
     started = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     if out is None:
         out = Path("bench-results") / started.strftime("%Y%m%dT%H%M%SZ")
@@ -141,10 +166,11 @@ def bench_command(
                       (QUICK_DURATION if quick else DEFAULT_DURATION),
                       group_length=group_length, out=out,
                       start_delay=1.0, background_s=0.5 if quick else 1.0, rates=sweep,
-                      sweep_subscribers=sweep_subscribers, sweep_duration=sweep_duration)
+                      sweep_subscribers=sweep_subscribers, sweep_duration=sweep_duration,
+                      paired=paired_counts)
     if doc_file is not None and report.DOC_START not in _read(doc_file):
         raise ConfigError(f"--doc {doc_file}: no line '{report.DOC_START}' to replace")
-    if any(PATHS[n].unavailable() is None for n in names):
+    if any(PATHS[n].unavailable() is None for n in names) or paired_counts:
         bpfload.require_root("fastrelay bench")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -154,14 +180,17 @@ def bench_command(
     progress(f"bench: {len(names)} path(s) × subscribers {','.join(map(str, counts))}, "
              f"{cfg.objects} objects of {object_size} B at {rate:g}/s each"
              + (f"; rate sweep {','.join(f'{r:g}' for r in sweep)} objects/s at "
-                f"{sweep_subscribers} subscriber(s)" if sweep else "") + f"; results in {out}")
-    runs, sweep_runs = run_bench(cfg, progress)
+                f"{sweep_subscribers} subscriber(s)" if sweep else "")
+             + (f"; paired {','.join(map(str, paired_counts))}" if paired_counts else "")
+             + f"; results in {out}")
+    runs, sweep_runs, paired_runs = run_bench(cfg, progress)
     capacity = highest_sustained(cfg, sweep_runs)
     files = {"json": "results.json", "table": "table.md"}
     files.update(report.write_plots(runs, out))
     if sweep:
         files.update(report.write_sweep_plot(cfg, sweep_runs, capacity, out))
-    for r in [*runs, *sweep_runs]:
+    files.update(report.write_paired_plot(paired_runs, out))
+    for r in [*runs, *sweep_runs, *paired_runs]:
         if r.raw.get("delays_file"):
             files[f"delays {r.raw['delays_file'][7:-4]}"] = r.raw["delays_file"]
     finished = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
@@ -169,16 +198,19 @@ def bench_command(
                                               else sys.argv[1:])
     doc = report.document(cfg, runs, machine=machine, command=command,
                           started=started.isoformat(), finished=finished.isoformat(), files=files,
-                          sweep=sweep_runs, capacity=capacity)
+                          sweep=sweep_runs, capacity=capacity, paired=paired_runs)
     doc["loadavg_at_end"] = measure.machine_description()["loadavg_at_start"]
     report.write_json(doc, out / "results.json")
     if doc_file is not None:
         plots = os.path.relpath(out.resolve(), doc_file.resolve().parent)
-        report.update_document(doc_file, report.markdown_block(doc, runs, capacity, plots))
+        report.update_document(doc_file, report.markdown_block(doc, runs, capacity, plots,
+                                                               paired_runs))
         progress(f"wrote the run into {doc_file}")
     table_md = report.markdown_table(runs) + "\n"
     if sweep:
         table_md += "\n" + report.markdown_sweep_table(capacity) + "\n"
+    if paired_runs:
+        table_md += "\n" + report.markdown_paired_table(paired_runs) + "\n"
     (out / "table.md").write_text(table_md)
     if as_json:
         emit_json(doc)
@@ -207,10 +239,20 @@ def bench_command(
             for row in report.sweep_rows(capacity):
                 st.add_row(*row)
             wide.print(st)
+        if paired_runs:
+            pt = Table(title="the same objects through both paths of one relay at once",
+                       title_justify="left")
+            for column in report.PAIRED_COLUMNS:
+                pt.add_column(column, no_wrap=column != "Note",
+                              overflow="fold" if column == "Note" else "ellipsis")
+            for row in report.paired_rows(paired_runs):
+                pt.add_row(*row)
+            wide.print(pt)
         for note in report.notes(cfg):
             stdout.print(f"- {note}")
         stdout.print(f"results: {out}/results.json, plots: {out}/*.png")
-    failed = [r for r in runs if r.error]  # a sweep step that fails only ends that path's sweep
+    # a sweep step that fails only ends that path's sweep
+    failed = [r for r in [*runs, *paired_runs] if r.error]
     if failed:
         first = failed[0]
         raise FastrelayError(f"{len(failed)} scenario(s) failed, first {first.path} with "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import json
 import logging
 import signal
@@ -27,7 +28,12 @@ from relay.core.cache import CacheConfig
 from relay.core.relay import RelayConfig
 from relay.errors import ConfigError, FastrelayError, MissingCapabilityError
 from relay.fastpath.layout import Capacities
-from relay.fastpath.runtime import FastPathMode, FastPathRuntime, unavailable_reason
+from relay.fastpath.runtime import (
+    FastPathMode,
+    FastPathRuntime,
+    canonical_address,
+    unavailable_reason,
+)
 from relay.moqt.quic import (
     TlsOptions,
     certificate_fingerprint,
@@ -132,6 +138,12 @@ def relay_command(
         "--interface", metavar="IFNAME",
         help="Attach the fast path to this interface (repeatable). Default: every up "
              "non-loopback interface of the relay's network namespace.")] = None,
+    userspace_peer: Annotated[list[str] | None, typer.Option(
+        "--userspace-peer", metavar="ADDRESS",
+        help="Serve subscribers connecting from this IP address on the userspace path even "
+             "with the fast path on (repeatable): the same objects then reach some "
+             "subscribers through the kernel and others through userspace at once, for "
+             "paired measurements.")] = None,
     duration: Annotated[float | None, typer.Option(
         "--duration", min=0.0, metavar="S", help="Stop after S seconds.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
@@ -171,8 +183,15 @@ def relay_command(
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"--access {access}: {exc}") from None
     config = RelayConfig(cache=cache, access=access_config, upstream_relay=upstream is not None)
-    if (interface or capacity) and fastpath == FastPathMode.OFF:
-        raise ConfigError("--interface and --fastpath-capacity go with --fastpath on or auto")
+    if (interface or capacity or userspace_peer) and fastpath == FastPathMode.OFF:
+        raise ConfigError("--interface, --fastpath-capacity and --userspace-peer go with "
+                          "--fastpath on or auto")
+    userspace_peers: set[str] = set()
+    for address in userspace_peer or []:
+        try:
+            userspace_peers.add(str(ipaddress.ip_address(address)))
+        except ValueError:
+            raise ConfigError(f"--userspace-peer {address}: not an IP address") from None
     try:
         caps = Capacities.parse(capacity or [])
     except ValueError as exc:
@@ -203,6 +222,7 @@ def relay_command(
             fastpath_line = f"fastpath off: {fastpath_reason}"
         else:
             runtime = FastPathRuntime.open(port=port, interface_names=interface, caps=caps)
+            runtime.userspace_peers = frozenset(canonical_address(a) for a in userspace_peers)
             fastpath_line = "fastpath on: " + ", ".join(name for _, name in runtime.interfaces)
         server = RelayServer(config, upstream_url=upstream, upstream_tls=upstream_tls,
                              queue_budget=queue_budget, crypto=backend, fastpath=runtime)

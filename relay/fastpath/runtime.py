@@ -121,6 +121,22 @@ class _Up:
     cids: set[bytes] = field(default_factory=set)
 
 
+#: Why a subscriber named by `--userspace-peer` is not offloaded (its key in stats "refused").
+USERSPACE_PEER_REASON = "kept on the userspace path (--userspace-peer)"
+
+
+def canonical_address(host: str) -> str:
+    """One spelling per address: an IPv4-mapped IPv6 address (as a dual-stack socket reports
+    IPv4 peers) becomes the IPv4 address; anything unparsable is returned as given."""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
 def start_group(start_group_id: int, start_object_id: int) -> int:
     """The first group a subscriber gets whole from its first byte (a subscription starting
     mid-group gets the rest of that group from the relay)."""
@@ -158,6 +174,10 @@ class FastPathRuntime:
         #: Called on every tick that drained records (the relay refreshes its subscribers'
         #: congestion, so the kernel decides each new stream with a current threshold).
         self.on_records: Callable[[], None] | None = None
+        #: Subscriber addresses kept on the userspace path although the kernel could serve
+        #: them (`--userspace-peer`): one relay then carries the same objects on both paths
+        #: at once, which is how `fastrelay bench` pairs their delays object by object.
+        self.userspace_peers: frozenset[str] = frozenset()
         self.counters: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
         self.punts: Counter[str] = Counter()
@@ -355,6 +375,9 @@ class FastPathRuntime:
             self._retry_reconcile = True
             return None
         peer = (str(peer_addr[0]), int(peer_addr[1]))
+        if canonical_address(peer[0]) in self.userspace_peers:
+            self._refuse(session, USERSPACE_PEER_REASON)
+            return None
         try:
             route = resolve(peer[0])
         except FastrelayError as exc:
