@@ -225,6 +225,11 @@ class KernelEmulator(CryptoBackend):
         self.teardowns: list[Direction] = []
         self.rejected = 0
         self.passed_up_encrypted = 0
+        #: key-phase bit of every 1-RTT packet protected (relay -> peer) and unprotected
+        #: (peer -> relay): the phase each side really used on the wire, for peers (qh3)
+        #: whose key phase is not readable from Python
+        self.sent_phases: list[int] = []
+        self.received_phases: list[int] = []
 
     @property
     def cipher_suites(self) -> tuple[CipherSuite, ...]:
@@ -271,6 +276,7 @@ class KernelEmulator(CryptoBackend):
                                   state.largest_pn + 1)
         state.largest_pn = max(state.largest_pn, pn)
         aead, hp = self._phase(state, (first & 0x04) >> 2)
+        self.sent_phases.append((first & 0x04) >> 2)
         payload = packet[len(header):-AEAD_TAG_SIZE]
         protected = aead.encrypt(payload, header, pn)
         return datagram[:offset] + hp.apply(header, protected)
@@ -301,6 +307,7 @@ class KernelEmulator(CryptoBackend):
             self.rejected += 1
             return None  # fail closed: never handed up as if decrypted
         state.largest_pn = max(state.largest_pn, pn)
+        self.received_phases.append((plain_header[0] & 0x04) >> 2)
         return datagram[:offset] + plain_header + payload + self._token
 
 

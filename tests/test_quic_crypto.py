@@ -146,8 +146,19 @@ def test_pass_through_exports_keys_and_the_stock_peer_gets_exact_bytes(tmp_path:
         send_both_ways(pair, payload)
         assert one_rtt(pair.server).plaintext_accepted > 0
         assert not any(MARKER in d for d in pair.wire_to_client)
+        # Keys were exported before the first packet that needed them: the 'kernel' fails
+        # closed without keys (drops, counts), and it never had to, either way; and every
+        # 1-RTT packet of the peer was decrypted by it, none handed up still encrypted.
+        assert emulator.sent_phases and emulator.received_phases
+        assert (emulator.rejected, emulator.passed_up_encrypted) == (0, 0)
     finally:
         ctx.__exit__(None, None, None)
+
+
+def all_acked(conn: QuicConnection) -> bool:
+    """Every ack-eliciting 1-RTT packet this (aioquic) endpoint sent is acknowledged."""
+    space = conn._spaces[Epoch.ONE_RTT]
+    return space.ack_eliciting_in_flight == 0 and space.largest_acked_packet >= 0
 
 
 @pytest.mark.parametrize("peer", PEERS)
@@ -158,15 +169,32 @@ def test_pass_through_key_update(tmp_path: Path, who: str, peer: str) -> None:
     try:
         handshake(pair)
         send_both_ways(pair, b"phase zero")
-        (pair.server if who == "relay" else pair.client).request_key_update()
+        assert set(emulator.sent_phases) == set(emulator.received_phases) == {0}
+        # RFC 9001 §6.1: the initiator updates only after an ACK of a packet it sent in the
+        # current phase. send_both_ways ran until quiet without loss, so all phase-0 data of
+        # both sides is acknowledged; for aioquic endpoints that is checked, for qh3 (state
+        # in Rust) the quiet exchange stands for it.
+        initiator = pair.server if who == "relay" else pair.client
+        if who == "relay" or peer == "aioquic":
+            assert all_acked(initiator)
+        sent_before, received_before = len(emulator.sent_phases), len(emulator.received_phases)
+        initiator.request_key_update()
         send_both_ways(pair, b"phase one" * 100)
         assert one_rtt(pair.server).key_phase == 1
-        if peer == "aioquic":  # qh3 keeps its phase in Rust; its delivery above shows it followed
+        if peer == "aioquic":
             assert one_rtt(pair.client).key_phase == 1
+        # The phase changed on both sides, as seen on the wire (this is how qh3's is known):
+        # in each direction the phase goes 0 -> 1 once and stays (the responder may send a
+        # few phase-0 packets before it sees the first phase-1 one; nothing is reordered here).
+        for phases in (emulator.sent_phases[sent_before:], emulator.received_phases[received_before:]):
+            assert phases and phases[-1] == 1 and phases == sorted(phases), phases
+        initiator_phases = emulator.sent_phases if who == "relay" else emulator.received_phases
+        assert initiator_phases[sent_before if who == "relay" else received_before] == 1
         trigger = KeyTrigger.LOCAL_UPDATE if who == "relay" else KeyTrigger.REMOTE_UPDATE
         updates = [m for m in emulator.installs if m.trigger is trigger]
         assert {m.direction for m in updates} == {Direction.SEND, Direction.RECV}
         assert all(m.current.key_phase == 1 and m.next.key_phase == 0 for m in updates)
+        assert (emulator.rejected, emulator.passed_up_encrypted) == (0, 0)
     finally:
         ctx.__exit__(None, None, None)
 
@@ -213,3 +241,37 @@ def test_egress_without_keys_fails_closed(tmp_path: Path) -> None:
     datagram = bytes([0x41]) + bytes(8) + b"\x00\x01" + MARKER + bytes(16)
     assert emulator.egress(datagram) is None
     assert emulator.rejected == 1
+
+
+@pytest.mark.parametrize("mode", ["none", "pass-through"])
+def test_initial_and_handshake_are_untouched(tmp_path: Path, mode: str) -> None:
+    """Only 1-RTT protection is the backend's: Initial and Handshake keep aioquic's own
+    CryptoPair and real protection, so the certificate never crosses the wire in clear."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from relay.quic.crypto import OneRttCryptoPair
+
+    if mode == "none":
+        ctx = client_and_server(tmp_path, client_backend=NoneBackend(), server_backend=NoneBackend())
+        pair = ctx.__enter__()
+    else:
+        ctx, pair = emulated_relay(tmp_path, KernelEmulator())
+    try:
+        handshake(pair)
+        send_both_ways(pair, MARKER)
+        for conn in (pair.client, pair.server):
+            if isinstance(conn, QuicConnection) and hasattr(conn, "one_rtt_mode"):
+                assert type(conn._cryptos[Epoch.INITIAL]) is CryptoPair
+                assert type(conn._cryptos[Epoch.HANDSHAKE]) is CryptoPair
+        assert isinstance(pair.server._cryptos[Epoch.ONE_RTT], OneRttCryptoPair)
+        der = x509.load_pem_x509_certificate((tmp_path / "cert.pem").read_bytes()).public_bytes(Encoding.DER)
+        long_header = [d for d in pair.wire_to_client if d[0] & 0x80]
+        assert long_header, "the server's Initial/Handshake datagrams"
+        # a 32-byte piece of the certificate body (past the common DER prefix)
+        piece = der[len(der) // 2:len(der) // 2 + 32]
+        assert not any(piece in d for d in pair.wire_to_client + pair.wire_to_server)
+        if mode == "none":  # while the 1-RTT payload is in clear
+            assert any(MARKER in d for d in pair.wire_to_client)
+    finally:
+        ctx.__exit__(None, None, None)
