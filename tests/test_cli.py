@@ -113,6 +113,46 @@ def test_setup_again_on_a_set_up_machine_changes_nothing() -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
+@pytest.mark.root
+def test_setup_on_a_kernel_without_the_bpf_syscall_is_one_line(tmp_path: Path) -> None:
+    """A kernel built without CONFIG_BPF_SYSCALL has no /proc/sys/kernel/unprivileged_bpf_disabled:
+    shown to setup by an empty directory mounted over /proc/sys/kernel in a private mount
+    namespace (the rest of the machine keeps its /proc)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    script = (f"mount --make-rprivate / && mount --bind {empty} /proc/sys/kernel && "
+              f"exec bash {SETUP} --quiet")
+    result = subprocess.run(["unshare", "--mount", "bash", "-c", script], capture_output=True,
+                            text=True, timeout=300)
+    assert (result.returncode, result.stdout) == (1, ""), result
+    assert result.stderr == ("setup: error: kernel has no BPF syscall (CONFIG_BPF_SYSCALL off); "
+                             "fastrelay cannot run here\n")
+
+
+README = SETUP.parent.parent / "README.md"
+
+
+def _commands(text: str) -> list[str]:
+    """Shell lines of a script or code block, without comments, `set` and `cd`."""
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith(("set ", "cd "))]
+
+
+def test_readme_opens_with_two_commands_and_ci_runs_only_the_test_one() -> None:
+    readme = README.read_text()
+    first_block = readme.split("```sh\n", 1)[1].split("```", 1)[0]
+    demo_command, test_command = _commands(first_block)
+    assert (demo_command, test_command) == ("make demo", "make test")
+    assert _commands((SETUP.parent.parent / ".ci" / "run").read_text()) == [test_command]
+    # both do their own set-up first: make's dry run shows setup before the work
+    for target, work in (("demo", "fastrelay demo"), ("test", "-m pytest")):
+        dry = subprocess.run(["make", "-n", "-C", str(SETUP.parent.parent), target],
+                             capture_output=True, text=True, timeout=60)
+        steps = [line for line in dry.stdout.splitlines() if not line.startswith("make")]
+        assert dry.returncode == 0 and len(steps) == 2, dry
+        assert steps[0] == "./hw/setup.sh --quiet" and work in steps[1], steps
+
+
 @pytest.mark.parametrize(("argv", "expected"), [
     (["--crypto=none", "--listen", "h:1"], ["relay", "--crypto=none", "--listen", "h:1"]),
     (["--crypto", "soft"], ["relay", "--crypto", "soft"]),
