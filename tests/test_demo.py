@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hw.lab import list_labs
@@ -28,11 +30,18 @@ def test_every_subscriber_gets_every_object_and_the_lab_is_gone() -> None:
     assert result.lab not in {lab.name for lab in list_labs()}
 
 
-def test_the_userspace_path_on_request() -> None:
-    result = run_demo(load_topology("default"), objects=30, rate=100, object_size=500,
-                      group_length=10, crypto=None, fastpath=False)
-    assert result.complete and result.kernel_share is None
-    assert result.relay_stats["fastpath"] == {"enabled": False}
+def test_the_userspace_path_on_request_with_json(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(["demo", "--objects", "30", "--rate", "100", "--crypto", "standard",
+                      "--no-fastpath", "--json"], capsys)
+    data = json.loads(result.stdout)  # stdout is the JSON document alone, no table
+    assert {v["backend"]: v["usable"] for v in data["probe_verdicts"]} == {
+        "none": True, "soft": True, "nic": False}
+    assert [s["host"] for s in data["subscribers"]] == ["sub1", "sub2", "sub3"]
+    assert all(s["ok"] and s["objects"] == 30 and s["lost"] == 0 for s in data["subscribers"])
+    assert data["complete"] is True and data["crypto"] is None and data["fastpath"] is False
+    assert data["kernel_bytes_share"] is None and data["relay_fastpath"] == {"enabled": False}
+    assert data["relay_counters"]["objects_in"] == 30
+    assert data["lab"] not in {lab.name for lab in list_labs()}
 
 
 def test_demo_command_prints_verdicts_and_results(capsys: pytest.CaptureFixture[str]) -> None:

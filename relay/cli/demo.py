@@ -9,7 +9,7 @@ import typer
 from hw.topology import load_topology
 from offload.probe import run_probe
 from relay.bpfload import require_root
-from relay.cli.output import emit_table, progress
+from relay.cli.output import JsonOption, emit_json, emit_table, progress
 from relay.demo import run_demo
 from relay.errors import ConfigError
 
@@ -26,6 +26,7 @@ def demo(
     fastpath: Annotated[bool, typer.Option(
         "--fastpath/--no-fastpath", help="Relay with the eBPF fast path, or its userspace "
                                          "path.")] = True,
+    as_json: JsonOption = False,
 ) -> None:
     """Lab up, probe, a publisher -> the relay -> every subscriber (each verifying every object), lab down.
 
@@ -34,9 +35,10 @@ def demo(
     require_root("the demo")
     progress("probing this machine's eBPF and offload capabilities ...")
     report = run_probe()
-    emit_table(("Crypto backend", "Usable", "Why not"),
-               [(b.name, "yes" if b.usable else "no", "; ".join(b.reasons)) for b in report.backends],
-               as_json=False, title="Probe verdicts")
+    if not as_json:
+        emit_table(("Crypto backend", "Usable", "Why not"),
+                   [(b.name, "yes" if b.usable else "no", "; ".join(b.reasons)) for b in report.backends],
+                   as_json=False, title="Probe verdicts")
     progress(f"lab '{topology}': relay, subscribers and a publisher of {objects} objects "
              f"({object_size} B at {rate:g}/s), each in its own network namespace ...")
     backend = None if crypto == "standard" else crypto
@@ -51,17 +53,30 @@ def demo(
     def us(value: object) -> str:
         return "-" if value is None else f"{value:,}"
 
-    emit_table(
-        ("Subscriber", "Address", "Objects", "Lost", "Skipped", "Intact", "Delay p50 (µs)",
-         "Delay p99 (µs)"),
-        [(s.host, s.address, f"{s.summary['objects']}/{result.objects}", s.summary["lost"],
-          s.summary["skipped"], "yes" if s.ok else "no", us(s.summary["delay"]["p50_us"]),
-          us(s.summary["delay"]["p99_us"])) for s in result.subscribers],
-        as_json=False,
-        title=(f"Lab {result.lab}: {result.publisher} -> {result.relay} (MoQT draft-14, "
-               f"{'--crypto ' + result.crypto if result.crypto else 'standard QUIC'}, "
-               f"{'eBPF fast path' if result.fastpath else 'userspace path'}) -> subscribers"),
-    )
+    if as_json:  # the same facts as the tables, for scripts
+        emit_json({
+            "probe_verdicts": [{"backend": b.name, "usable": b.usable, "reasons": b.reasons}
+                               for b in report.backends],
+            "lab": result.lab, "publisher": result.publisher, "relay": result.relay,
+            "crypto": result.crypto, "fastpath": result.fastpath, "objects": result.objects,
+            "complete": result.complete, "kernel_bytes_share": result.kernel_share,
+            "subscribers": [{"host": s.host, "address": s.address, "ok": s.ok, **s.summary}
+                            for s in result.subscribers],
+            "relay_counters": result.relay_stats.get("counters", {}),
+            "relay_fastpath": result.relay_stats.get("fastpath"),
+        })
+    else:
+        emit_table(
+            ("Subscriber", "Address", "Objects", "Lost", "Skipped", "Intact", "Delay p50 (µs)",
+             "Delay p99 (µs)"),
+            [(s.host, s.address, f"{s.summary['objects']}/{result.objects}", s.summary["lost"],
+              s.summary["skipped"], "yes" if s.ok else "no", us(s.summary["delay"]["p50_us"]),
+              us(s.summary["delay"]["p99_us"])) for s in result.subscribers],
+            as_json=False,
+            title=(f"Lab {result.lab}: {result.publisher} -> {result.relay} (MoQT draft-14, "
+                   f"{'--crypto ' + result.crypto if result.crypto else 'standard QUIC'}, "
+                   f"{'eBPF fast path' if result.fastpath else 'userspace path'}) -> subscribers"),
+        )
     counters = result.relay_stats.get("counters", {})
     delivered = sum(s.summary["objects"] for s in result.subscribers)
     share = result.kernel_share
