@@ -439,7 +439,6 @@ def test_ten_percent_loss_drops_close_to_ten_percent(lossy_lab: Lab) -> None:
     assert before["attached"] and abs(before["loss"] - p) < 1e-9
 
     received = set()
-    started = time.monotonic()
     for i in range(n):  # paced by draining the receiver as we go
         tx.sendto(i.to_bytes(4, "big") * 32, dst)
         while True:
@@ -448,11 +447,13 @@ def test_ten_percent_loss_drops_close_to_ten_percent(lossy_lab: Lab) -> None:
             except BlockingIOError:
                 break
     received.update(int.from_bytes(d[:4], "big") for d in drain(rx, 0.3))
-    elapsed = time.monotonic() - started
     after = lab.loss_counters("pub1", "relay")
     lost = n - len(received)
 
-    # Binomial(n, p): 5 sigma = 5 * sqrt(10000 * 0.1 * 0.9) = 150 packets
+    # Each packet is dropped independently with p (a fresh bpf_get_prandom_u32() against the
+    # threshold), so lost ~ Binomial(n, p): sigma = sqrt(10000 * 0.1 * 0.9) = 30 packets.
+    # 5 sigma (850..1150 lost) makes a false failure about 6e-7 per run (normal tail,
+    # two-sided), while a wrong rate such as 8% or 12% (200 packets off) still fails.
     sigma = (n * p * (1 - p)) ** 0.5
     assert abs(lost - n * p) <= 5 * sigma, f"lost {lost} of {n}"
     # The counter agrees: every lost packet was dropped by the program. Frames other than
@@ -463,7 +464,6 @@ def test_ten_percent_loss_drops_close_to_ten_percent(lossy_lab: Lab) -> None:
     assert seen >= n
     assert lost <= dropped <= lost + (seen - n), (lost, dropped, seen)
     assert after["dropped_bytes"] - before["dropped_bytes"] >= lost * (128 + 42)
-    assert elapsed < 30
     # loss is at the receiving end only: the reverse direction has no filter
     assert lab.loss_counters("relay", "pub1")["attached"] is False
     rx.close()
@@ -621,12 +621,11 @@ def test_down_ends_processes_left_in_the_lab() -> None:
         untracked = subprocess.Popen(lab.command("relay", ["sleep", "60"]))
         sock = lab.socket("sub2", socket.AF_INET, socket.SOCK_DGRAM)
     finally:
-        down_started = time.monotonic()
         lab.down()
+    # down returned (every wait inside it is bounded) and the processes are gone
     assert tracked.wait(timeout=10) is not None
     assert untracked.wait(timeout=10) == -signal.SIGTERM
     assert sock.fileno() == -1
-    assert time.monotonic() - down_started < 10
     assert_nothing_left(name)
 
 
