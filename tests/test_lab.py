@@ -236,6 +236,17 @@ def assert_nothing_left(name: str, prog_id: int | None = None) -> None:
         assert not prog_exists(prog_id), f"loss program {prog_id} still loaded after down"
 
 
+def root_links() -> set[tuple[int, str]]:
+    """(ifindex, name) of every link in the test's own (root) network namespace."""
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
+                         timeout=10, check=True).stdout
+    links = set()
+    for line in out.splitlines():
+        index, name = line.split(":", 2)[:2]
+        links.add((int(index), name.strip().split("@", 1)[0]))
+    return links
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     name = unique_name()
@@ -464,6 +475,8 @@ def test_ten_percent_loss_drops_close_to_ten_percent(lossy_lab: Lab) -> None:
     assert seen >= n
     assert lost <= dropped <= lost + (seen - n), (lost, dropped, seen)
     assert after["dropped_bytes"] - before["dropped_bytes"] >= lost * (128 + 42)
+    print(f"\nlost {lost} of {n} (expected {n * p:.0f} +- {5 * sigma:.0f}); the program saw "
+          f"{seen} and dropped {dropped}")
     # loss is at the receiving end only: the reverse direction has no filter
     assert lab.loss_counters("relay", "pub1")["attached"] is False
     rx.close()
@@ -605,9 +618,12 @@ def test_up_down_leaves_no_namespace_link_filter_pin_or_state() -> None:
         assert sorted(p.name for p in pin_dir(name).iterdir()) == [
             "lab_link_config", "lab_link_stats", "prog"]
         assert state_path(name).exists()
+        lab_links = {(i.ifindex, i.name) for h in lab.hosts.values() for i in h.interfaces}
+        assert len(lab_links) == 4 and not lab_links & root_links()  # veths live in the lab only
     finally:
         lab.down()
     assert_nothing_left(name, prog_id)
+    assert not lab_links & root_links()
     lab.down()  # idempotent
     assert down_lab(name) is False
 
