@@ -26,10 +26,28 @@ def as_nobody(args: list[str], timeout: float = 60) -> subprocess.CompletedProce
                           cwd="/tmp")
 
 
-def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
-    out = run_cli(["--help"], capsys).stdout
-    for command in ("probe", "lab", "demo"):
-        assert command in out
+def _listed_commands(help_text: str) -> dict[str, str]:
+    """The `Commands:` section of a plain (pipe) help text: name -> first words of its help."""
+    section = help_text.split("\nCommands:\n", 1)[1]
+    rows = (line.split(None, 1) for line in section.splitlines() if line.startswith("  "))
+    return {row[0]: row[1] if len(row) > 1 else "" for row in rows}
+
+
+def test_help_lists_every_command_with_help_text(capsys: pytest.CaptureFixture[str]) -> None:
+    listed = _listed_commands(run_cli(["--help"], capsys).stdout)
+    assert set(listed) == {"probe", "demo", "publish", "subscribe", "relay", "stats", "cleanup",
+                           "bench", "lab"}
+    lab = _listed_commands(run_cli(["lab", "--help"], capsys).stdout)
+    assert set(lab) == {"up", "down", "status", "exec"}
+    for name, text in [*listed.items(), *lab.items()]:
+        assert len(text) > 10, f"{name} has no help text"
+    # every command that shows a table offers --json (relay, lab down and lab exec show none)
+    tables = {"probe", "demo", "publish", "subscribe", "stats", "cleanup", "bench", "lab up",
+              "lab status"}
+    for argv in [[name] for name in listed if name != "lab"] + [["lab", name] for name in lab]:
+        out = run_cli([*argv, "--help"], capsys).stdout
+        assert out.startswith(f"Usage: fastrelay {' '.join(argv)} "), argv
+        assert ("--json" in out) == (" ".join(argv) in tables), argv
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
