@@ -199,6 +199,28 @@ def test_pass_through_key_update(tmp_path: Path, who: str, peer: str) -> None:
         ctx.__exit__(None, None, None)
 
 
+@pytest.mark.parametrize("closer", ["relay", "peer"])
+def test_pass_through_keys_torn_down_when_the_connection_ends(tmp_path: Path, closer: str) -> None:
+    emulator = KernelEmulator()
+    ctx, pair = emulated_relay(tmp_path, emulator)
+    try:
+        handshake(pair)
+        send_both_ways(pair, b"data")
+        assert emulator.teardowns == []
+        (pair.server if closer == "relay" else pair.client).close()
+        pair.pump(200)
+        for _ in range(20):  # the draining period's timer (bounded)
+            timer = pair.server.get_timer()
+            if timer is None:
+                break
+            pair.now = max(pair.now, timer)
+            pair.server.handle_timer(now=pair.now)
+        assert sorted(d.value for d in emulator.teardowns) == ["recv", "send"]
+        assert emulator.keys == {}  # the 'kernel' holds no key of a finished connection
+    finally:
+        ctx.__exit__(None, None, None)
+
+
 def test_forged_plaintext_packet_cannot_inject_frames(tmp_path: Path) -> None:
     emulator = KernelEmulator()
     ctx, pair = emulated_relay(tmp_path, emulator)
