@@ -32,6 +32,8 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from aioquic.quic.packet import QuicErrorCode
+
 from crypto_backends import CryptoBackend
 from relay.core.actions import (
     Action,
@@ -315,10 +317,13 @@ class RelayServer:
         elif isinstance(event, SessionClosed):
             if not event.by_peer and event.error_code != SessionErrorCode.NO_ERROR:
                 # We closed it on the peer's bytes (malformed message, violation): count it.
+                # A QUIC transport close carries a transport code (RFC 9000 §20.1), not a
+                # MoQ one: TRANSPORT_PARAMETER_ERROR (0x8) is not INVALID_PATH (0x8).
+                codes = QuicErrorCode if event.quic_error else SessionErrorCode
                 try:
-                    name = SessionErrorCode(event.error_code).name
+                    name = ("QUIC " if event.quic_error else "") + codes(event.error_code).name
                 except ValueError:
-                    name = f"code {event.error_code:#x}"
+                    name = f"{'QUIC ' if event.quic_error else ''}code {event.error_code:#x}"
                 self.sessions_failed[name] = self.sessions_failed.get(name, 0) + 1
             actions = self._session_gone(conn, now)
         elif isinstance(event, ObjectChunk):

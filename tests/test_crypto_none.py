@@ -130,3 +130,36 @@ def test_none_needs_nothing_from_the_kernel(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(offload.probe, "run_probe", no_probe)
     get_backend("none").check()
+
+
+def test_standard_peer_of_a_none_relay_gets_a_clear_error_and_the_relay_counts_it(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`fastrelay --crypto=none` (the shorthand) against a subscriber speaking standard QUIC:
+    the subscriber's user reads why in one line; the relay's operator sees a QUIC
+    TRANSPORT_PARAMETER_ERROR in its counters, not a MoQ code with the same number."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from tests.children import child_env, stop_child
+
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        relay = subprocess.Popen([sys.executable, "-m", "relay", "--crypto=none", "--listen",
+                                  f"{LOOPBACK}:0"], stdout=out, stderr=err, env=child_env())
+    try:
+        deadline = time.monotonic() + 30
+        while not (found := re.search(r"^listening \S+:(\d+)$", (tmp_path / "out").read_text(), re.M)):
+            assert relay.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
+            time.sleep(0.05)
+        result = run_cli(["subscribe", "--url", f"moqt://{LOOPBACK}:{found.group(1)}/x",
+                          "--namespace", "a", "--track", "t", "--insecure", "--duration", "10"],
+                         capsys, exit_code=1)
+        assert result.stderr.count("\n") == 1
+        assert "TRANSPORT_PARAMETER_ERROR: --crypto=none requires the peer to send " \
+               "disable_1rtt_encryption (0xBAAD" in result.stderr, result.stderr
+    finally:
+        stop_child(relay)
+    stats = json.loads((tmp_path / "out").read_text().splitlines()[-1].removeprefix("stats "))
+    assert stats["crypto"] == {"backend": "none"}
+    assert stats["sessions_failed"] == {"QUIC TRANSPORT_PARAMETER_ERROR": 1}, stats
