@@ -66,31 +66,63 @@ struct cp_scratch {
 };
 
 
-/* State words live in u64 registers with garbage above bit 31 (bcc emits no 32-bit
- * ALU): additions and XORs keep the low 32 bits right, and the rotation reads only them
- * (shifting left by 32 first drops the garbage), so nothing is masked inside a round. */
-#define CP_ROTL(v, n) (((v) << (n)) | (((v) << 32) >> (64 - (n))))
-#define CP_QR(a, b, c, d)                                      \
-	do {                                                   \
-		a += b; d ^= a; d = CP_ROTL(d, 16);            \
-		c += d; b ^= c; b = CP_ROTL(b, 12);            \
-		a += b; d ^= a; d = CP_ROTL(d, 8);             \
-		c += d; b ^= c; b = CP_ROTL(b, 7);             \
+/* 32-bit ALU in ChaCha20's quarter round. bcc 0.26 emits the v1 instruction set, in
+ * which LLVM has no 32-bit arithmetic, so a 32-bit rotation costs a mask and a mov
+ * on top of its shifts. The kernel has always accepted the 32-bit ALU class (BPF_ALU,
+ * zero-extending); only the assembler names its registers w0..w9 while an inline-asm
+ * operand prints as rN. These assembler macros map an operand's rN to wN:
+ * `cp_add32 %[a], %[b]` becomes `wA += wB` (two levels of macro, one per operand).
+ * Defined once here, at file scope; the assembler keeps macros for the whole file. */
+#define CP_W_RR(name, op, n)                                                   \
+	".macro " name "_r" #n " b\n " name "__\\b w" #n "\n.endm\n"           \
+	".macro " name "__r" #n " wa\n \\wa " op " w" #n "\n.endm\n"
+#define CP_W_RI(name, op, n) ".macro " name "_r" #n " k\n w" #n " " op " \\k\n.endm\n"
+#define CP_W_ALL(m, name, op)                                                  \
+	m(name, op, 0) m(name, op, 1) m(name, op, 2) m(name, op, 3) m(name, op, 4) \
+	m(name, op, 5) m(name, op, 6) m(name, op, 7) m(name, op, 8) m(name, op, 9)
+#define CP_W_OP(name, op)                                                      \
+	".macro " name " a, b\n " name "_\\a \\b\n.endm\n" CP_W_ALL(CP_W_RR, name, op)
+#define CP_W_SHIFT(name, op)                                                   \
+	".macro " name " a, k\n " name "_\\a \\k\n.endm\n" CP_W_ALL(CP_W_RI, name, op)
+asm(CP_W_OP("cp_add32", "+=") CP_W_OP("cp_xor32", "^=") CP_W_OP("cp_or32", "|=")
+    CP_W_OP("cp_mov32", "=") CP_W_SHIFT("cp_lsh32", "<<=") CP_W_SHIFT("cp_rsh32", ">>="));
+
+/* a += b; d ^= a; d <<<= n, all 32-bit: six instructions (t is scratch). */
+#define CP_STEP(a, b, d, n, m)                                  \
+	"cp_add32 " a ", " b "\n\t"                             \
+	"cp_xor32 " d ", " a "\n\t"                             \
+	"cp_mov32 %[t], " d "\n\t"                              \
+	"cp_lsh32 " d ", " #n "\n\t"                            \
+	"cp_rsh32 %[t], " #m "\n\t"                              \
+	"cp_or32 " d ", %[t]\n\t"
+
+/* One quarter round (RFC 8439 §2.1) as one asm statement: LLVM cannot interleave
+ * quarter rounds (which made it spill around every step), each needs five registers. */
+#define CP_QR(va, vb, vc, vd)                                                  \
+	do {                                                                   \
+		__u64 t_;                                                      \
+		asm volatile(CP_STEP("%[a]", "%[b]", "%[d]", 16, 16)               \
+			     CP_STEP("%[c]", "%[d]", "%[b]", 12, 20)               \
+			     CP_STEP("%[a]", "%[b]", "%[d]", 8, 24)               \
+			     CP_STEP("%[c]", "%[d]", "%[b]", 7, 25)               \
+			     : [a] "+r"(va), [b] "+r"(vb), [c] "+r"(vc), [d] "+r"(vd), \
+			       [t] "=&r"(t_));                                 \
 	} while (0)
 
 /**
- * cp_chacha20_block - one ChaCha20 block (RFC 8439 §2.3) into @out.
+ * cp_chacha20_block - one ChaCha20 block (RFC 8439 §2.3) into s->block.
  * @key: eight little-endian key words
  * @counter: the block counter
  * @n0, @n1, @n2: the nonce as three little-endian words
  */
-static __always_inline void cp_chacha20_block(const __u32 *key, __u32 counter, __u32 n0,
-					      __u32 n1, __u32 n2, __u32 *out)
+static __always_inline void cp_chacha20_block(struct cp_scratch *s, const __u32 *key,
+					      __u32 counter, __u32 n0, __u32 n1, __u32 n2)
 {
 	__u64 x0 = 0x61707865, x1 = 0x3320646e, x2 = 0x79622d32, x3 = 0x6b206574;
 	__u64 x4 = key[0], x5 = key[1], x6 = key[2], x7 = key[3];
 	__u64 x8 = key[4], x9 = key[5], x10 = key[6], x11 = key[7];
 	__u64 x12 = counter, x13 = n0, x14 = n1, x15 = n2;
+	__u32 *out = s->block;
 	int i;
 
 #pragma clang loop unroll(disable)
@@ -147,7 +179,7 @@ static __always_inline void cp_chacha20_xor(struct cp_scratch *s, const __u32 *k
 
 		if (i >= blocks)
 			break;
-		cp_chacha20_block(key, counter + i, n0, n1, n2, s->block);
+		cp_chacha20_block(s, key, counter + i, n0, n1, n2);
 		d[0] ^= k[0];
 		d[1] ^= k[1];
 		d[2] ^= k[2];
@@ -159,12 +191,18 @@ static __always_inline void cp_chacha20_xor(struct cp_scratch *s, const __u32 *k
 	}
 }
 
-/* Poly1305 (RFC 8439 §2.5): one 16-byte block @lo|@hi plus 2^128, radix 2^26. */
-static __always_inline void cp_poly_block(struct cp_poly *p, __u64 lo, __u64 hi)
+/* A key limb read from the map value where it is used: hoisted out of the block loop, the
+ * nine limbs were spilled to the stack and stored back on every block. */
+#define CP_KEY(p, f) (*(volatile const __u64 *)&(p)->f)
+
+/* Poly1305 (RFC 8439 §2.5): one 16-byte block @lo|@hi plus 2^128 into the accumulator
+ * @h (five radix-2^26 limbs, held by the caller in registers across a loop: reading and
+ * writing it through the map value each block put a store and a load on the critical
+ * path). The carries run as two interleaved chains (d0..d2->h3->h4 and d3..d4->h0->h1)
+ * instead of one: shorter latency; h1 and h4 stay below 2^27, products below 2^60. */
+static __always_inline void cp_poly_mul(const struct cp_poly *p, __u64 *h, __u64 lo, __u64 hi)
 {
-	__u64 h0 = p->h0, h1 = p->h1, h2 = p->h2, h3 = p->h3, h4 = p->h4;
-	__u64 r0 = p->r0, r1 = p->r1, r2 = p->r2, r3 = p->r3, r4 = p->r4;
-	__u64 s1 = p->s1, s2 = p->s2, s3 = p->s3, s4 = p->s4;
+	__u64 h0 = h[0], h1 = h[1], h2 = h[2], h3 = h[3], h4 = h[4];
 	__u64 d0, d1, d2, d3, d4, c;
 
 	h0 += lo & CP_MASK26;
@@ -173,21 +211,30 @@ static __always_inline void cp_poly_block(struct cp_poly *p, __u64 lo, __u64 hi)
 	h3 += (hi >> 14) & CP_MASK26;
 	h4 += (hi >> 40) | (1ULL << 24);
 
-	d0 = h0 * r0 + h1 * s4 + h2 * s3 + h3 * s2 + h4 * s1;
-	d1 = h0 * r1 + h1 * r0 + h2 * s4 + h3 * s3 + h4 * s2;
-	d2 = h0 * r2 + h1 * r1 + h2 * r0 + h3 * s4 + h4 * s3;
-	d3 = h0 * r3 + h1 * r2 + h2 * r1 + h3 * r0 + h4 * s4;
-	d4 = h0 * r4 + h1 * r3 + h2 * r2 + h3 * r1 + h4 * r0;
+	d0 = h0 * CP_KEY(p, r0) + h1 * CP_KEY(p, s4) + h2 * CP_KEY(p, s3) + h3 * CP_KEY(p, s2) + h4 * CP_KEY(p, s1);
+	d1 = h0 * CP_KEY(p, r1) + h1 * CP_KEY(p, r0) + h2 * CP_KEY(p, s4) + h3 * CP_KEY(p, s3) + h4 * CP_KEY(p, s2);
+	d2 = h0 * CP_KEY(p, r2) + h1 * CP_KEY(p, r1) + h2 * CP_KEY(p, r0) + h3 * CP_KEY(p, s4) + h4 * CP_KEY(p, s3);
+	d3 = h0 * CP_KEY(p, r3) + h1 * CP_KEY(p, r2) + h2 * CP_KEY(p, r1) + h3 * CP_KEY(p, r0) + h4 * CP_KEY(p, s4);
+	d4 = h0 * CP_KEY(p, r4) + h1 * CP_KEY(p, r3) + h2 * CP_KEY(p, r2) + h3 * CP_KEY(p, r1) + h4 * CP_KEY(p, r0);
 
 	c = d0 >> 26; h0 = d0 & CP_MASK26; d1 += c;
-	c = d1 >> 26; h1 = d1 & CP_MASK26; d2 += c;
-	c = d2 >> 26; h2 = d2 & CP_MASK26; d3 += c;
 	c = d3 >> 26; h3 = d3 & CP_MASK26; d4 += c;
-	c = d4 >> 26; h4 = d4 & CP_MASK26;
-	h0 += c * 5;
+	c = d1 >> 26; h1 = d1 & CP_MASK26; d2 += c;
+	c = d4 >> 26; h4 = d4 & CP_MASK26; h0 += c * 5;
+	c = d2 >> 26; h2 = d2 & CP_MASK26; h3 += c;
 	c = h0 >> 26; h0 &= CP_MASK26; h1 += c;
+	c = h3 >> 26; h3 &= CP_MASK26; h4 += c;
 
-	p->h0 = h0; p->h1 = h1; p->h2 = h2; p->h3 = h3; p->h4 = h4;
+	h[0] = h0; h[1] = h1; h[2] = h2; h[3] = h3; h[4] = h4;
+}
+
+/* One block into the accumulator kept in @p. */
+static __always_inline void cp_poly_block(struct cp_poly *p, __u64 lo, __u64 hi)
+{
+	__u64 h[5] = {p->h0, p->h1, p->h2, p->h3, p->h4};
+
+	cp_poly_mul(p, h, lo, hi);
+	p->h0 = h[0]; p->h1 = h[1]; p->h2 = h[2]; p->h3 = h[3]; p->h4 = h[4];
 }
 
 /* Poly1305 one-time key from the first 32 bytes of ChaCha20 block 0 in s->block (§2.6). */
@@ -226,6 +273,7 @@ static __always_inline void cp_poly_padded(struct cp_poly *p, __u8 *buf, __u64 l
 {
 	__u64 blocks = (len + 15) / 16, rem = len & 15;
 	__u64 *w = (__u64 *)(buf + (len & ~15ULL));
+	__u64 h[5];
 	__u32 i;
 
 	CP_OPAQUE(blocks);
@@ -236,13 +284,15 @@ static __always_inline void cp_poly_padded(struct cp_poly *p, __u8 *buf, __u64 l
 		w[0] = cp_low_bytes(w[0], rem);
 		w[1] = 0;
 	}
+	h[0] = p->h0; h[1] = p->h1; h[2] = p->h2; h[3] = p->h3; h[4] = p->h4;
 #pragma clang loop unroll(disable)
 	for (i = 0; i < max_blocks; i++) {
 		if (i >= blocks)
 			break;
 		w = (__u64 *)(buf + (__u64)i * 16);
-		cp_poly_block(p, w[0], w[1]);
+		cp_poly_mul(p, h, w[0], w[1]);
 	}
+	p->h0 = h[0]; p->h1 = h[1]; p->h2 = h[2]; p->h3 = h[3]; p->h4 = h[4];
 }
 
 /* The final length block and h + s mod 2^128 (§2.5.1); returns the tag as two words. */
@@ -289,7 +339,7 @@ static __always_inline void cp_aead_tag(struct cp_scratch *s, const __u32 *key, 
 					__u32 n2, __u64 aad_len, __u64 ct_len, __u64 *tag_lo,
 					__u64 *tag_hi)
 {
-	cp_chacha20_block(key, 0, n0, n1, n2, s->block);
+	cp_chacha20_block(s, key, 0, n0, n1, n2);
 	cp_poly_init(s);
 	cp_poly_padded(&s->poly, s->hdr, aad_len, 2);
 	cp_poly_padded(&s->poly, s->data, ct_len, CP_MAX_POLY_BLOCKS);
@@ -336,7 +386,7 @@ static __always_inline __u64 cp_hp_mask(struct cp_scratch *s, const __u32 *hp_ke
 	const __u32 *w = (const __u32 *)s->sample;
 
 	CP_BARRIER();	/* the sample may just have been written as u64 words */
-	cp_chacha20_block(hp_key, w[0], w[1], w[2], w[3], s->block);
+	cp_chacha20_block(s, hp_key, w[0], w[1], w[2], w[3]);
 	return (__u64)s->block[0] | ((__u64)(s->block[1] & 0xff) << 32);
 }
 
