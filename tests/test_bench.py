@@ -84,6 +84,12 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
         if not r["available"]:
             assert r["reason"].startswith("relay refuses: --fastpath on: ") or \
                 "relay did not start" in r["reason"], r["reason"]
+    shim = doc["shim_cost"]  # the soft shim's cost section (root: loadable here)
+    assert shim["available"], shim["reason"]
+    assert {(c["size"], c["direction"]) for c in shim["costs"]} == \
+        {(n, d) for n in measure.SHIM_SIZES for d in ("seal", "open")}
+    assert all(0 < c["min_ns"] <= c["median_ns"] for c in shim["costs"])
+    assert "| QUIC packet bytes |" in (out / "table.md").read_text()
     userspace = [r for r in runs if r["path"] == "userspace" and r["available"]]
     for r in userspace:
         assert r["figures"]["ratios"]["vs_userspace"]["p50_us"] == 1.0
@@ -338,3 +344,45 @@ def test_paired_figures_compare_the_same_objects() -> None:
 
 def test_object_delays_file_is_group_object_delay() -> None:
     assert read_object_delays("3 0 1500\n3 1 1700\n\n") == {(3, 0): 1500, (3, 1): 1700}
+
+
+# -- the soft crypto shim's cost section -------------------------------------------------------
+
+
+@pytest.mark.root
+def test_shim_cost_times_every_size_both_ways() -> None:
+    costs = measure.shim_cost(sizes=(64, 1400), runs=5)  # raises unless every packet was protected
+    assert [(c.size, c.direction, c.runs) for c in costs] == \
+        [(64, "seal", 5), (64, "open", 5), (1400, "seal", 5), (1400, "open", 5)]
+    assert all(0 < c.min_ns <= c.median_ns for c in costs)
+
+
+def test_shim_cost_section_says_why_it_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from relay.errors import MissingCapabilityError
+
+    def refuse() -> list[measure.ShimCost]:
+        raise MissingCapabilityError("the soft crypto shim needs root (CAP_BPF, CAP_NET_ADMIN)")
+
+    monkeypatch.setattr(measure, "shim_cost", refuse)
+    said: list[str] = []
+    section = runner.measure_shim_cost(said.append)
+    assert section["available"] is False and section["costs"] == []
+    assert section["reason"] == "the soft crypto shim needs root (CAP_BPF, CAP_NET_ADMIN)"
+    assert said and said[0].startswith("shim cost: ")
+    assert report.shim_rows(section) == []
+    assert report.markdown_shim_table(section) == \
+        "Soft crypto shim per packet: not measured: " + section["reason"]
+
+
+def test_shim_cost_table_rows() -> None:
+    section = {"available": True, "reason": None, "costs": [
+        {"size": 1200, "direction": "seal", "min_ns": 4210, "median_ns": 4980, "runs": 9},
+        {"size": 64, "direction": "open", "min_ns": 905, "median_ns": 1010, "runs": 9},
+        {"size": 64, "direction": "seal", "min_ns": 870, "median_ns": 990, "runs": 9},
+    ]}
+    assert report.shim_rows(section) == [["64", "0.87/0.99", "0.91/1.01"],
+                                         ["1200", "4.21/4.98", "–"]]
+    table = report.markdown_shim_table(section).splitlines()
+    assert table[0] == "| QUIC packet bytes | Seal (egress) µs min/median | " \
+                       "Open (ingress) µs min/median |"
+    assert table[2:] == ["| 64 | 0.87/0.99 | 0.91/1.01 |", "| 1200 | 4.21/4.98 | – |"]

@@ -161,6 +161,32 @@ def sweep_rows(capacity: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+SHIM_COLUMNS = ("QUIC packet\nbytes", "Seal (egress)\nµs min/median",
+                "Open (ingress)\nµs min/median")
+
+
+def shim_rows(shim: dict[str, Any]) -> list[list[str]]:
+    """One row per packet size of the `shim_cost` section (empty when it was not measured)."""
+    by = {(c["size"], c["direction"]): c for c in shim.get("costs") or []}
+
+    def cell(size: int, direction: str) -> str:
+        c = by.get((size, direction))
+        return "–" if c is None else f"{c['min_ns'] / 1000:.2f}/{c['median_ns'] / 1000:.2f}"
+
+    sizes = sorted({c["size"] for c in shim.get("costs") or []})
+    return [[str(n), cell(n, "seal"), cell(n, "open")] for n in sizes]
+
+
+def markdown_shim_table(shim: dict[str, Any]) -> str:
+    """The shim's cost for a Markdown document (BENCHMARKS.md), or why it is missing."""
+    if not shim.get("available"):
+        return f"Soft crypto shim per packet: not measured: {shim.get('reason')}"
+    lines = ["| " + " | ".join(c.replace("\n", " ") for c in SHIM_COLUMNS) + " |",
+             "|" + "---|" * len(SHIM_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in shim_rows(shim)]
+    return "\n".join(lines)
+
+
 def markdown_sweep_table(capacity: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(c.replace("\n", " ") for c in SWEEP_COLUMNS) + " |",
              "|" + "---|" * len(SWEEP_COLUMNS)]
@@ -211,7 +237,8 @@ def document(cfg: BenchConfig, runs: list[Run], *, machine: dict[str, Any], comm
              started: str, finished: str, files: dict[str, str],
              sweep: list[Run] | None = None,
              capacity: list[dict[str, Any]] | None = None,
-             paired: list[Run] | None = None) -> dict[str, Any]:
+             paired: list[Run] | None = None,
+             shim: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "tool": "fastrelay bench",
         "command": command,
@@ -235,6 +262,7 @@ def document(cfg: BenchConfig, runs: list[Run], *, machine: dict[str, Any], comm
         "capacity": capacity or [],
         "sweep": [r.to_json() for r in sweep or []],
         "paired": [r.to_json() for r in paired or []],
+        "shim_cost": shim,
     }
 
 
@@ -436,6 +464,10 @@ def markdown_block(doc: dict[str, Any], runs: list[Run], capacity: list[dict[str
     if paired:
         lines += ["", "The same objects through both paths of one relay at once (--paired):", "",
                   markdown_paired_table(paired)]
+    shim = doc.get("shim_cost")
+    if shim:
+        lines += ["", f"Soft crypto shim, cost per packet ({shim['method']}):", "",
+                  markdown_shim_table(shim)]
     lines += [""] + [f"- {n}" for n in doc["notes"]] + [""]
     for key, title in (("delay_distribution", "per-object delay distribution per path"),
                        ("cpu_vs_subscribers", "CPU per delivered packet vs subscribers"),

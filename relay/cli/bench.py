@@ -25,7 +25,7 @@ import typer
 from relay import bpfload
 from relay.bench import measure, report
 from relay.bench.paths import DEFAULT_PATHS, PATHS, QUICK_PATHS
-from relay.bench.runner import BenchConfig, highest_sustained, run_bench
+from relay.bench.runner import BenchConfig, highest_sustained, measure_shim_cost, run_bench
 from relay.cli.output import JsonOption, emit_json, progress, stdout
 from relay.errors import ConfigError, FastrelayError
 
@@ -145,6 +145,10 @@ def bench_command(
         "--doc", metavar="FILE.md",
         help="Also write this run (tables, notes, plot links) into the generated block of a "
              "Markdown file, e.g. BENCHMARKS.md.")] = None,
+    shim_cost: Annotated[bool, typer.Option(
+        "--shim-cost/--no-shim-cost",
+        help="Also time the soft crypto shim per packet (BPF_PROG_TEST_RUN, no lab, a few "
+             "seconds; with --quick too).")] = True,
     as_json: JsonOption = False,
 ) -> None:
     """Measure every relay path side by side: delay, CPU per delivered packet, fan-out."""
@@ -184,6 +188,7 @@ def bench_command(
              + (f"; paired {','.join(map(str, paired_counts))}" if paired_counts else "")
              + f"; results in {out}")
     runs, sweep_runs, paired_runs = run_bench(cfg, progress)
+    shim = measure_shim_cost(progress) if shim_cost else None
     capacity = highest_sustained(cfg, sweep_runs)
     files = {"json": "results.json", "table": "table.md"}
     files.update(report.write_plots(runs, out))
@@ -198,7 +203,8 @@ def bench_command(
                                               else sys.argv[1:])
     doc = report.document(cfg, runs, machine=machine, command=command,
                           started=started.isoformat(), finished=finished.isoformat(), files=files,
-                          sweep=sweep_runs, capacity=capacity, paired=paired_runs)
+                          sweep=sweep_runs, capacity=capacity, paired=paired_runs,
+                          shim=shim)
     doc["loadavg_at_end"] = measure.machine_description()["loadavg_at_start"]
     report.write_json(doc, out / "results.json")
     if doc_file is not None:
@@ -211,6 +217,8 @@ def bench_command(
         table_md += "\n" + report.markdown_sweep_table(capacity) + "\n"
     if paired_runs:
         table_md += "\n" + report.markdown_paired_table(paired_runs) + "\n"
+    if shim is not None:
+        table_md += "\nSoft crypto shim per packet:\n\n" + report.markdown_shim_table(shim) + "\n"
     (out / "table.md").write_text(table_md)
     if as_json:
         emit_json(doc)
@@ -248,6 +256,16 @@ def bench_command(
             for row in report.paired_rows(paired_runs):
                 pt.add_row(*row)
             wide.print(pt)
+        if shim is not None and shim["available"]:
+            ct = Table(title="soft crypto shim, cost per packet (BPF_PROG_TEST_RUN, "
+                             f"{shim['costs'][0]['runs']} single runs)", title_justify="left")
+            for column in report.SHIM_COLUMNS:
+                ct.add_column(column, no_wrap=True)
+            for row in report.shim_rows(shim):
+                ct.add_row(*row)
+            wide.print(ct)
+        elif shim is not None:
+            stdout.print(f"soft crypto shim per packet: not measured: {shim['reason']}")
         for note in report.notes(cfg):
             stdout.print(f"- {note}")
         stdout.print(f"results: {out}/results.json, plots: {out}/*.png")
