@@ -4,16 +4,31 @@ an upstream relay that is not there, and the stats snapshot."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
 from relay.core.access import AccessConfig
+from relay.core.cache import CacheConfig
 from relay.core.actions import SkipSubgroup
 from relay.core.priority import CongestionState, SkipReason
 from relay.core.relay import RelayConfig
-from relay.moqt.constants import SessionErrorCode
-from relay.moqt.quic import TlsOptions, connect, generate_certificate
+from relay.moqt.constants import FetchErrorCode, PublishDoneStatusCode, SessionErrorCode
+from relay.moqt.data import encode_extension_headers
+from relay.moqt.messages import Location, StandaloneFetch
+from relay.moqt.quic import MoqtProtocol, TlsOptions, connect, generate_certificate
+from relay.moqt.session import (
+    FetchAnswered,
+    MoqtSession,
+    ObjectReceived,
+    PublishDoneReceived,
+    PublishNamespaceAnswered,
+    SubscribeAccepted,
+    SubscribeRequested,
+    UnsubscribeReceived,
+)
 from relay.publisher import PublisherOptions, run_publisher
 from relay.server import RelayServer
 from relay.subscriber import SubscriberOptions, run_subscriber
@@ -191,3 +206,204 @@ def test_skip_the_kernel_overrode_is_taken_back_and_counted_as_a_stream() -> Non
     relay._dispatch([SkipSubgroup(3, 5, 2, 1, 128, 127, "congestion", (1, 14))])
     assert relay.core.counters.skipped == {}
     assert relay._skip_streams == {(3, 5): 1}
+
+
+# -- the relay's lifecycle over real QUIC, every endpoint a session of ours -------------------
+
+NS = (b"demo", b"life")
+GROUP = 5  # objects per group
+# An unknown odd extension (length-prefixed bytes) beside the timestamp: relayed verbatim.
+EXTENSIONS = encode_extension_headers(((0x10, 123456), (0x3F, b"opaque\x00\xff")))
+
+
+class _Peer:
+    """One MoQ client session of the test and every event it has had, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+        self.protocol: MoqtProtocol | None = None
+
+    def on_event(self, protocol: MoqtProtocol, event: object) -> None:
+        self.events.append(event)
+
+    @property
+    def session(self) -> MoqtSession:
+        assert self.protocol is not None
+        return self.protocol.session
+
+    def of(self, kind: type, **fields: object) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)
+                and all(getattr(e, k) == v for k, v in fields.items())]
+
+    def objects(self, request_id: int) -> list[tuple[int, int, bytes, bytes]]:
+        return [(e.header.group_id, e.header.object_id, e.payload, e.header.extensions)
+                for e in self.of(ObjectReceived, request_id=request_id)]
+
+    def flush(self) -> None:
+        assert self.protocol is not None
+        self.protocol.flush()
+
+
+async def _until(what: str, condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Bounded wait for `condition` (a failure names what never happened)."""
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _payload(group: int, obj: int) -> bytes:
+    return f"g{group}o{obj}".encode() * 10
+
+
+def _expected(groups: range, first: int = 0, last: int = GROUP - 1) -> list[tuple[int, int,
+                                                                                  bytes, bytes]]:
+    return [(g, o, _payload(g, o), EXTENSIONS) for g in groups
+            for o in range(first if g == groups[0] else 0, (last if g == groups[-1] else
+                                                            GROUP - 1) + 1)]
+
+
+def test_late_joiner_fetch_cache_and_lifecycle_over_quic(
+        certificate: tuple[Path, Path, str]) -> None:
+    """One publisher and three subscribers, all real aioquic sessions of ours, through a
+    RelayServer whose cache keeps 2 groups:
+    - one upstream SUBSCRIBE per track however many subscribers ask for it;
+    - a late joiner with the Largest Object filter gets the rest of the current group through
+      its joining FETCH (the fetch stream) and the later groups complete on its subscription,
+      extension headers byte for byte as the publisher wrote them;
+    - a standalone FETCH is served from the cache, one for groups the cache evicted is refused;
+    - a subscriber that leaves does not disturb the other; the last one leaving a track sends
+      UNSUBSCRIBE upstream; the publisher going away sends PUBLISH_DONE downstream."""
+    cert, key, fingerprint = certificate
+    tls = TlsOptions(fingerprint=fingerprint)
+    pub, early, late, other = _Peer(), _Peer(), _Peer(), _Peer()
+
+    async def scenario() -> dict[str, Any]:
+        relay = RelayServer(RelayConfig(cache=CacheConfig(max_groups=2)))
+        _, port = await relay.start(LOOPBACK, 0, cert, key)
+        url = f"moqt://{LOOPBACK}:{port}/r"
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for peer in (pub, early, late, other):
+                    peer.protocol = await stack.enter_async_context(
+                        connect(url, tls=tls, on_event=peer.on_event))
+                pub.session.publish_namespace(NS)
+                pub.flush()
+                await _until("PUBLISH_NAMESPACE_OK", lambda: any(
+                    e.error_code is None for e in pub.of(PublishNamespaceAnswered)))
+
+                # Two subscribers of track v, two of track w: one upstream SUBSCRIBE each.
+                early_v = early.session.subscribe(NS, b"v")
+                early_w = early.session.subscribe(NS, b"w")
+                late_w = late.session.subscribe(NS, b"w")
+                for peer in (early, late):
+                    peer.flush()
+                await _until("the relay's SUBSCRIBEs", lambda: len(
+                    pub.of(SubscribeRequested)) == 2)
+                up = {e.message.track_name: e.request_id for e in pub.of(SubscribeRequested)}
+                pub.session.accept_subscribe(up[b"v"], 9)
+                pub.session.accept_subscribe(up[b"w"], 10)
+                pub.flush()
+                await _until("SUBSCRIBE_OKs", lambda: len(early.of(SubscribeAccepted)) == 2
+                             and len(late.of(SubscribeAccepted)) == 1)
+
+                def write_group(group: int, objects: range, *, end: bool) -> None:
+                    sender = senders.get(group) or pub.session.open_subgroup(
+                        up[b"v"], group, 0, 128, end_of_group=True)
+                    senders[group] = sender
+                    for o in objects:
+                        sender.write(o, _payload(group, o), extensions=EXTENSIONS,
+                                     end_stream=end and o == objects[-1])
+                    pub.flush()
+
+                senders: dict[int, Any] = {}
+                for group in range(3):
+                    write_group(group, range(GROUP), end=True)
+                write_group(3, range(3), end=False)  # group 3 is under way: 0..2 sent
+                await _until("group 3 half way at the early subscriber",
+                             lambda: (3, 2) in [o[:2] for o in early.objects(early_v)])
+
+                # The late joiner: Largest Object filter, then a joining FETCH (start 0 =
+                # the current group), as moq-rs does after every SUBSCRIBE.
+                late_v = late.session.subscribe(NS, b"v")
+                late.flush()
+                await _until("the late SUBSCRIBE_OK", lambda: bool(
+                    late.of(SubscribeAccepted, request_id=late_v)))
+                joining = late.session.fetch(joining_request_id=late_v, joining_start=0)
+                late.flush()
+                await _until("the joining FETCH_OK", lambda: bool(
+                    late.of(FetchAnswered, request_id=joining)))
+                write_group(3, range(3, GROUP), end=True)
+                write_group(4, range(GROUP), end=True)
+                await _until("group 4 at the late joiner",
+                             lambda: len(late.objects(late_v)) == 2 + GROUP)
+                await _until("the whole joining FETCH", lambda: len(late.objects(joining)) == 3)
+
+                # Standalone FETCHes: groups 3..4 are cached, group 0 was evicted (2 groups).
+                cached = other.session.fetch(standalone=StandaloneFetch(
+                    NS, b"v", Location(3, 0), Location(5, 0)))
+                evicted = other.session.fetch(standalone=StandaloneFetch(
+                    NS, b"v", Location(0, 0), Location(1, 0)))
+                other.flush()
+                await _until("both FETCH answers", lambda: bool(
+                    other.of(FetchAnswered, request_id=cached)) and bool(
+                    other.of(FetchAnswered, request_id=evicted)))
+                await _until("the cached groups", lambda: len(other.objects(cached)) == 2 * GROUP)
+
+                # The late joiner leaves v: the early subscriber keeps getting everything.
+                late.session.unsubscribe(late_v)
+                late.flush()
+                await _until("the relay saw the UNSUBSCRIBE",
+                             lambda: relay.stats()["subscriptions"] == 3)
+                write_group(5, range(GROUP), end=True)
+                await _until("group 5 at the early subscriber",
+                             lambda: len(early.objects(early_v)) == 6 * GROUP)
+                # Track w: the first of its two subscribers leaving changes nothing upstream,
+                # the last one unsubscribes there.
+                early.session.unsubscribe(early_w)
+                early.flush()
+                await _until("the relay saw the first w UNSUBSCRIBE",
+                             lambda: relay.stats()["subscriptions"] == 2)
+                unsubscribed_after_first = list(pub.of(UnsubscribeReceived))
+                late.session.unsubscribe(late_w)
+                late.flush()
+                await _until("UNSUBSCRIBE upstream", lambda: bool(pub.of(UnsubscribeReceived)))
+                # The publisher goes away: the early subscriber gets PUBLISH_DONE for v.
+                pub.protocol.close_session()  # type: ignore[union-attr]
+                await _until("PUBLISH_DONE", lambda: bool(
+                    early.of(PublishDoneReceived, request_id=early_v)))
+                return {"late_v": late_v, "joining": joining, "early_v": early_v,
+                        "cached": cached, "evicted": evicted, "up": up,
+                        "unsubscribed_after_first": unsubscribed_after_first,
+                        "stats": relay.stats()}
+        finally:
+            await relay.stop()
+
+    r = asyncio.run(asyncio.wait_for(scenario(), 90))
+    # One upstream SUBSCRIBE per track, two subscribers each.
+    assert sorted(e.message.track_name for e in pub.of(SubscribeRequested)) == [b"v", b"w"]
+    # The late joiner's SUBSCRIBE_OK names (3, 2) as the largest object; its joining FETCH
+    # carries exactly 0..2 of group 3 and its subscription the rest: no gap, no overlap.
+    (accepted,) = late.of(SubscribeAccepted, request_id=r["late_v"])
+    assert accepted.message.largest_location == Location(3, 2)
+    (fetch_ok,) = late.of(FetchAnswered, request_id=r["joining"])
+    assert fetch_ok.error_code is None and fetch_ok.message.end_location == Location(3, 2)
+    assert late.objects(r["joining"]) == _expected(range(3, 4), last=2)
+    assert late.objects(r["late_v"]) == _expected(range(3, 5), first=3)
+    # The early subscriber: every object of groups 0..5 in order, extensions verbatim.
+    assert early.objects(r["early_v"]) == _expected(range(6))
+    # Standalone FETCH from the 2-group cache.
+    (ok,) = other.of(FetchAnswered, request_id=r["cached"])
+    assert ok.error_code is None, ok
+    assert other.objects(r["cached"]) == _expected(range(3, 5))
+    (refused,) = other.of(FetchAnswered, request_id=r["evicted"])
+    assert refused.error_code == FetchErrorCode.UNKNOWN_STATUS_IN_RANGE, refused
+    # UNSUBSCRIBE upstream only once the last subscriber of w left, and only for w.
+    assert r["unsubscribed_after_first"] == []
+    assert [e.request_id for e in pub.of(UnsubscribeReceived)] == [r["up"][b"w"]]
+    # The publisher's departure: PUBLISH_DONE with GOING_AWAY to the subscriber still there.
+    (done,) = early.of(PublishDoneReceived, request_id=r["early_v"])
+    assert done.status_code == PublishDoneStatusCode.GOING_AWAY, done
+    counters = r["stats"]["counters"]
+    assert counters["fetches_served"] == 2 and counters["cache_misses"] == 1, counters
