@@ -187,6 +187,15 @@ class TestSetup:
         (closed,) = events(client)
         assert closed.error_code == SessionErrorCode.VERSION_NEGOTIATION_FAILED
 
+    def test_client_setup_carries_extra_parameters(self) -> None:
+        token = (SetupParameter.AUTHORIZATION_TOKEN, b"\x03\x00secret")
+        client = MoqtSession(SessionConfig(is_client=True, path="/r", setup_parameters=(token,)))
+        client.connection_made(0.0)
+        (setup,) = control_bytes(client)
+        assert isinstance(setup, ClientSetup)
+        assert setup.parameters[-1] == token
+        assert dict(setup.parameters)[SetupParameter.PATH] == b"/r"
+
     def test_moq_rs_client_setup_with_unknown_params(self) -> None:
         # What moq-rs 0.5.1 sends (notes/moqt.md): unknown params must be ignored.
         setup = ClientSetup((MOQT_VERSION_DRAFT_14,), (

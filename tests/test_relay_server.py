@@ -15,17 +15,37 @@ from relay.core.cache import CacheConfig
 from relay.core.actions import SkipSubgroup
 from relay.core.priority import CongestionState, SkipReason
 from relay.core.relay import RelayConfig
-from relay.moqt.constants import FetchErrorCode, PublishDoneStatusCode, SessionErrorCode
+from relay.moqt.constants import (
+    FetchErrorCode,
+    MessageParameter,
+    PublishDoneStatusCode,
+    PublishNamespaceErrorCode,
+    SessionErrorCode,
+    SetupParameter,
+    SubscribeErrorCode,
+)
 from relay.moqt.data import encode_extension_headers
 from relay.moqt.messages import Location, StandaloneFetch
-from relay.moqt.quic import MoqtProtocol, TlsOptions, connect, generate_certificate
+from relay.moqt.quic import (
+    MoqtConnectError,
+    MoqtProtocol,
+    TlsOptions,
+    connect,
+    generate_certificate,
+)
 from relay.moqt.session import (
     FetchAnswered,
     MoqtSession,
+    NamespaceDone,
+    NamespacePublished,
     ObjectReceived,
     PublishDoneReceived,
     PublishNamespaceAnswered,
+    SessionClosed,
+    SessionConfig,
     SubscribeAccepted,
+    SubscribeNamespaceAnswered,
+    SubscribeRejected,
     SubscribeRequested,
     UnsubscribeReceived,
 )
@@ -407,3 +427,171 @@ def test_late_joiner_fetch_cache_and_lifecycle_over_quic(
     assert done.status_code == PublishDoneStatusCode.GOING_AWAY, done
     counters = r["stats"]["counters"]
     assert counters["fetches_served"] == 2 and counters["cache_misses"] == 1, counters
+
+
+TOKENS = """
+[access]
+anonymous_publish = []
+anonymous_subscribe = []
+
+[[access.principal]]
+name = "alice"
+token = "alice-secret"
+publish = ["live/alice"]
+subscribe = ["live"]
+
+[[access.principal]]
+name = "bob"
+token = "bob-secret"
+publish = ["live"]
+subscribe = ["live/bob"]
+"""
+
+
+def _token(value: bytes) -> bytes:
+    """AUTHORIZATION TOKEN, draft-14 section 8.2.1.1: USE_VALUE (0x3), token type 0, value."""
+    return b"\x03\x00" + value
+
+
+def _as(token: bytes) -> SessionConfig:
+    return SessionConfig(is_client=True, path="/r", setup_parameters=(
+        (SetupParameter.AUTHORIZATION_TOKEN, _token(token)),))
+
+
+def test_authorization_tokens_and_allow_lists_over_quic(
+        certificate: tuple[Path, Path, str]) -> None:
+    """Tokens in CLIENT_SETUP and in requests pick the principal; each principal's allow-lists
+    decide; refusals carry draft-14's codes; nobody takes over a namespace another principal
+    publishes, even one whose allow-list covers it; an unknown token closes the session."""
+    cert, key, fingerprint = certificate
+    tls = TlsOptions(fingerprint=fingerprint)
+    alice, bob, anon = _Peer(), _Peer(), _Peer()
+    mine = (b"live", b"alice")
+
+    def answer(peer: _Peer, request_id: int) -> Any:
+        return next(iter(peer.of(PublishNamespaceAnswered, request_id=request_id)), None)
+
+    async def scenario() -> dict[str, Any]:
+        relay = RelayServer(RelayConfig(access=AccessConfig.from_toml(TOKENS)))
+        _, port = await relay.start(LOOPBACK, 0, cert, key)
+        url = f"moqt://{LOOPBACK}:{port}/r"
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for peer, config in ((alice, _as(b"alice-secret")), (bob, _as(b"bob-secret")),
+                                     (anon, None)):
+                    peer.protocol = await stack.enter_async_context(
+                        connect(url, tls=tls, on_event=peer.on_event, session_config=config))
+                r: dict[str, Any] = {}
+                r["alice_ns"] = alice.session.publish_namespace(mine)
+                alice.flush()
+                await _until("alice's answer", lambda: answer(alice, r["alice_ns"]) is not None)
+                # bob may publish anywhere under live/, but live/alice is alice's.
+                r["bob_takeover"] = bob.session.publish_namespace(mine)
+                r["bob_ns"] = bob.session.publish_namespace((b"live", b"bob"))
+                r["anon_ns"] = anon.session.publish_namespace((b"live", b"anon"))
+                # Subscribing: anonymous is refused, alice's token on the request itself lets
+                # the same session in; bob may only read live/bob; a garbled token is refused.
+                r["anon_sub"] = anon.session.subscribe(mine, b"v")
+                r["anon_as_alice"] = anon.session.subscribe(mine, b"w", parameters=(
+                    (MessageParameter.AUTHORIZATION_TOKEN, _token(b"alice-secret")),))
+                r["bob_sub"] = bob.session.subscribe(mine, b"v")
+                r["garbled"] = anon.session.subscribe(mine, b"x", parameters=(
+                    (MessageParameter.AUTHORIZATION_TOKEN, b"\x07"),))
+                for peer in (bob, anon):
+                    peer.flush()
+                await _until("bob's answers", lambda: answer(bob, r["bob_takeover"]) is not None
+                             and answer(bob, r["bob_ns"]) is not None)
+                await _until("anonymous's answers", lambda: answer(anon, r["anon_ns"]) is not None
+                             and len(anon.of(SubscribeRejected)) == 2)
+                await _until("bob's refusal", lambda: bool(bob.of(SubscribeRejected)))
+                # alice's track w is asked upstream for the session holding her token.
+                await _until("the relay's SUBSCRIBE for w", lambda: bool(
+                    alice.of(SubscribeRequested)))
+                (req,) = alice.of(SubscribeRequested)
+                alice.session.accept_subscribe(req.request_id, 1)
+                alice.flush()
+                await _until("SUBSCRIBE_OK for w", lambda: bool(anon.of(
+                    SubscribeAccepted, request_id=r["anon_as_alice"])))
+            # An unknown token in CLIENT_SETUP: the relay closes that session.
+            stranger = _Peer()
+            try:
+                async with connect(url, tls=tls, on_event=stranger.on_event,
+                                   session_config=_as(b"who-am-i")) as protocol:
+                    await _until("the relay closing the stranger",
+                                 lambda: protocol.closed_event is not None)
+            except MoqtConnectError:
+                pass  # closed before SERVER_SETUP reached us: the event says how
+            r["stranger"] = stranger.of(SessionClosed)
+            r["stats"] = relay.stats()
+            return r
+        finally:
+            await relay.stop()
+
+    r = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert answer(alice, r["alice_ns"]).error_code is None
+    assert answer(bob, r["bob_ns"]).error_code is None
+    takeover = answer(bob, r["bob_takeover"])
+    assert takeover.error_code == PublishNamespaceErrorCode.UNAUTHORIZED, takeover
+    assert answer(anon, r["anon_ns"]).error_code == PublishNamespaceErrorCode.UNAUTHORIZED
+    refused = {e.request_id: e.error_code for e in anon.of(SubscribeRejected)}
+    assert refused == {r["anon_sub"]: SubscribeErrorCode.UNAUTHORIZED,
+                       r["garbled"]: SubscribeErrorCode.MALFORMED_AUTH_TOKEN}, refused
+    assert [e.error_code for e in bob.of(SubscribeRejected)] == [SubscribeErrorCode.UNAUTHORIZED]
+    (closed,) = r["stranger"]
+    assert closed.by_peer and closed.error_code == SessionErrorCode.UNAUTHORIZED, closed
+    refusals = r["stats"]["counters"]["refusals"]
+    assert refusals == {"publish_namespace": 2, "subscribe": 3, "setup": 1}, refusals
+
+
+def test_namespaces_are_pushed_to_namespace_subscribers(
+        certificate: tuple[Path, Path, str]) -> None:
+    """moq-rs finds broadcasts only through PUBLISH_NAMESPACE pushed to it after its
+    SUBSCRIBE_NAMESPACE (empty prefix, a -14 violation the relay answers with OK): namespaces
+    published before and after, none to the publisher itself, and PUBLISH_NAMESPACE_DONE when
+    the publisher goes."""
+    cert, key, fingerprint = certificate
+    tls = TlsOptions(fingerprint=fingerprint)
+    pub, early, late, narrow = _Peer(), _Peer(), _Peer(), _Peer()
+
+    async def scenario() -> None:
+        relay = RelayServer()
+        _, port = await relay.start(LOOPBACK, 0, cert, key)
+        url = f"moqt://{LOOPBACK}:{port}/r"
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for peer in (early, pub):
+                    peer.protocol = await stack.enter_async_context(
+                        connect(url, tls=tls, on_event=peer.on_event))
+                for peer in (early, pub):
+                    peer.session.subscribe_namespace(())  # moq-rs: every session does this
+                    peer.flush()
+                await _until("SUBSCRIBE_NAMESPACE_OKs", lambda: all(
+                    [e.error_code for e in p.of(SubscribeNamespaceAnswered)] == [None]
+                    for p in (early, pub)))
+                pub.session.publish_namespace((b"demo", b"a"))
+                pub.flush()
+                await _until("the push to the early one", lambda: bool(
+                    early.of(NamespacePublished)))
+                # Subscribers arriving after the namespace: pushed at once, if in their prefix.
+                async with connect(url, tls=tls, on_event=late.on_event) as late.protocol, \
+                        connect(url, tls=tls, on_event=narrow.on_event) as narrow.protocol:
+                    late.session.subscribe_namespace(())
+                    narrow.session.subscribe_namespace((b"other",))
+                    late.flush()
+                    narrow.flush()
+                    await _until("the push to the late one", lambda: bool(
+                        late.of(NamespacePublished)))
+                    await _until("narrow's SUBSCRIBE_NAMESPACE_OK", lambda: bool(
+                        narrow.of(SubscribeNamespaceAnswered)))
+                    pub.protocol.close_session()  # type: ignore[union-attr]
+                    await _until("PUBLISH_NAMESPACE_DONE", lambda: bool(
+                        early.of(NamespaceDone)) and bool(late.of(NamespaceDone)))
+        finally:
+            await relay.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    for peer in (early, late):
+        assert [e.namespace for e in peer.of(NamespacePublished)] == [(b"demo", b"a")]
+        assert [e.namespace for e in peer.of(NamespaceDone)] == [(b"demo", b"a")]
+    assert pub.of(NamespacePublished) == []  # not to its own publisher
+    assert narrow.of(NamespacePublished) == []  # outside its prefix

@@ -382,6 +382,8 @@ class SessionConfig:
     """Data held, over all streams and datagrams, for aliases not yet known."""
     unknown_alias_timeout: float = 1.0
     """Seconds data may wait for its SUBSCRIBE_OK (moq-rs waits 1 s too)."""
+    setup_parameters: Parameters = ()
+    """Client only: more CLIENT_SETUP parameters (e.g. AUTHORIZATION_TOKEN), after ours."""
 
 
 @dataclass
@@ -562,6 +564,7 @@ class MoqtSession:
         ]
         if self.config.authority:
             params.insert(1, (SetupParameter.AUTHORITY, self.config.authority.encode()))
+        params += self.config.setup_parameters
         self._send_control(ClientSetup(tuple(self.config.versions), tuple(params)))
 
     def connection_lost(self, error_code: int, reason_phrase: str, now: float,
