@@ -949,3 +949,62 @@ def test_rewrite_track_alias_keeps_other_bytes(case: tuple[bytes, bool],
     for cut in range(layout.length):
         with pytest.raises(ValueError, match="^Header is incomplete$"):
             d.rewrite_track_alias(encoded[:cut], alias, datagram=is_datagram)
+
+
+# -- 4. robustness of a whole session: any peer bytes close it with a draft code, never raise ---
+
+SESSION_INPUTS = st.one_of(
+    st.binary(max_size=200),
+    # A subgroup stream for the accepted alias (5), then anything.
+    st.binary(max_size=200).map(lambda b: bytes.fromhex("11 05 00 80") + b),
+    # A valid control message, then anything.
+    st.sampled_from([m.encode_message(m.MaxRequestId(1000)),
+                     m.encode_message(m.SubscribeNamespace(1, ())),
+                     m.encode_message(m.Unsubscribe(0))]).flatmap(
+        lambda head: st.binary(max_size=120).map(lambda b: head + b)),
+)
+
+
+def _subscribed_client() -> Any:
+    """A client session set up with a subscription the server accepted with alias 5."""
+    from relay.moqt.session import MoqtSession, SessionConfig, StreamWrite
+
+    client = MoqtSession(SessionConfig(is_client=True))
+    client.connection_made(0.0)
+    client.transmits()
+    client.stream_data_received(0, m.encode_message(m.ServerSetup(
+        0xFF00000E, ((SetupParameter.MAX_REQUEST_ID, 100),))), False, 0.0)
+    rid = client.subscribe((b"ns",), b"t")
+    client.stream_data_received(0, m.encode_message(m.SubscribeOk(
+        rid, 5, 0, GroupOrder.ASCENDING)), False, 0.0)
+    assert not [t for t in client.transmits() if not isinstance(t, StreamWrite)]
+    while client.next_event() is not None:
+        pass
+    return client
+
+
+@FUZZ
+@given(SESSION_INPUTS, st.sampled_from(["control", "uni", "datagram"]), st.booleans())
+def test_session_random_peer_bytes_close_with_a_draft_code(data: bytes, where: str,
+                                                           fin: bool) -> None:
+    """Whatever the peer sends on the control stream, a data stream or as a datagram, the
+    session never raises; if it closes, it is with one of the draft's session codes and not
+    INTERNAL_ERROR (which the session uses when a handler raised: a bug)."""
+    from relay.moqt.session import ConnectionClose, SessionState
+
+    client = _subscribed_client()
+    if where == "control":
+        client.stream_data_received(0, data, fin, 1.0)
+    elif where == "uni":
+        client.stream_data_received(3, data, fin, 1.0)  # server-initiated uni stream 0
+    else:
+        client.datagram_received(data, 1.0)
+    client.handle_timer(5.0)  # held data for unknown aliases expires here
+    closes = [t for t in client.transmits() if isinstance(t, ConnectionClose)]
+    if client.state == SessionState.CLOSED:
+        (close,) = closes
+        assert close.error_code in set(SessionErrorCode) - {SessionErrorCode.INTERNAL_ERROR}, \
+            close
+        assert client.stats.protocol_errors == {close.error_code: 1}
+    else:
+        assert closes == [] and client.stats.protocol_errors == {}
