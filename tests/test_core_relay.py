@@ -4,6 +4,7 @@ rebuilt from the actions and decoded with the codec's reader."""
 from __future__ import annotations
 
 from relay.core.access import AccessConfig
+from relay.core.aliases import AliasSpace
 from relay.core.actions import (
     OpenSubgroupStream,
     ResetStream,
@@ -351,6 +352,29 @@ def test_alias_collision_on_subscriber_connection() -> None:
     header = SubgroupHeader.new(UP_ALIAS, 0, 1)
     sim.do(sim.core.subgroup_stream_opened(2, 77, header))
     assert sim.opens[-1].header.track_alias == 0 and sim.opens[-1].fast_path
+
+
+def test_alias_width_taken_falls_back_to_userspace_for_that_subscriber() -> None:
+    """Rule 3 of the alias policy: when every alias of the upstream's varint width is taken on
+    a subscriber's connection, it gets one of another width and that track stays on the
+    userspace path for that subscriber only; the data still arrives, under its own alias."""
+    sim = Sim()
+    space = sim.core.registry.alias_spaces.setdefault(S2, AliasSpace())
+    for alias in range(64):  # every 1-byte alias on S2's connection is in use
+        space.reserve(alias, ("other track", alias))
+    sim.subscribe(S1)
+    sim.subscribe(S2, request_id=2)
+    sim.upstream_ok()  # upstream alias 5: free on S1, width full on S2
+    assert [m.track_alias for m in sim.messages(S1, SubscribeOk)] == [UP_ALIAS]  # type: ignore[attr-defined]
+    assert [m.track_alias for m in sim.messages(S2, SubscribeOk)] == [64]  # type: ignore[attr-defined]
+    st = sim.open(0)
+    sim.obj(st, 0, 0)
+    sim.obj(st, 0, 1)
+    sim.end(st)
+    by_session = {o.session: o for o in sim.opens}
+    assert (by_session[S1].fast_path, by_session[S1].header.track_alias) == (True, UP_ALIAS)
+    assert (by_session[S2].fast_path, by_session[S2].header.track_alias) == (False, 64)
+    assert sim.received(S1) == sim.received(S2) == [(0, 0), (0, 1)]
 
 
 def test_congested_subscriber_skips_low_priority_subgroups() -> None:
