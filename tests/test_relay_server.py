@@ -595,3 +595,32 @@ def test_namespaces_are_pushed_to_namespace_subscribers(
         assert [e.namespace for e in peer.of(NamespaceDone)] == [(b"demo", b"a")]
     assert pub.of(NamespacePublished) == []  # not to its own publisher
     assert narrow.of(NamespacePublished) == []  # outside its prefix
+
+
+def test_relay_command_cache_and_access_options_reach_the_core(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """`fastrelay relay --cache-groups/--cache-bytes/--access` configure the relay it runs (the
+    real RelayServer, only recorded on its way in); bad values are one-line errors."""
+    import relay.cli.relay_cmd as relay_cmd
+    from tests.conftest import run_cli
+
+    made: list[RelayServer] = []
+
+    class Recorded(RelayServer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(relay_cmd, "RelayServer", Recorded)
+    (tmp_path / "access.toml").write_text(TOKENS)
+    run_cli(["relay", "--listen", f"{LOOPBACK}:0", "--cache-groups", "3", "--cache-bytes",
+             "5000", "--access", str(tmp_path / "access.toml"), "--duration", "0.1"], capsys)
+    (server,) = made
+    assert server.core.config.cache == CacheConfig(max_groups=3, max_bytes=5000)
+    assert server.core.config.access == AccessConfig.from_toml(TOKENS)
+    run_cli(["relay", "--listen", f"{LOOPBACK}:0", "--cache-groups", "0"], capsys, exit_code=2,
+            stderr="--cache-groups")
+    run_cli(["relay", "--listen", f"{LOOPBACK}:0", "--access", str(tmp_path / "none.toml")],
+            capsys, exit_code=1, stderr=r"^error: --access .*none\.toml: No such file")
+    assert len(made) == 1
