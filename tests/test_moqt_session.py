@@ -540,6 +540,29 @@ class TestData:
         closed = of_type(evs, SubgroupStreamClosed)
         assert [c.reset_code for c in closed] == [None, None]
 
+    def test_stream_priorities_from_subscriber_then_publisher_priority(self) -> None:
+        """Each subgroup stream is keyed (subscriber priority of its SUBSCRIBE, publisher
+        priority of its header), lower first: the QUIC connection sends in that order
+        (test_priority_hook_serves_high_priority_first)."""
+        client, server, pipe = pair()
+        events(client), events(server)
+        low = server.subscribe(NS, b"background", subscriber_priority=200)
+        high = server.subscribe(NS, b"urgent", subscriber_priority=3)
+        pipe.pump()
+        for req in of_type(events(client), SubscribeRequested):
+            client.accept_subscribe(req.request_id, track_alias=req.request_id)
+        streams = {
+            "low/key": client.open_subgroup(low, 0, 0, 0),
+            "low/delta": client.open_subgroup(low, 0, 1, 128),
+            "high/delta": client.open_subgroup(high, 0, 1, 128),
+            "high/key": client.open_subgroup(high, 0, 0, 0),
+        }
+        keys = {name: client.stream_priorities[s.stream_id] for name, s in streams.items()}
+        assert keys == {"low/key": (200, 0), "low/delta": (200, 128),
+                        "high/delta": (3, 128), "high/key": (3, 0)}
+        assert sorted(keys, key=keys.__getitem__) == [
+            "high/key", "high/delta", "low/key", "low/delta"]
+
     def test_chunks_mode(self) -> None:
         client = MoqtSession(SessionConfig(is_client=True))
         server = MoqtSession(SessionConfig(is_client=False, deliver_chunks=True))
