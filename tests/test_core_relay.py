@@ -4,10 +4,10 @@ rebuilt from the actions and decoded with the codec's reader."""
 from __future__ import annotations
 
 from relay.core.access import AccessConfig
-from relay.core.aliases import AliasSpace
 from relay.core.actions import (
     OpenSubgroupStream,
     ResetStream,
+    SendDatagram,
     SendFetchObjects,
     SendMessage,
     SetPriorityThreshold,
@@ -16,6 +16,7 @@ from relay.core.actions import (
     UnsubscribeUpstream,
     WriteStream,
 )
+from relay.core.aliases import AliasSpace
 from relay.core.priority import CongestionState, SkipReason
 from relay.core.relay import RelayConfig, RelayCore, RelayCounters
 from relay.moqt.constants import (
@@ -29,6 +30,7 @@ from relay.moqt.constants import (
 )
 from relay.moqt.data import (
     FetchStreamReader,
+    ObjectDatagram,
     ObjectHeader,
     SubgroupHeader,
     SubgroupStreamReader,
@@ -44,6 +46,7 @@ from relay.moqt.messages import (
     PublishDone,
     PublishNamespace,
     PublishNamespaceError,
+    StandaloneFetch,
     Subscribe,
     SubscribeOk,
 )
@@ -375,6 +378,46 @@ def test_alias_width_taken_falls_back_to_userspace_for_that_subscriber() -> None
     assert (by_session[S1].fast_path, by_session[S1].header.track_alias) == (True, UP_ALIAS)
     assert (by_session[S2].fast_path, by_session[S2].header.track_alias) == (False, 64)
     assert sim.received(S1) == sim.received(S2) == [(0, 0), (0, 1)]
+
+
+def test_datagrams_forwarded_per_subscriber_skipped_and_cached() -> None:
+    """OBJECT_DATAGRAMs go to every subscriber in range unchanged (the glue puts each
+    subscriber's alias on them), a congested subscriber skips the low-priority ones (counted),
+    a late joiner gets only what follows its start, and the cache serves them to FETCH."""
+    sim = Sim()
+    sim.subscribe(S1)
+    sim.subscribe(S2, request_id=2)
+    sim.upstream_ok()
+    sim.do(sim.core.congestion(S2, CongestionState(0, 0, 30_000, 10_000)))  # threshold 63
+    ext = bytes.fromhex("1005")
+    sent = [ObjectDatagram.new(UP_ALIAS, 0, o, 0 if o == 0 else 128, f"g0o{o}".encode(),
+                               extensions=ext) for o in range(3)]
+    for d in sent:
+        sim.do(sim.core.object_datagram(PUB, d))
+    got = {s: [a.datagram for a in sim.actions if isinstance(a, SendDatagram) and a.session == s]
+           for s in (S1, S2)}
+    assert got == {S1: sent, S2: sent[:1]}
+    assert all(a.request_id == {S1: 0, S2: 2}[a.session]
+               for a in sim.actions if isinstance(a, SendDatagram))
+    assert sim.core.counters.skipped == {S2: {"congestion": 2}}
+    # A late joiner (L = (0, 2)) gets the next datagram, not the earlier ones.
+    sim.subscribe(S3, request_id=4)
+    late = ObjectDatagram.new(UP_ALIAS, 0, 3, 128, b"g0o3", extensions=ext)
+    actions = sim.do(sim.core.object_datagram(PUB, late))
+    assert [(a.session, a.datagram) for a in actions if isinstance(a, SendDatagram)] == [
+        (S1, late), (S3, late)]
+    # Cached with Subgroup ID = Object ID, extension headers kept, for a standalone FETCH.
+    sim.do(sim.core.fetch(S3, Fetch(6, 1, GroupOrder.ASCENDING, FetchType.STANDALONE,
+                                    standalone=StandaloneFetch(NS, b"video", Location(0, 0),
+                                                               Location(1, 0)))))
+    (objects,) = [a.objects for a in sim.actions if isinstance(a, SendFetchObjects)]
+    assert [(o.group_id, o.subgroup_id, o.object_id, o.payload, o.extensions)
+            for o in objects] == [(0, o, o, f"g0o{o}".encode(), ext) for o in range(4)]
+    # Unknown alias: dropped and counted.
+    assert sim.core.object_datagram(PUB, ObjectDatagram.new(99, 0, 0, 0, b"xyz")) == []
+    assert sim.core.counters.dropped_unknown_alias_bytes == 3
+    c = sim.core.counters
+    assert (c.datagrams_in, c.objects_in, c.objects_out) == (4, 4, 6 + 4)
 
 
 def test_congested_subscriber_skips_low_priority_subgroups() -> None:

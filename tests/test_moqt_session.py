@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -660,6 +661,18 @@ class TestData:
         (obj,) = of_type(events(server), ObjectReceived)
         assert (obj.stream_id, obj.header.group_id, obj.header.object_id, obj.payload,
                 obj.header.extensions) == (None, 3, 4, b"pay", TS_EXT)
+
+    def test_forward_datagram_changes_only_the_alias(self) -> None:
+        client, server, pipe, rid = subscribed()  # the publication's alias is 7
+        upstream = ObjectDatagram(0x21, 99, 3, 4, 10, TS_EXT, status=ObjectStatus.END_OF_GROUP)
+        data = client.forward_datagram(rid, upstream)
+        assert data == encode_object_datagram(dataclasses.replace(upstream, track_alias=7))
+        pipe.pump()
+        (obj,) = of_type(events(server), ObjectReceived)
+        assert (obj.track_alias, obj.datagram) == (7, dataclasses.replace(upstream,
+                                                                          track_alias=7))
+        with pytest.raises(KeyError):
+            client.forward_datagram(rid + 2, upstream)
 
     def test_malformed_data_stream_closes(self) -> None:
         client, server, pipe, rid = subscribed()

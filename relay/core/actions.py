@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from typing import Union
 
 from relay.moqt.constants import FilterType, GroupOrder
-from relay.moqt.data import FetchHeader, FetchObject, SubgroupHeader, encode_fetch_stream
+from relay.moqt.data import (
+    FetchHeader,
+    FetchObject,
+    ObjectDatagram,
+    SubgroupHeader,
+    encode_fetch_stream,
+)
 from relay.moqt.messages import Message, TrackNamespace
 
 SessionId = int
@@ -93,6 +99,16 @@ class SendFetchObjects:
 
 
 @dataclass(frozen=True)
+class SendDatagram:
+    """Send an upstream OBJECT_DATAGRAM to this subscription under its alias, every other
+    field unchanged (too big for the subscriber's path: dropped and counted by the glue)."""
+
+    session: SessionId
+    request_id: int
+    datagram: ObjectDatagram
+
+
+@dataclass(frozen=True)
 class SkipSubgroup:
     """A whole subgroup was not forwarded to this subscription (counted; informational)."""
 
@@ -123,5 +139,5 @@ class CloseSession:
 
 
 Action = Union[SendMessage, SubscribeUpstream, UnsubscribeUpstream, OpenSubgroupStream,
-               WriteStream, ResetStream, SendFetchObjects, SkipSubgroup, SetPriorityThreshold,
-               CloseSession]
+               WriteStream, ResetStream, SendFetchObjects, SendDatagram, SkipSubgroup,
+               SetPriorityThreshold, CloseSession]

@@ -35,7 +35,13 @@ from relay.moqt.constants import (
     StreamResetCode,
     SubscribeErrorCode,
 )
-from relay.moqt.data import FetchObject, ObjectHeader, SubgroupHeader, SubgroupIdMode
+from relay.moqt.data import (
+    FetchObject,
+    ObjectDatagram,
+    ObjectHeader,
+    SubgroupHeader,
+    SubgroupIdMode,
+)
 from relay.moqt.messages import (
     Fetch,
     FetchError,
@@ -58,6 +64,7 @@ from .actions import (
     CloseSession,
     OpenSubgroupStream,
     ResetStream,
+    SendDatagram,
     SendFetchObjects,
     SendMessage,
     SessionId,
@@ -116,6 +123,7 @@ class RelayCounters:
     boundary_late_objects: int = 0
     buffered_unknown_alias_bytes: int = 0
     dropped_unknown_alias_bytes: int = 0
+    datagrams_in: int = 0
 
     def skip(self, session: SessionId, reason: SkipReason) -> None:
         per = self.skipped.setdefault(session, {})
@@ -516,6 +524,45 @@ class RelayCore:
                 actions.append(WriteStream(session, down.stream, b"", fin=True))
             else:
                 actions.append(ResetStream(session, down.stream, reset_code))
+        return actions + self._check_fetches(now)
+
+    def object_datagram(self, publisher: SessionId, datagram: ObjectDatagram,
+                        now: float = 0.0) -> list[Action]:
+        """An OBJECT_DATAGRAM from a publisher (its session held it until SUBSCRIBE_OK named
+        the alias). Each subscriber in range gets it under its own alias unless its skip
+        threshold is below the datagram's priority (counted like a skipped subgroup); it is
+        cached for FETCH with Subgroup ID = Object ID (draft-14: datagrams have none)."""
+        track = self.registry.by_alias.get((publisher, datagram.track_alias))
+        if track is None:
+            self.counters.dropped_unknown_alias_bytes += len(datagram.payload)
+            return []
+        location = Location(datagram.group_id, datagram.object_id)
+        track.see(location)
+        self.counters.objects_in += 1
+        self.counters.bytes_in += len(datagram.payload)
+        self.counters.datagrams_in += 1
+        actions: list[Action] = []
+        for sub in [s for s in track.subscribers.values() if s.active]:
+            if sub.end_group is not None and datagram.group_id > sub.end_group:
+                actions += self._end_range(sub)
+                continue
+            if location < sub.start:
+                continue
+            threshold = self._thresholds.get(sub.session, THRESHOLD_FORWARD_ALL)
+            if not should_forward(datagram.publisher_priority, threshold):
+                self.counters.skip(sub.session, SkipReason.CONGESTION)
+                continue
+            actions.append(SendDatagram(sub.session, sub.request_id, datagram))
+            self.counters.objects_out += 1
+            self.counters.bytes_out += len(datagram.payload)
+        result = track.cache.add(CachedObject(
+            datagram.group_id, datagram.object_id, datagram.object_id,
+            datagram.publisher_priority, datagram.payload, datagram.extensions,
+            datagram.status))
+        if result is AddResult.OVERSIZE:
+            self.counters.cache_oversize_objects += 1
+        if result in (AddResult.OVERSIZE, AddResult.GROUP_TRUNCATED):
+            self.counters.cache_truncated_groups += 1
         return actions + self._check_fetches(now)
 
     def _buffer(self, up: _Up, event: tuple[str, Any], size: int) -> list[Action]:

@@ -27,6 +27,7 @@ Deviations from the letter of -14, for interop with moq-rs 0.5.1 (notes/moqt.md 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections import deque
 from dataclasses import dataclass, field
@@ -337,6 +338,8 @@ class ObjectReceived:
     header: ObjectHeader
     payload: bytes
     received_at: float
+    datagram: ObjectDatagram | None = None
+    """The OBJECT_DATAGRAM as decoded (a relay forwards it with only the alias changed)."""
 
 
 @dataclass(frozen=True)
@@ -738,6 +741,17 @@ class MoqtSession:
         self._transmits.append(DatagramWrite(data))
         return data
 
+    def forward_datagram(self, request_id: int, datagram: ObjectDatagram) -> bytes:
+        """Queue a received OBJECT_DATAGRAM under this publication's alias, every other field
+        (type, priority, extension headers, status, payload) as it came; returns its bytes."""
+        publication = self._publications.get(request_id)
+        if publication is None or publication.track_alias is None:
+            raise KeyError(f"No accepted subscription with request ID {request_id}")
+        data = encode_object_datagram(dataclasses.replace(
+            datagram, track_alias=publication.track_alias))
+        self._transmits.append(DatagramWrite(data))
+        return data
+
     def publish_namespace(self, namespace: TrackNamespace,
                           parameters: Parameters = ()) -> int:
         request_id = self._allocate_request_id()
@@ -1040,7 +1054,7 @@ class MoqtSession:
         self.stats.objects_received += 1
         self.stats.object_bytes_received += len(d.payload)
         self._events.append(ObjectReceived(request_id, d.track_alias, None, header, d.payload,
-                                           now))
+                                           now, d))
 
     def _release_alias(self, track_alias: int, request_id: int, now: float) -> None:
         """SUBSCRIBE_OK named an alias: deliver what was held for it, in arrival order."""
