@@ -40,6 +40,7 @@ from relay.core.actions import (
     CloseSession,
     OpenSubgroupStream,
     ResetStream,
+    SendDatagram,
     SendFetchObjects,
     SendMessage,
     SetPriorityThreshold,
@@ -67,6 +68,7 @@ from relay.moqt.session import (
     NamespaceDone,
     NamespacePublished,
     ObjectChunk,
+    ObjectReceived,
     PublishDoneReceived,
     SessionClosed,
     SessionConfig,
@@ -234,6 +236,8 @@ class RelayServer:
             "tracks": len(registry.tracks),
             "subscriptions": len(registry.subscriptions),
             "open_streams": len(self._senders),
+            # Forwarded OBJECT_DATAGRAMs too big for a subscriber's path (draft-14: dropped).
+            "datagrams_dropped": sum(c.protocol.datagrams_dropped for c in self._conns.values()),
             "kernel_streams": len(self._kernel_streams),
             "fastpath": self.fastpath.stats() if self.fastpath is not None else {"enabled": False},
             "counters": self.core.counters.as_dict(),
@@ -306,7 +310,8 @@ class RelayServer:
         conn = self._conn_for(protocol)
         sid, core, now = conn.sid, self.core, self._now()
         actions: list[Action] = []
-        if not isinstance(event, (ObjectChunk, SubgroupStreamOpened, SubgroupStreamClosed)):
+        if not isinstance(event, (ObjectChunk, ObjectReceived, SubgroupStreamOpened,
+                                  SubgroupStreamClosed)):
             self._fastpath_dirty = True  # tracks or subscriptions may have changed
         if isinstance(event, SessionReady):
             conn.ready = True
@@ -331,6 +336,8 @@ class RelayServer:
                 actions = core.object_header(sid, event.stream_id, event.header, now)
             if event.header.payload_length > 0:
                 actions += core.object_payload(sid, event.stream_id, event.data, event.end, now)
+        elif isinstance(event, ObjectReceived) and event.datagram is not None:
+            actions = core.object_datagram(sid, event.datagram, now)
         elif isinstance(event, SubgroupStreamOpened):
             if isinstance(event.header, SubgroupHeader):
                 self._up_open.setdefault((sid, event.request_id), set()).add(event.stream_id)
@@ -610,6 +617,8 @@ class RelayServer:
             if ok is None:
                 return
             session.accept_fetch(ok, b"".join(encode_fetch_object(o) for o in action.objects))
+        elif isinstance(action, SendDatagram):
+            session.forward_datagram(action.request_id, action.datagram)
         elif isinstance(action, CloseSession):
             session.close(action.error_code, action.reason)
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
 from relay.core.access import AccessConfig
-from relay.core.cache import CacheConfig
 from relay.core.actions import SkipSubgroup
+from relay.core.cache import CacheConfig
 from relay.core.priority import CongestionState, SkipReason
 from relay.core.relay import RelayConfig
 from relay.moqt.constants import (
@@ -24,7 +25,7 @@ from relay.moqt.constants import (
     SetupParameter,
     SubscribeErrorCode,
 )
-from relay.moqt.data import encode_extension_headers
+from relay.moqt.data import encode_extension_headers, encode_object_datagram
 from relay.moqt.messages import Location, StandaloneFetch
 from relay.moqt.quic import (
     MoqtConnectError,
@@ -624,3 +625,68 @@ def test_relay_command_cache_and_access_options_reach_the_core(
     run_cli(["relay", "--listen", f"{LOOPBACK}:0", "--access", str(tmp_path / "none.toml")],
             capsys, exit_code=1, stderr=r"^error: --access .*none\.toml: No such file")
     assert len(made) == 1
+
+
+def test_object_datagrams_through_the_relay(certificate: tuple[Path, Path, str]) -> None:
+    """A publisher's OBJECT_DATAGRAMs reach every subscriber with only the alias changed (type,
+    priority, extension headers, payload as sent) and are cached for FETCH."""
+    cert, key, fingerprint = certificate
+    tls = TlsOptions(fingerprint=fingerprint)
+    pub, sub1, sub2, fetcher = _Peer(), _Peer(), _Peer(), _Peer()
+    count = 12
+
+    async def scenario() -> dict[str, Any]:
+        relay = RelayServer()
+        _, port = await relay.start(LOOPBACK, 0, cert, key)
+        url = f"moqt://{LOOPBACK}:{port}/r"
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for peer in (pub, sub1, sub2, fetcher):
+                    peer.protocol = await stack.enter_async_context(
+                        connect(url, tls=tls, on_event=peer.on_event))
+                pub.session.publish_namespace(NS)
+                pub.flush()
+                await _until("PUBLISH_NAMESPACE_OK", lambda: bool(pub.of(PublishNamespaceAnswered)))
+                r = {"sub1": sub1.session.subscribe(NS, b"d"),
+                     "sub2": sub2.session.subscribe(NS, b"d")}
+                sub1.flush()
+                sub2.flush()
+                await _until("the relay's SUBSCRIBE", lambda: bool(pub.of(SubscribeRequested)))
+                (req,) = pub.of(SubscribeRequested)
+                pub.session.accept_subscribe(req.request_id, 17)
+                pub.flush()
+                await _until("SUBSCRIBE_OKs", lambda: bool(sub1.of(SubscribeAccepted))
+                             and bool(sub2.of(SubscribeAccepted)))
+                sent = []
+                for i in range(count):
+                    group, obj = divmod(i, 4)
+                    sent.append(pub.session.send_datagram(
+                        req.request_id, group, obj, 0 if obj == 0 else 64, _payload(group, obj),
+                        extensions=EXTENSIONS, end_of_group=obj == 3))
+                    pub.flush()
+                    await asyncio.sleep(0.005)  # no burst beyond the first congestion window
+                await _until("every datagram at both", lambda: all(
+                    len(p.of(ObjectReceived, stream_id=None)) == count for p in (sub1, sub2)))
+                r["fetch"] = fetcher.session.fetch(standalone=StandaloneFetch(
+                    NS, b"d", Location(0, 0), Location(3, 0)))
+                fetcher.flush()
+                await _until("the FETCH", lambda: len(fetcher.objects(r["fetch"])) == count)
+                r["sent"] = sent
+                r["stats"] = relay.stats()
+                return r
+        finally:
+            await relay.stop()
+
+    r = asyncio.run(asyncio.wait_for(scenario(), 60))
+    for peer in (sub1, sub2):
+        (ok,) = peer.of(SubscribeAccepted)
+        received = [e.datagram for e in peer.of(ObjectReceived, stream_id=None)]
+        assert all(e.track_alias == ok.track_alias for e in peer.of(ObjectReceived))
+        # Byte for byte what the publisher sent, but for the alias.
+        assert [encode_object_datagram(dataclasses.replace(d, track_alias=17)) for d in received] \
+            == r["sent"]
+    assert [(g, o, p) for g, o, p, _ in fetcher.objects(r["fetch"])] == [
+        (i // 4, i % 4, _payload(i // 4, i % 4)) for i in range(count)]
+    counters = r["stats"]["counters"]
+    assert (counters["datagrams_in"], counters["objects_out"]) == (count, 3 * count), counters
+    assert r["stats"]["datagrams_dropped"] == 0
