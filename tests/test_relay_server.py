@@ -690,3 +690,31 @@ def test_object_datagrams_through_the_relay(certificate: tuple[Path, Path, str])
     counters = r["stats"]["counters"]
     assert (counters["datagrams_in"], counters["objects_out"]) == (count, 3 * count), counters
     assert r["stats"]["datagrams_dropped"] == 0
+
+
+def test_publish_duration_ends_the_track_and_the_subscriber_gets_every_object(
+        certificate: tuple[Path, Path, str]) -> None:
+    """`fastrelay publish --duration` (no --objects): it stops on time with END_OF_TRACK, and
+    the subscriber, told nothing about the count, verifies everything that was sent."""
+    cert, key, fingerprint = certificate
+    tls = TlsOptions(fingerprint=fingerprint)
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        relay = RelayServer()
+        _, port = await relay.start(LOOPBACK, 0, cert, key)
+        url = f"moqt://{LOOPBACK}:{port}/r"
+        try:
+            sub = asyncio.ensure_future(run_subscriber(SubscriberOptions(
+                url=url, namespace=(b"demo", b"dur"), track=b"v", tls=tls, duration=30)))
+            published = await run_publisher(PublisherOptions(
+                url=url, namespace=(b"demo", b"dur"), track=b"v", tls=tls, duration=1.0,
+                rate=50, object_size=300, group_length=10, wait_subscriber=10))
+            return published, await sub
+        finally:
+            await relay.stop()
+
+    published, sub = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert published.ok and published.reason == "duration" and published.objects > 0, published
+    assert sub.ok and sub.track_ended and sub.reason == "track_ended", sub
+    assert (sub.objects, sub.bytes, sub.lost, sub.gaps) == (
+        published.objects, published.bytes, 0, 0), sub
