@@ -259,6 +259,23 @@ def test_fetch_waits_then_times_out_and_counts_late_objects() -> None:
     assert sim.received(S1) == [(0, 0), (0, 1), (0, 2)]
 
 
+def test_fetch_cancel_drops_a_waiting_fetch() -> None:
+    sim = Sim(RelayConfig(fetch_wait=1.0))
+    sim.subscribe(S1)
+    sim.upstream_ok()
+    a, b = sim.open(0, 0), sim.open(0, 1)
+    sim.obj(a, 0, 0)
+    sim.obj(b, 0, 1, subgroup=1)
+    sim.subscribe(S2, request_id=2)  # L = (0, 1); both streams may still deliver <= L
+    sim.do(sim.core.fetch(S2, joining_fetch(4, 2), now=10.0))
+    assert sim.core.next_deadline() == 11.0
+    assert sim.do(sim.core.fetch_cancel(S2, 4, now=10.5)) == []
+    assert sim.core.next_deadline() is None
+    assert sim.do(sim.core.poll(12.0)) == []
+    assert sim.fetched(S2) == [] and sim.messages(S2, FetchOk) == []
+    assert sim.messages(S2, FetchError) == []
+
+
 def test_first_subscriber_joining_fetch_before_relay_had_data() -> None:
     sim = Sim()
     sim.subscribe(S1)

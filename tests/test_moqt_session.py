@@ -35,6 +35,7 @@ from relay.moqt.data import (
 )
 from relay.moqt.messages import (
     ClientSetup,
+    FetchCancel,
     FetchOk,
     Location,
     MaxRequestId,
@@ -48,6 +49,7 @@ from relay.moqt.messages import (
     SubscribeNamespace,
     SubscribeNamespaceError,
     SubscribeOk,
+    SubscribeUpdate,
     TrackStatus,
     TrackStatusError,
     decode_message,
@@ -58,6 +60,7 @@ from relay.moqt.session import (
     ConnectionClose,
     DatagramWrite,
     FetchAnswered,
+    FetchCancelled,
     FetchRequested,
     GoawayReceived,
     MoqtSession,
@@ -490,6 +493,38 @@ class TestRequests:
         server = server_after(4, 0, 2)
         assert server.state == SessionState.READY
         assert of_type(events(server_after(4, 2, 2)), SessionClosed)
+
+    def test_requests_blocked_is_answered_with_credit(self) -> None:
+        server = MoqtSession(SessionConfig(is_client=False, request_credit=4))
+        server.stream_data_received(0, encode_message(ClientSetup((MOQT_VERSION_DRAFT_14,))),
+                                    False, 0.0)
+        (setup,) = control_bytes(server)
+        granted = dict(setup.parameters)[SetupParameter.MAX_REQUEST_ID]
+        server.stream_data_received(0, encode_message(RequestsBlocked(granted)), False, 0.0)
+        (more,) = control_bytes(server)
+        assert isinstance(more, MaxRequestId) and more.request_id > granted
+        assert server.state == SessionState.READY
+
+    def test_fetch_cancel_reaches_the_fetch_owner(self) -> None:
+        client, server, pipe, rid = subscribed()
+        fid = server.fetch(joining_request_id=rid, joining_start=0)
+        pipe.pump()
+        assert [type(e) for e in events(client)] == [FetchRequested]
+        server.fetch_cancel(fid)
+        pipe.pump()
+        assert events(client) == [FetchCancelled(fid)]
+        client.stream_data_received(0, encode_message(FetchCancel(fid)), False, 0.0)  # again
+        assert events(client) == []  # a repeated or late cancel is not an error
+        assert client.state == server.state == SessionState.READY
+
+    def test_subscribe_update_is_tolerated_without_an_answer(self) -> None:
+        # Draft-14 section 9.10: SUBSCRIBE_UPDATE has no response; we keep the subscription.
+        client, server, pipe, rid = subscribed()
+        server.send(SubscribeUpdate(3, rid, Location(5, 0), 0, 1, True))
+        pipe.pump()
+        assert events(client) == [] and control_bytes(client) == []
+        assert client.state == server.state == SessionState.READY
+        assert client.publication_alias(rid) == 7
 
     def test_response_to_unknown_request(self) -> None:
         client, server, pipe = pair()
