@@ -525,6 +525,22 @@ publish = ["*"]
     assert core.counters.refusals == {"publish_namespace": 1, "subscribe": 2, "setup": 1}
 
 
+def test_may_discover_follows_the_setup_principal() -> None:
+    core = RelayCore(RelayConfig(access=AccessConfig.from_toml("""
+[access]
+anonymous_subscribe = ["public"]
+[[access.principal]]
+name = "alice"
+token = "a"
+subscribe = ["live"]
+""")))
+    core.session_open(1, ((3, b"\x03\x00a"),))
+    core.session_open(2)
+    assert core.may_discover(1, (b"live", b"x")) and not core.may_discover(1, (b"public",))
+    assert core.may_discover(2, (b"public", b"x")) and not core.may_discover(2, (b"live", b"x"))
+    assert RelayCore().may_discover(9, (b"anything",))  # open relay, unknown session
+
+
 def test_counters_as_dict_is_json_ready() -> None:
     import json
     sim = Sim()

@@ -261,6 +261,13 @@ class RelayCore:
         actions = [a for a in actions if getattr(a, "session", None) != session]
         return actions + self._check_fetches(now)
 
+    def may_discover(self, session: SessionId, namespace: TrackNamespace) -> bool:
+        """Whether PUBLISH_NAMESPACE for `namespace` may be pushed to `session`: the principal
+        of its CLIENT_SETUP token may subscribe there (namespace names are not handed to
+        those who may not read them)."""
+        auth = self._auth.get(session) or SessionAuth()
+        return self.access.may_subscribe(auth.principal, namespace)
+
     def _principal(self, session: SessionId, parameters: Parameters) -> str:
         auth = self._auth.setdefault(session, SessionAuth())
         return self.access.request_principal(
