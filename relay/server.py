@@ -498,7 +498,8 @@ class RelayServer:
 
     def _announce(self, conn: _Conn, ns: TrackNamespace) -> None:
         pushed = self._ns_pushed.setdefault(conn.sid, set())
-        if ns in pushed or conn.protocol.session.state != SessionState.READY:
+        if ns in pushed or conn.protocol.session.state != SessionState.READY \
+                or not self.core.may_discover(conn.sid, ns):
             return
         pushed.add(ns)
         conn.protocol.session.publish_namespace(ns)

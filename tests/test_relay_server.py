@@ -483,6 +483,11 @@ def test_authorization_tokens_and_allow_lists_over_quic(
                     peer.protocol = await stack.enter_async_context(
                         connect(url, tls=tls, on_event=peer.on_event, session_config=config))
                 r: dict[str, Any] = {}
+                for peer in (alice, bob, anon):  # discovery, as moq-rs asks for it
+                    peer.session.subscribe_namespace(())
+                    peer.flush()
+                await _until("SUBSCRIBE_NAMESPACE_OKs", lambda: all(
+                    p.of(SubscribeNamespaceAnswered) for p in (alice, bob, anon)))
                 r["alice_ns"] = alice.session.publish_namespace(mine)
                 alice.flush()
                 await _until("alice's answer", lambda: answer(alice, r["alice_ns"]) is not None)
@@ -513,6 +518,16 @@ def test_authorization_tokens_and_allow_lists_over_quic(
                 alice.flush()
                 await _until("SUBSCRIBE_OK for w", lambda: bool(anon.of(
                     SubscribeAccepted, request_id=r["anon_as_alice"])))
+                # Namespace names go only to those who may read them: alice learns live/bob.
+                await _until("live/bob pushed to alice", lambda: bool(alice.of(
+                    NamespacePublished)))
+                # One more request each: anything pushed to bob or anonymous is in by its answer.
+                last = {p: p.session.subscribe((b"none",), b"t") for p in (bob, anon)}
+                for peer in (bob, anon):
+                    peer.flush()
+                await _until("the last answers", lambda: all(
+                    p.of(SubscribeRejected, request_id=rid) for p, rid in last.items()))
+                r["last"] = last
             # An unknown token in CLIENT_SETUP: the relay closes that session.
             stranger = _Peer()
             try:
@@ -536,12 +551,17 @@ def test_authorization_tokens_and_allow_lists_over_quic(
     assert answer(anon, r["anon_ns"]).error_code == PublishNamespaceErrorCode.UNAUTHORIZED
     refused = {e.request_id: e.error_code for e in anon.of(SubscribeRejected)}
     assert refused == {r["anon_sub"]: SubscribeErrorCode.UNAUTHORIZED,
-                       r["garbled"]: SubscribeErrorCode.MALFORMED_AUTH_TOKEN}, refused
-    assert [e.error_code for e in bob.of(SubscribeRejected)] == [SubscribeErrorCode.UNAUTHORIZED]
+                       r["garbled"]: SubscribeErrorCode.MALFORMED_AUTH_TOKEN,
+                       r["last"][anon]: SubscribeErrorCode.UNAUTHORIZED}, refused
+    assert [e.error_code for e in bob.of(SubscribeRejected)] == [SubscribeErrorCode.UNAUTHORIZED] * 2
+    # Discovery follows the subscribe allow-lists: alice (live) sees live/bob; bob (live/bob
+    # only, and it is his own) and anonymous (nothing) are told no namespace at all.
+    assert [e.namespace for e in alice.of(NamespacePublished)] == [(b"live", b"bob")]
+    assert bob.of(NamespacePublished) == [] and anon.of(NamespacePublished) == []
     (closed,) = r["stranger"]
     assert closed.by_peer and closed.error_code == SessionErrorCode.UNAUTHORIZED, closed
     refusals = r["stats"]["counters"]["refusals"]
-    assert refusals == {"publish_namespace": 2, "subscribe": 3, "setup": 1}, refusals
+    assert refusals == {"publish_namespace": 2, "subscribe": 5, "setup": 1}, refusals
 
 
 def test_namespaces_are_pushed_to_namespace_subscribers(
