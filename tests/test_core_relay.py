@@ -413,6 +413,7 @@ def test_datagrams_forwarded_per_subscriber_skipped_and_cached() -> None:
         sim.do(sim.core.object_datagram(PUB, d))
     got = {s: [a.datagram for a in sim.actions if isinstance(a, SendDatagram) and a.session == s]
            for s in (S1, S2)}
+    assert {a.publisher for a in sim.actions if isinstance(a, SendDatagram)} == {PUB}
     assert got == {S1: sent, S2: sent[:1]}
     assert all(a.request_id == {S1: 0, S2: 2}[a.session]
                for a in sim.actions if isinstance(a, SendDatagram))

@@ -106,6 +106,9 @@ class SendDatagram:
     session: SessionId
     request_id: int
     datagram: ObjectDatagram
+    """As received from upstream: its alias is the upstream's."""
+    publisher: SessionId
+    """The session it came from (the fast path clones forwarded tracks' datagrams itself)."""
 
 
 @dataclass(frozen=True)

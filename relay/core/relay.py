@@ -559,7 +559,7 @@ class RelayCore:
             if not should_forward(datagram.publisher_priority, threshold):
                 self.counters.skip(sub.session, SkipReason.CONGESTION)
                 continue
-            actions.append(SendDatagram(sub.session, sub.request_id, datagram))
+            actions.append(SendDatagram(sub.session, sub.request_id, datagram, publisher))
             self.counters.objects_out += 1
             self.counters.bytes_out += len(datagram.payload)
         result = track.cache.add(CachedObject(
