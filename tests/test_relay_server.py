@@ -738,3 +738,47 @@ def test_publish_duration_ends_the_track_and_the_subscriber_gets_every_object(
     assert sub.ok and sub.track_ended and sub.reason == "track_ended", sub
     assert (sub.objects, sub.bytes, sub.lost, sub.gaps) == (
         published.objects, published.bytes, 0, 0), sub
+
+
+class _KernelClonesDatagrams:
+    """A fast path that offloaded the publisher (1) and subscriber 2, not subscriber 3."""
+
+    def is_offloaded(self, session: int) -> bool:
+        return session in (1, 2)
+
+
+def test_datagrams_the_kernel_clones_are_not_sent_twice() -> None:
+    """With the fast path, the kernel clones a forwarded track's DATAGRAM frames to the
+    subscribers it mirrors: userspace sends the datagram only to the others."""
+    from relay.core.actions import SendDatagram
+    from relay.moqt.constants import MOQT_VERSION_DRAFT_14, FilterType, GroupOrder
+    from relay.moqt.data import ObjectDatagram
+    from relay.moqt.messages import ClientSetup, PublishNamespace, Subscribe, SubscribeOk, encode_message
+    from relay.moqt.session import DatagramWrite
+    from relay.server import _Conn
+
+    relay = RelayServer(fastpath=_KernelClonesDatagrams())  # type: ignore[arg-type]
+    core = relay.core
+    core.session_open(1)
+    core.publish_namespace(1, PublishNamespace(0, NS))
+    downstream = {}
+    for sid in (2, 3):
+        session = MoqtSession(SessionConfig(is_client=False))
+        session.stream_data_received(0, encode_message(ClientSetup((MOQT_VERSION_DRAFT_14,))),
+                                     False, 0.0)
+        subscribe = Subscribe(0, NS, b"d", 128, GroupOrder.ASCENDING, True,
+                              FilterType.LARGEST_OBJECT)
+        session.stream_data_received(0, encode_message(subscribe), False, 0.0)
+        session.accept_subscribe(0, 5)
+        session.transmits()
+        downstream[sid] = session
+        relay._conns[sid] = _Conn(sid, type("P", (), {"session": session})())  # type: ignore[arg-type]
+        core.session_open(sid)
+        core.subscribe(sid, subscribe)
+    core.upstream_subscribe_ok(0, 1, SubscribeOk(1, 5, 0, GroupOrder.ASCENDING))
+    actions = core.object_datagram(1, ObjectDatagram.new(5, 0, 0, 0, b"x"))
+    assert sorted(a.session for a in actions if isinstance(a, SendDatagram)) == [2, 3]
+    relay._dispatch(actions)
+    sent = {sid: [t for t in s.transmits() if isinstance(t, DatagramWrite)]
+            for sid, s in downstream.items()}
+    assert (len(sent[2]), len(sent[3])) == (0, 1), sent
