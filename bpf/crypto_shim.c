@@ -11,6 +11,13 @@
  * up as decrypted; a 1-RTT packet of an offloaded connection without keys is dropped on
  * egress, never sent in plaintext. Every verdict is counted in shim_stats.
  *
+ * With the fast path (bpf/structs.h, "skb verdict contract"): ingress clears the verdict
+ * in skb->cb of every packet and, after a tag verified on a connection the fast path holds
+ * (SHIM_CONN_FASTPATH), writes FR_CB_VERIFIED with its connection index: the fast path
+ * forwards nothing else of an offloaded connection. Egress protects what the fast path
+ * marked FR_CB_PROTECT with the exact packet number it wrote; such a packet without keys
+ * here is dropped.
+ *
  * Verdicts: TC_ACT_SHOT for a drop, TC_ACT_UNSPEC otherwise so the next filter on the
  * hook (the fast path at ingress) still runs.
  */
@@ -20,6 +27,7 @@
 #include <uapi/linux/in.h>
 
 #include "shim_structs.h"
+#include "structs.h"		/* the skb verdict contract with the fast path */
 #include "quic_protect.h"
 
 /* Long-header packets coalesced before the short-header one that the shim walks past. */
@@ -230,6 +238,7 @@ int shim_ingress(struct __sk_buff *skb)
 	p = &s->pkt;
 	st->ingress_packets++;
 	st->ingress_bytes += skb->len;
+	skb->cb[FR_CB_VERDICT] = 0;	/* only this program's own verdict reaches the fast path */
 
 	conn = shim_lookup(skb, p, 0);
 	if (!conn || conn->state == SHIM_STATE_PASS) {
@@ -248,6 +257,10 @@ int shim_ingress(struct __sk_buff *skb)
 	switch (ret) {
 	case QP_OK:
 		st->ingress_decrypted++;
+		if (conn->flags & SHIM_CONN_FASTPATH) {
+			skb->cb[FR_CB_VERDICT] = FR_CB_MAGIC | FR_CB_VERIFIED;
+			skb->cb[FR_CB_CONN] = conn->fr_conn_idx;
+		}
 		return TC_ACT_UNSPEC;
 	case QP_TOO_LONG:
 		st->ingress_too_long++;	/* handed up encrypted: userspace verifies it */
@@ -274,16 +287,26 @@ int shim_egress(struct __sk_buff *skb)
 	struct shim_scratch *s = shim_scratch.lookup(&zero);
 	struct shim_pkt *p;
 	struct shim_conn *conn;
-	int ret;
+	__u32 verdict = skb->cb[FR_CB_VERDICT];
+	int ret, marked, have_pn;
+	__u64 pn;
 
 	if (!st || !s)
 		return TC_ACT_SHOT;
 	p = &s->pkt;
 	st->egress_packets++;
 	st->egress_bytes += skb->len;
+	/* The fast path marked it: a clone or a packet it renumbered, in plaintext. */
+	marked = (verdict & FR_CB_MAGIC_MASK) == FR_CB_MAGIC && (verdict & FR_CB_PROTECT);
+	have_pn = marked && (verdict & FR_CB_HAVE_PN);
+	pn = ((__u64)skb->cb[FR_CB_PN_HI] << 32) | skb->cb[FR_CB_PN_LO];
 
 	conn = shim_lookup(skb, p, 1);
 	if (!conn || conn->state == SHIM_STATE_PASS) {
+		if (marked) {
+			st->egress_drop_no_keys++;	/* never a marked packet in plaintext */
+			return TC_ACT_SHOT;
+		}
 		st->egress_passed++;
 		return TC_ACT_UNSPEC;
 	}
@@ -291,11 +314,16 @@ int shim_egress(struct __sk_buff *skb)
 		st->egress_drop_no_keys++;
 		return TC_ACT_SHOT;
 	}
+	if (marked && (!(conn->flags & SHIM_CONN_FASTPATH) ||
+		       skb->cb[FR_CB_CONN] != conn->fr_conn_idx)) {
+		st->egress_drop_wrong_conn++;
+		return TC_ACT_SHOT;
+	}
 	if (skb->gso_segs > 1) {
 		st->egress_drop_gso++;	/* the segments would be protected as one packet */
 		return TC_ACT_SHOT;
 	}
-	ret = qp_protect(skb, &p->qp, conn, &s->cp);
+	ret = qp_protect(skb, &p->qp, conn, &s->cp, pn, have_pn);
 	switch (ret) {
 	case QP_OK:
 		st->egress_encrypted++;

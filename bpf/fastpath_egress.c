@@ -48,8 +48,9 @@
  *   fastpath_egress_walk   one frame of a clone per call (FR_PROG_EG_WALK)
  *   fastpath_egress_send   credit, PN, header rewrite or resize, record (FR_PROG_EG_SEND)
  *
- * Verdicts: TC_ACT_UNSPEC for what leaves (the crypto shim after us still runs),
- * TC_ACT_SHOT for withheld clones and dropped packets.
+ * Verdicts: TC_ACT_UNSPEC for what leaves (the crypto shim after us still runs; never
+ * TC_ACT_OK, which would end the filter chain before it), TC_ACT_SHOT for withheld
+ * clones and dropped packets.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -68,16 +69,20 @@ static __always_inline int fr_eg_verdict(__u32 reason, __u32 bytes, int verdict)
 	return verdict;
 }
 
-/* Hand the crypto shim its verdict for a packet of connection conn_idx. */
+/* Hand the crypto shim its verdict for a packet of connection conn_idx; with have_pn,
+ * the full packet number written into it (the shim's nonce needs it, structs.h). */
 static __always_inline void fr_set_cb(struct __sk_buff *skb, const struct fr_conn *conn,
 				      __u32 conn_idx, __u32 quic_off, __u32 dcid_len,
-				      __u32 pn_len, __u32 clone)
+				      __u32 pn_len, __u32 clone, __u64 pn, __u32 have_pn)
 {
 	if (conn->protection != FR_PROT_OFFLOAD_KEYS)
 		return;
-	skb->cb[FR_CB_VERDICT] = FR_CB_MAGIC | FR_CB_PROTECT | (clone ? FR_CB_CLONE : 0);
+	skb->cb[FR_CB_VERDICT] = FR_CB_MAGIC | FR_CB_PROTECT | (clone ? FR_CB_CLONE : 0) |
+				 (have_pn ? FR_CB_HAVE_PN : 0);
 	skb->cb[FR_CB_CONN] = conn_idx;
 	skb->cb[FR_CB_LAYOUT] = (quic_off & 0xffff) | (dcid_len << 16) | (pn_len << 24);
+	skb->cb[FR_CB_PN_LO] = (__u32)pn;
+	skb->cb[FR_CB_PN_HI] = (__u32)(pn >> 32);
 }
 
 /* Submit flags: wake the reader for one record in RING_WAKEUP_EVERY (per CPU). */
@@ -179,7 +184,7 @@ static __always_inline int fr_egress_user(struct __sk_buff *skb, __u32 bytes)
 		/* An upstream connection: our packets to it keep aioquic's numbers. */
 		struct fr_short us = {};
 		if (!fr_parse_short(&p, conn->peer_cid_len, conn->tag_len, &us))
-			fr_set_cb(skb, conn, ci, p.quic_off, us.dcid_len, us.pn_len, 0);
+			fr_set_cb(skb, conn, ci, p.quic_off, us.dcid_len, us.pn_len, 0, 0, 0);
 		return fr_eg_verdict(FR_EG_PASS_UPSTREAM, bytes, TC_ACT_UNSPEC);
 	}
 
@@ -213,7 +218,7 @@ static __always_inline int fr_egress_user(struct __sk_buff *skb, __u32 bytes)
 	if (fr_csum_write(skb, p.csum_off, s.pn_off, buf, pn_len & 7))
 		return fr_eg_verdict(FR_EG_PASS_MALFORMED, bytes, TC_ACT_UNSPEC);
 	fr_emit_simple(FR_REC_SENT_USER, 0, sub_idx, ci, full, pn_len, size, built);
-	fr_set_cb(skb, conn, ci, p.quic_off, s.dcid_len, pn_len, 0);
+	fr_set_cb(skb, conn, ci, p.quic_off, s.dcid_len, pn_len, 0, full, 1);
 	return fr_eg_verdict(FR_EG_RENUMBERED, bytes, TC_ACT_UNSPEC);
 }
 
@@ -307,6 +312,9 @@ int fastpath_egress(struct __sk_buff *skb)
 {
 	__u32 bytes = skb->len;
 	fr_count(FR_EG_SEEN, bytes);
+	/* The crypto shim after us acts on our verdict only: none carried over (a clone
+	 * still holds the ingress shim's). */
+	skb->cb[FR_CB_VERDICT] = 0;
 	__u32 mark = skb->mark;
 	if ((mark & FR_MARK_MAGIC_MASK) == FR_MARK_MAGIC && (mark & FR_MARK_CLONE))
 		return fr_egress_clone(skb, mark & FR_MARK_SUB_MASK, bytes);
@@ -825,7 +833,7 @@ static __always_inline int fr_send_finish(struct __sk_buff *skb, struct fr_scrat
 	__sync_fetch_and_add(&sub->data_used, w->new_bytes);
 	__sync_fetch_and_add(&sub->bytes_in_flight, size);
 	fr_emit_scratch(w);
-	fr_set_cb(skb, conn, ci, p->quic_off, sub->dcid_len, w->rec.pn_len, 1);
+	fr_set_cb(skb, conn, ci, p->quic_off, sub->dcid_len, w->rec.pn_len, 1, w->rec.wire_pn, 1);
 	return fr_eg_verdict(FR_EG_SENT_CLONE, bytes, TC_ACT_UNSPEC);
 }
 

@@ -252,11 +252,14 @@ static __always_inline int qp_unprotect(struct __sk_buff *skb, const struct qp_p
 /**
  * qp_protect - encrypt a plaintext-layout short-header packet (payload, then a 16-byte
  * tag slot), write the tag into the slot, apply header protection and fix the UDP
- * checksum. The full packet number is recovered from conn->next_pn.
+ * checksum. The full packet number is @exact_pn when @have_pn (the fast path renumbered
+ * the packet and said which number it wrote; its truncation must be the header's, else
+ * QP_ERROR), else recovered from conn->next_pn.
  * NOTE: on any error the skb is unchanged. Returns QP_OK or a negative QP_*.
  */
 static __always_inline int qp_protect(struct __sk_buff *skb, const struct qp_packet *pkt,
-				      struct shim_conn *conn, struct cp_scratch *s)
+				      struct shim_conn *conn, struct cp_scratch *s,
+				      __u64 exact_pn, int have_pn)
 {
 	__u64 dcid_len = conn->dcid_len, pn_off, len = pkt->len, hdr_len, data_len, ct_len;
 	__u64 mask, pn_len, keep, truncated, pn, old_sum, new_sum, first, tag_lo, tag_hi, soff;
@@ -290,7 +293,13 @@ static __always_inline int qp_protect(struct __sk_buff *skb, const struct qp_pac
 	*(__u32 *)(s->hdr + pn_off) = pnw;
 	old_sum = qp_align(qp_csum_hdr(s->hdr), pkt->odd);
 	truncated = __builtin_bswap32(pnw) >> (32 - pn_len * 8);
-	pn = qp_decode_pn(conn->next_pn, truncated, pn_len);
+	if (have_pn) {
+		if (exact_pn >= QP_PN_MAX || (exact_pn & keep) != truncated)
+			return QP_ERROR;
+		pn = exact_pn;
+	} else {
+		pn = qp_decode_pn(conn->next_pn, truncated, pn_len);
+	}
 
 	ph = &conn->phase[(first >> 2) & 1];
 	if (!ph->valid)

@@ -25,6 +25,9 @@
 #define SHIM_STATE_NO_KEYS 1	/* offloaded, keys not installed yet: egress drops, ingress hands up */
 #define SHIM_STATE_KEYS 2	/* offloaded with keys */
 
+/* shim_conn.flags */
+#define SHIM_CONN_FASTPATH 0x1	/* the fast path holds the connection as fr_conns[fr_conn_idx] */
+
 /* One direction of one connection, found by its addresses and UDP ports as seen from
  * the relay (so peers with zero-length connection ids are found too). IPv4 addresses
  * are IPv4-mapped (::ffff:a.b.c.d); ports in network byte order. */
@@ -50,6 +53,10 @@ struct shim_conn {
 	__u8 hp_key[32];	/* header protection key (never changes with key updates) */
 	struct shim_phase_keys phase[2];	/* indexed by the key-phase bit */
 	__u64 next_pn;		/* largest packet number seen in this direction plus one (0: none) */
+	__u32 flags;		/* SHIM_CONN_* */
+	__u32 fr_conn_idx;	/* with SHIM_CONN_FASTPATH: the fast path's connection index, written
+				 * into the ingress verdict (structs.h) and checked against the
+				 * egress one */
 };
 
 /* Global settings, one element. */
@@ -63,7 +70,8 @@ struct shim_stats {
 	__u64 ingress_packets;
 	__u64 ingress_bytes;
 	__u64 ingress_passed;		/* not 1-RTT QUIC of a known connection, or state PASS */
-	__u64 ingress_decrypted;	/* tag verified, token written */
+	__u64 ingress_decrypted;	/* tag verified, token written (and the fast path's
+					 * verdict, with SHIM_CONN_FASTPATH) */
 	__u64 ingress_no_keys;		/* offloaded connection without keys: handed up encrypted */
 	__u64 ingress_too_long;		/* longer than the shim handles: handed up encrypted */
 	__u64 ingress_gso;		/* a GRO/GSO super-packet: handed up encrypted */
@@ -75,12 +83,15 @@ struct shim_stats {
 	__u64 egress_bytes;
 	__u64 egress_passed;		/* not 1-RTT QUIC of a known connection, or state PASS */
 	__u64 egress_encrypted;
-	__u64 egress_drop_no_keys;	/* offloaded connection without keys: never sent in plaintext */
+	__u64 egress_drop_no_keys;	/* offloaded connection without keys, or a packet the fast
+					 * path marked for protection that the shim holds no
+					 * keys for: never sent in plaintext */
 	__u64 egress_drop_too_short;	/* cannot be sampled (RFC 9001 §5.4.2) */
 	__u64 egress_drop_too_long;	/* longer than the shim handles */
 	__u64 egress_drop_gso;		/* a GSO super-packet: one header, many QUIC packets */
 	__u64 egress_drop_no_phase;	/* key-phase bit names a phase without keys */
 	__u64 egress_drop_error;	/* a helper failed */
+	__u64 egress_drop_wrong_conn;	/* the fast path's verdict names another connection */
 };
 
 #endif /* FASTRELAY_SHIM_STRUCTS_H */

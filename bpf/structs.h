@@ -25,13 +25,23 @@
  *   cb[FR_CB_VERDICT] = FR_CB_MAGIC | FR_CB_* flags
  *   cb[FR_CB_CONN]    = connection index (fr_conns)
  *   cb[FR_CB_LAYOUT]  = QUIC header offset in the frame | DCID length << 16 | PN length << 24
- * ingress: the shim runs first; after the tag verified and the payload is plaintext it
- *          writes FR_CB_VERIFIED with the connection index. The fast path forwards a
- *          packet of an offloaded connection only with that verdict for that connection.
+ *   cb[FR_CB_PN_LO], cb[FR_CB_PN_HI] = the full packet number the fast path wrote (with
+ *                       FR_CB_HAVE_PN: subscriber packets it renumbered, clones)
+ * ingress: the shim runs first and clears cb[FR_CB_VERDICT] of every packet (no stale
+ *          verdict passes); after the tag verified and the payload is plaintext it writes
+ *          FR_CB_VERIFIED with the connection index userspace gave its shim entry. The
+ *          fast path forwards a packet of an offloaded connection only with that verdict
+ *          for that connection.
  * egress:  the fast path runs first; for a 1-RTT packet of a connection offloaded with
- *          keys it writes FR_CB_PROTECT (+ FR_CB_CLONE for clones) and the layout: the
- *          shim applies packet protection. Without FR_CB_PROTECT the shim leaves the
- *          packet alone; a connection offloaded without keys never gets here (dropped).
+ *          keys it writes FR_CB_PROTECT (+ FR_CB_CLONE for clones, + FR_CB_HAVE_PN with the
+ *          packet number it wrote) and the layout; it clears the verdict of everything
+ *          else first. The shim protects with the keys of the destination's address (a
+ *          clone carries the subscriber's addresses by then) and the exact packet number;
+ *          an FR_CB_PROTECT packet the shim holds no keys for is dropped, never sent in
+ *          plaintext. A connection offloaded without keys never gets here (dropped).
+ * Filter order (priorities, lower first; relay/fastpath/loader.py, crypto_backends/soft.py):
+ *   ingress shim 20 < fast path 30; egress fast path 10 < shim 20. Every program hands on
+ *   with TC_ACT_UNSPEC (TC_ACT_OK would end the chain) or drops with TC_ACT_SHOT.
  */
 #define FR_MARK_MAGIC_MASK 0xFF000000u
 #define FR_MARK_MAGIC 0xFA000000u
@@ -41,11 +51,14 @@
 #define FR_CB_VERDICT 0
 #define FR_CB_CONN 1
 #define FR_CB_LAYOUT 2
+#define FR_CB_PN_LO 3
+#define FR_CB_PN_HI 4
 #define FR_CB_MAGIC_MASK 0xFFFF0000u
 #define FR_CB_MAGIC 0xFA570000u
 #define FR_CB_VERIFIED 0x1u		/* ingress, shim -> fast path: tag verified, payload in clear */
 #define FR_CB_PROTECT 0x2u		/* egress, fast path -> shim: protect with the connection's keys */
 #define FR_CB_CLONE 0x4u		/* egress: the packet is a fast-path clone */
+#define FR_CB_HAVE_PN 0x8u		/* egress: cb[FR_CB_PN_LO/HI] hold the full packet number */
 
 /* === per-connection state =============================================================== */
 

@@ -40,6 +40,7 @@ SHIM_DIR_SEND = 1
 SHIM_STATE_PASS = 0
 SHIM_STATE_NO_KEYS = 1
 SHIM_STATE_KEYS = 2
+SHIM_CONN_FASTPATH = 0x1
 
 #: The only suite the shim implements (RFC 9001 §5.3 AEAD, §5.4.4 header protection).
 SUPPORTED_SUITE = CipherSuite.CHACHA20_POLY1305_SHA256
@@ -72,6 +73,8 @@ class ShimConn(ctypes.Structure):
         ("hp_key", ctypes.c_uint8 * 32),
         ("phase", ShimPhaseKeys * 2),
         ("next_pn", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("fr_conn_idx", ctypes.c_uint32),
     ]
 
 
@@ -86,7 +89,7 @@ class ShimStats(ctypes.Structure):
         "ingress_drop_bad_tag", "ingress_drop_no_phase", "ingress_drop_error",
         "egress_packets", "egress_bytes", "egress_passed", "egress_encrypted",
         "egress_drop_no_keys", "egress_drop_too_short", "egress_drop_too_long", "egress_drop_gso",
-        "egress_drop_no_phase", "egress_drop_error",
+        "egress_drop_no_phase", "egress_drop_error", "egress_drop_wrong_conn",
     )]
 
 
@@ -111,14 +114,17 @@ def conn_key(local: Address, peer: Address, direction: Direction) -> bytes:
     return bytes(key)
 
 
-def conn_value(material: KeyMaterial, *, dcid_len: int, next_pn: int = 0) -> ShimConn:
-    """The shim_conns value for KeyMaterial: keys of both phases, indexed by key-phase bit."""
+def conn_value(material: KeyMaterial, *, dcid_len: int, next_pn: int = 0,
+               fastpath_conn: int | None = None) -> ShimConn:
+    """The shim_conns value for KeyMaterial: keys of both phases, indexed by key-phase bit;
+    `fastpath_conn`: the fast path's connection index (fr_conns) when it holds the connection."""
     if material.cipher_suite != SUPPORTED_SUITE:
         raise ValueError(f"the soft shim protects only {SUPPORTED_SUITE.name}, "
                          f"not {CipherSuite(material.cipher_suite).name}")
     if not 0 <= dcid_len <= SHIM_MAX_CID_LEN:
         raise ValueError(f"connection id length {dcid_len} is not 0..{SHIM_MAX_CID_LEN}")
     value = ShimConn(state=SHIM_STATE_KEYS, dcid_len=dcid_len, next_pn=next_pn)
+    _link(value, fastpath_conn)
     value.hp_key[:] = material.hp_key
     for keys in (material.current, material.next):
         slot = value.phase[keys.key_phase & 1]
@@ -128,11 +134,18 @@ def conn_value(material: KeyMaterial, *, dcid_len: int, next_pn: int = 0) -> Shi
     return value
 
 
+def _link(value: ShimConn, fastpath_conn: int | None) -> None:
+    value.flags = SHIM_CONN_FASTPATH if fastpath_conn is not None else 0
+    value.fr_conn_idx = fastpath_conn or 0
+
+
 @dataclass
 class ShimEntry:
     state: int
     dcid_len: int
     next_pn: int
+    #: the fast path's connection index when it holds the connection (SHIM_CONN_FASTPATH)
+    fastpath_conn: int | None = None
 
 
 class SoftShim:
@@ -164,13 +177,27 @@ class SoftShim:
     def install(self, local: Address, peer: Address, material: KeyMaterial, *, dcid_len: int,
                 next_pn: int | None = None) -> None:
         """Write (or update on a key update) one direction's keys; keeps the packet-number
-        state the shim has unless next_pn is given."""
+        state the shim has unless next_pn is given, and the link to the fast path."""
         key = conn_key(local, peer, material.direction)
+        current = self.entry(local, peer, material.direction)
         if next_pn is None:
-            current = self.entry(local, peer, material.direction)
             next_pn = current.next_pn if current is not None else 0
-        value = conn_value(material, dcid_len=dcid_len, next_pn=next_pn)
+        value = conn_value(material, dcid_len=dcid_len, next_pn=next_pn,
+                           fastpath_conn=current.fastpath_conn if current is not None else None)
         bpfload.map_update(self._conns_fd, key, bytes(value))
+
+    def link_fastpath(self, local: Address, peer: Address, direction: Direction,
+                      fastpath_conn: int | None) -> bool:
+        """Tell one direction's entry the fast path's connection index (None: the fast path
+        no longer holds it). False when the shim has no entry for it."""
+        key = conn_key(local, peer, direction)
+        raw = bpfload.map_lookup(self._conns_fd, key, ctypes.sizeof(ShimConn))
+        if raw is None:
+            return False
+        value = ShimConn.from_buffer_copy(raw)
+        _link(value, fastpath_conn)
+        bpfload.map_update(self._conns_fd, key, bytes(value))
+        return True
 
     def set_state(self, local: Address, peer: Address, direction: Direction, state: int, *,
                   dcid_len: int = 0) -> None:
@@ -193,7 +220,9 @@ class SoftShim:
         if raw is None:
             return None
         value = ShimConn.from_buffer_copy(raw)
-        return ShimEntry(state=value.state, dcid_len=value.dcid_len, next_pn=value.next_pn)
+        linked = value.fr_conn_idx if value.flags & SHIM_CONN_FASTPATH else None
+        return ShimEntry(state=value.state, dcid_len=value.dcid_len, next_pn=value.next_pn,
+                         fastpath_conn=linked)
 
     # --- counters --------------------------------------------------------------------
 

@@ -398,8 +398,9 @@ def test_offloaded_subscriber_gets_the_shim_verdict(fp: FastPath) -> None:
     frame = PUB4.frame(P.quic_short(UP_CID, 7, P.stream_frame(UP_SID, head(), offset=0)))
     res = clone_run(fp, frame)
     assert res.retval == TC_ACT_UNSPEC
-    cb = [P.skb_ctx_field(res.ctx, "cb", i) for i in range(3)]
-    assert cb == [L.CB_MAGIC | L.CB_PROTECT | L.CB_CLONE, 1, TO_SUB4.payload_offset | (8 << 16) | (2 << 24)]
+    cb = [P.skb_ctx_field(res.ctx, "cb", i) for i in range(5)]
+    assert cb == [L.CB_MAGIC | L.CB_PROTECT | L.CB_CLONE | L.CB_HAVE_PN, 1,
+                  TO_SUB4.payload_offset | (8 << 16) | (2 << 24), 100, 0]
 
 
 def test_truncated_and_random_clones_never_sent_malformed(fp: FastPath) -> None:
