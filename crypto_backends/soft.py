@@ -185,6 +185,9 @@ class SoftBackend(CryptoBackend):
         self.not_offloaded_reasons: dict[str, int] = {}
         self.key_updates = 0
         self._final_shim_stats: dict[str, int] | None = None
+        #: Told (connection, direction, key phase) before a key update's keys go to the
+        #: shim: the fast path switches the phase its clones carry (relay.fastpath.runtime).
+        self.phase_listener: Callable[[int, Direction, int], None] | None = None
 
     @property
     def cipher_suites(self) -> tuple[CipherSuite, ...]:
@@ -260,6 +263,8 @@ class SoftBackend(CryptoBackend):
                 raise OffloadRefused("the soft shim does not hold this connection")
             where = self._admit(material)
         dcid_len = material.path.dcid_len if material.path is not None else 0
+        if material.trigger is not KeyTrigger.INSTALL and self.phase_listener is not None:
+            self.phase_listener(connection, material.direction, material.current.key_phase)
         try:
             self._shim.install(where[0], where[1], material, dcid_len=dcid_len)
         except (OSError, FastrelayError) as exc:  # e.g. the map is full
@@ -308,6 +313,20 @@ class SoftBackend(CryptoBackend):
             self._shim.remove(where[0], where[1], direction)
         if not keyed:
             del self._keyed[connection], self._where[connection]
+
+    def keyed_directions(self, connection: int) -> frozenset[Direction]:
+        """The directions of `connection` the shim holds keys for."""
+        return frozenset(self._keyed.get(connection, ()))
+
+    def link_fastpath(self, connection: int, conn_idx: int | None) -> bool:
+        """Give both shim entries of `connection` the fast path's connection index (None:
+        the fast path let it go). False when the shim does not hold the connection."""
+        where = self._where.get(connection)
+        if where is None or self._shim is None:
+            return False
+        linked = [self._shim.link_fastpath(where[0], where[1], d, conn_idx)
+                  for d in self._keyed.get(connection, ())]
+        return bool(linked) and all(linked)
 
     def entries(self) -> dict[int, tuple[Address, Address, list[str]]]:
         """Connections the shim holds keys for now: local and peer address, directions."""

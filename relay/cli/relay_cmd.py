@@ -223,6 +223,7 @@ def relay_command(
         else:
             runtime = FastPathRuntime.open(port=port, interface_names=interface, caps=caps)
             runtime.userspace_peers = frozenset(canonical_address(a) for a in userspace_peers)
+            runtime.use_crypto(backend)
             fastpath_line = "fastpath on: " + ", ".join(name for _, name in runtime.interfaces)
         server = RelayServer(config, upstream_url=upstream, upstream_tls=upstream_tls,
                              queue_budget=queue_budget, crypto=backend, fastpath=runtime)

@@ -32,6 +32,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from aioquic import tls
+
+from crypto_backends.base import AEAD_TAG_SIZE, Direction
 from relay import bpfload
 from relay.errors import FastrelayError
 from relay.fastpath import layout as L
@@ -72,6 +75,11 @@ HASH_MAPS = ("fr_cids", "fr_peers", "fr_tracks", "fr_sub_tracks", "fr_up_streams
 """The maps whose entries come and go with connections and streams (`stats` counts them)."""
 
 
+FASTPATH_CRYPTO = ("none", "soft")
+"""`--crypto` backends the fast path works with: plaintext 1-RTT (none), or 1-RTT the soft
+shim protects around it (bpf/structs.h, skb verdict contract)."""
+
+
 class FastPathMode(str, enum.Enum):
     AUTO = "auto"
     ON = "on"
@@ -86,10 +94,10 @@ def unavailable_reason(crypto: str | None, listen_host: str = "0.0.0.0") -> str 
             return f"listening on {listen_host} (loopback): there is no interface to attach to"
     except ValueError:
         pass  # a host name: decided by the interfaces found
-    if crypto != "none":
+    if crypto not in FASTPATH_CRYPTO:
         what = "standard QUIC" if crypto is None else f"--crypto {crypto}"
-        return (f"{what} is protected in userspace; the fast path needs --crypto none "
-                "(soft: not yet wired to the fast path)")
+        return (f"{what} is protected in userspace; the fast path needs --crypto "
+                + " or ".join(FASTPATH_CRYPTO))
     try:
         bpfload.require_root("the fast path")
         bpfload.import_bcc()
@@ -181,6 +189,10 @@ class FastPathRuntime:
         self.counters: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
         self.punts: Counter[str] = Counter()
+        #: The crypto backend protecting offloaded connections around the fast path (soft).
+        self._offload_crypto: Any = None
+        #: Its connection numbers -> fast-path connection indexes (fr_conns).
+        self._crypto_conns: dict[int, int] = {}
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -326,8 +338,15 @@ class FastPathRuntime:
         if not isinstance(quic, FastrelayQuicConnection):
             self._refuse(session, "not a fastrelay connection")
             return None
-        if quic.one_rtt_mode is not OneRttMode.NULL:
-            self._refuse(session, "1-RTT protected in userspace (needs --crypto none)")
+        mode = quic.one_rtt_mode
+        if mode is OneRttMode.PASS_THROUGH and self._offload_crypto is not None:
+            return quic
+        if mode is not OneRttMode.NULL:
+            # e.g. a peer that could not negotiate ChaCha20-Poly1305 with --crypto soft
+            why = getattr(quic._cryptos.get(tls.Epoch.ONE_RTT), "refused", None)
+            self.counters["offload_refused_userspace_crypto"] += 1
+            self._refuse(session, "1-RTT protected in userspace" + (f" ({why})" if why else
+                                                                    " (needs --crypto none or soft)"))
             return None
         return quic
 
@@ -339,8 +358,11 @@ class FastPathRuntime:
             self._refuse(session, "a connection is either upstream or subscriber to the kernel")
             return None
         cids = {c.cid for c in quic._host_cids}
+        protection, tag_len = self._protection(quic)
         try:
-            handle = self.controller.add_upstream(cids, peer_cid_len=len(quic._peer_cid.cid))
+            handle = self.controller.add_upstream(cids, peer_cid_len=len(quic._peer_cid.cid),
+                                                  protection=protection, tag_len=tag_len)
+            self._link_crypto(quic, handle.conn_idx, protection)
         except FastrelayError as exc:
             self._refuse(session, str(exc))
             return None
@@ -391,6 +413,7 @@ class FastPathRuntime:
                               dcid=quic._peer_cid.cid)
         credit = quic.credit_snapshot()
         congestion = quic.congestion_snapshot()
+        protection, tag_len = self._protection(quic)
         try:
             handle = self.controller.add_subscriber(
                 None, path, max_data=credit.max_data, max_streams_uni=credit.max_streams_uni,
@@ -398,7 +421,9 @@ class FastPathRuntime:
                 cwnd=congestion.congestion_window, first_uni_index=quic.next_local_uni_index,
                 next_pn=quic._packet_number, data_used=credit.data_used,
                 max_udp_payload=quic.udp_payload_limit,
-                priority_threshold=max(0, min(255, self._thresholds.get(session, 255))))
+                priority_threshold=max(0, min(255, self._thresholds.get(session, 255))),
+                protection=protection, tag_len=tag_len)
+            self._link_crypto(quic, handle.conn_idx, protection)
         except FastrelayError as exc:
             self._refuse(session, str(exc))
             return None
@@ -424,6 +449,7 @@ class FastPathRuntime:
             del self._sub_tracks[key]
         self.shadow.forget_session(sub.session)
         sub.quic.listener = None
+        self._unlink_crypto(sub.quic)
         try:
             self.controller.remove_subscriber(sub.handle, sub.peer)
         except (FastrelayError, OSError) as exc:
@@ -438,10 +464,77 @@ class FastPathRuntime:
         self.shadow.forget_publisher(up.session, self._now())
         up.protocol._quic.listener = None
         up.protocol.stream_tap = None
+        self._unlink_crypto(up.protocol._quic)
         try:
             self.controller.remove_upstream(up.handle, up.cids)
         except (FastrelayError, OSError) as exc:
             logger.warning("removing upstream %d: %s", up.session, exc)
+
+    # --- offloaded crypto (--crypto soft) ------------------------------------------------
+
+    def use_crypto(self, backend: Any) -> None:
+        """The relay's crypto backend. One that offloads 1-RTT (soft) protects the offloaded
+        connections around the fast path: the runtime links its shim entries to the fast
+        path's connection indexes and keeps fr_conn.key_phase in step with key updates."""
+        if backend is None or not getattr(backend, "offloads_1rtt", False):
+            return
+        self._offload_crypto = backend
+        backend.phase_listener = self._on_key_phase
+
+    @staticmethod
+    def _pair(quic: FastrelayQuicConnection) -> Any:
+        return quic._cryptos.get(tls.Epoch.ONE_RTT)
+
+    def _protection(self, quic: FastrelayQuicConnection) -> tuple[int, int]:
+        """fr_conn.protection and tag_len for a connection about to be offloaded."""
+        if quic.one_rtt_mode is not OneRttMode.PASS_THROUGH:
+            return L.PROT_CLEAR, 0
+        pair = self._pair(quic)
+        keyed = self._offload_crypto.keyed_directions(pair._connection)
+        if len(keyed) == 2:
+            return L.PROT_OFFLOAD_KEYS, AEAD_TAG_SIZE
+        return L.PROT_OFFLOAD_NOKEYS, AEAD_TAG_SIZE
+
+    def _link_crypto(self, quic: FastrelayQuicConnection, conn_idx: int, protection: int) -> None:
+        """Tell the shim the fast path's index of this connection (its ingress verdict
+        names it, its egress checks it) and set the key phase clones carry."""
+        if protection == L.PROT_CLEAR:
+            return
+        pair = self._pair(quic)
+        connection = pair._connection
+        self._crypto_conns[connection] = conn_idx
+        if not self._offload_crypto.link_fastpath(connection, conn_idx):
+            raise FastrelayError("the soft shim holds no keys for this connection")
+        self._set_key_phase(conn_idx, pair.send.key_phase)
+
+    def _unlink_crypto(self, quic: Any) -> None:
+        if self._offload_crypto is None:
+            return
+        pair = self._pair(quic)
+        connection = getattr(pair, "_connection", None)
+        if self._crypto_conns.pop(connection, None) is not None:
+            self._offload_crypto.link_fastpath(connection, None)
+
+    def _set_key_phase(self, conn_idx: int, key_phase: int) -> None:
+        conn = self.fp.lookup("fr_conns", conn_idx, L.FrConn)
+        if conn is None or conn.key_phase == key_phase:
+            return
+        conn.key_phase = key_phase
+        self.fp.update("fr_conns", conn_idx, conn)
+        self.counters["key_phase_changes"] += 1
+
+    def _on_key_phase(self, connection: int, direction: Any, key_phase: int) -> None:
+        """The backend is about to install a connection's keys of `key_phase` (a key update).
+        For the send direction the fast path's clones switch to that phase first: the shim
+        already holds the new phase's keys (as the previous phase's `next`)."""
+        conn_idx = self._crypto_conns.get(connection)
+        if conn_idx is None or direction is not Direction.SEND:
+            return
+        try:
+            self._set_key_phase(conn_idx, key_phase)
+        except (FastrelayError, OSError) as exc:
+            self.counters["map_errors"] += 1
+            logger.warning("key phase of fast-path connection %d: %s", conn_idx, exc)
 
     # --- connection events --------------------------------------------------------------
 
