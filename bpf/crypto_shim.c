@@ -257,6 +257,7 @@ int shim_ingress(struct __sk_buff *skb)
 	switch (ret) {
 	case QP_OK:
 		st->ingress_decrypted++;
+		st->ingress_key_phase_1 += p->qp.key_phase;
 		if (conn->flags & SHIM_CONN_FASTPATH) {
 			skb->cb[FR_CB_VERDICT] = FR_CB_MAGIC | FR_CB_VERIFIED;
 			skb->cb[FR_CB_CONN] = conn->fr_conn_idx;
@@ -327,6 +328,7 @@ int shim_egress(struct __sk_buff *skb)
 	switch (ret) {
 	case QP_OK:
 		st->egress_encrypted++;
+		st->egress_key_phase_1 += p->qp.key_phase;
 		return TC_ACT_UNSPEC;
 	case QP_TOO_SHORT:
 		st->egress_drop_too_short++;

@@ -33,6 +33,7 @@ struct qp_packet {
 	__u64 len;		/* bytes to the end of the UDP payload */
 	__u64 csum_off;		/* offset of the UDP checksum field */
 	__u64 odd;		/* 1 when off - UDP header offset is odd */
+	__u64 key_phase;	/* out, after QP_OK: the packet's key phase bit */
 };
 
 /* Pin a bound-checked value so LLVM does not use an unchecked copy of it. */
@@ -161,7 +162,7 @@ static __always_inline void qp_fix_csum(struct __sk_buff *skb, const struct qp_p
  * NOTE: on any error the skb is unchanged. Updates conn->next_pn after the tag verified.
  * Returns QP_OK or a negative QP_*.
  */
-static __always_inline int qp_unprotect(struct __sk_buff *skb, const struct qp_packet *pkt,
+static __always_inline int qp_unprotect(struct __sk_buff *skb, struct qp_packet *pkt,
 					struct shim_conn *conn, struct cp_scratch *s,
 					const __u8 *token)
 {
@@ -211,6 +212,7 @@ static __always_inline int qp_unprotect(struct __sk_buff *skb, const struct qp_p
 	ph = &conn->phase[(first >> 2) & 1];
 	if (!ph->valid)
 		return QP_NO_PHASE;
+	pkt->key_phase = (first >> 2) & 1;
 
 	QP_OPAQUE(s, 0, hdr_len);
 	QP_OPAQUE(s, 1, data_len);
@@ -257,7 +259,7 @@ static __always_inline int qp_unprotect(struct __sk_buff *skb, const struct qp_p
  * QP_ERROR), else recovered from conn->next_pn.
  * NOTE: on any error the skb is unchanged. Returns QP_OK or a negative QP_*.
  */
-static __always_inline int qp_protect(struct __sk_buff *skb, const struct qp_packet *pkt,
+static __always_inline int qp_protect(struct __sk_buff *skb, struct qp_packet *pkt,
 				      struct shim_conn *conn, struct cp_scratch *s,
 				      __u64 exact_pn, int have_pn)
 {
@@ -304,6 +306,7 @@ static __always_inline int qp_protect(struct __sk_buff *skb, const struct qp_pac
 	ph = &conn->phase[(first >> 2) & 1];
 	if (!ph->valid)
 		return QP_NO_PHASE;
+	pkt->key_phase = (first >> 2) & 1;
 
 	QP_OPAQUE(s, 0, hdr_len);
 	QP_OPAQUE(s, 1, data_len);

@@ -92,6 +92,10 @@ struct shim_stats {
 	__u64 egress_drop_no_phase;	/* key-phase bit names a phase without keys */
 	__u64 egress_drop_error;	/* a helper failed */
 	__u64 egress_drop_wrong_conn;	/* the fast path's verdict names another connection */
+	/* Not verdicts: of the packets verified / protected above, those in key phase 1 (a key
+	 * update took place in that direction on the wire). */
+	__u64 ingress_key_phase_1;
+	__u64 egress_key_phase_1;
 };
 
 #endif /* FASTRELAY_SHIM_STRUCTS_H */

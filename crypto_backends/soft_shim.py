@@ -90,6 +90,7 @@ class ShimStats(ctypes.Structure):
         "egress_packets", "egress_bytes", "egress_passed", "egress_encrypted",
         "egress_drop_no_keys", "egress_drop_too_short", "egress_drop_too_long", "egress_drop_gso",
         "egress_drop_no_phase", "egress_drop_error", "egress_drop_wrong_conn",
+        "ingress_key_phase_1", "egress_key_phase_1",
     )]
 
 

@@ -99,8 +99,8 @@ def wait_capturing(parties: list[Party], sock: socket.socket, frames: list[bytes
     wait_all(parties, max(1.0, deadline - time.monotonic()))
 
 
-def soft_scenario(tmp_path: Path, *, sub_loss: float = 0.0) -> tuple[Scenario, dict[str, Any],
-                                                                    dict[str, Any], list[bytes]]:
+def soft_scenario(tmp_path: Path, *, sub_loss: float = 0.0, relay_args: tuple[str, ...] = ()
+                  ) -> tuple[Scenario, dict[str, Any], dict[str, Any], list[bytes]]:
     """moq-rs publisher, three subscribers (fastrelay --crypto soft, fastrelay stock,
     moq-rs); returns the scenario, the relay's stats, the subscribers' summaries and the
     frames captured on the first subscriber's link."""
@@ -151,7 +151,8 @@ def soft_scenario(tmp_path: Path, *, sub_loss: float = 0.0) -> tuple[Scenario, d
         summaries["fr-stock"] = subs[1].summary()
         summaries["rs-sub"] = rs_summary(subs[2])
 
-    scenario, stats = run(tmp_path, topology(tmp_path, 3, sub_loss=sub_loss), body, SOFT)
+    path = replace(SOFT, relay_argv=[*SOFT.relay_argv, *relay_args])
+    scenario, stats = run(tmp_path, topology(tmp_path, 3, sub_loss=sub_loss), body, path)
     return scenario, stats, summaries, frames
 
 
@@ -193,4 +194,44 @@ def test_soft_fastpath_serves_standard_peers(tmp_path: Path) -> None:
     assert kernel.get("IN_PASS_NOT_VERIFIED", {}).get("packets", 0) == 0, kernel
     # never in clear on the subscriber's wire (the none-mode capture shows the marker)
     assert len(frames) >= OBJECTS
+    assert not any(PAYLOAD_MAGIC in frame for frame in frames)
+
+
+def test_soft_fastpath_repairs_loss_on_subscriber_links(tmp_path: Path) -> None:
+    """5% of what the relay sends each subscriber is dropped at the subscriber's end: the
+    relay declares forwarded (kernel-encrypted) packets lost and resends their ranges itself,
+    through the same shim."""
+    scenario, stats, summaries, frames = soft_scenario(tmp_path, sub_loss=0.05)
+    check_delivery(summaries)
+    fp, crypto = check_soft_fastpath(stats)
+    assert fp["forwarded_lost"] > 0, fp
+    # (congestion windows shrink with loss: the kernel punts what would exceed them, which
+    # userspace sends; share is not the point here)
+    assert fp["counters"]["forwarded_packets"] > 0 and fp["kernel_bytes_share"] > 0.25, fp
+    shim = crypto["shim"]
+    assert not {k: v for k, v in shim.items() if "drop" in k and v}, shim
+    assert not any(PAYLOAD_MAGIC in frame for frame in frames)
+
+
+def test_soft_fastpath_relay_key_updates_during_the_stream(tmp_path: Path) -> None:
+    """The relay starts a key update on every offloaded connection (publisher and
+    subscribers) every half second, each once the peer acknowledged a packet of the current
+    phase; clones follow the phase (fr_conn.key_phase), the peers answer in it."""
+    _, stats, summaries, frames = soft_scenario(tmp_path, relay_args=("--key-update-every", "0.5"))
+    check_delivery(summaries)
+    fp, crypto = check_soft_fastpath(stats)
+    counters = fp["counters"]
+    # towards the publisher and towards each of the four subscribers, several times
+    assert counters.get("key_updates_upstream", 0) >= 2, counters
+    assert counters.get("key_updates_subscriber", 0) >= 2 * 4, counters
+    # the clones' phase followed (the kernel's fr_conn.key_phase), on every update
+    assert counters.get("key_phase_changes", 0) >= counters["key_updates_subscriber"], counters
+    shim = crypto["shim"]
+    # Both sides changed phase on the wire: the shim protected packets of phase 1 (ours) and
+    # verified packets of phase 1 (the peers', after they followed).
+    assert shim["egress_key_phase_1"] > 0 and shim["ingress_key_phase_1"] > 0, shim
+    # never a packet in plaintext or with keys of the wrong phase on the way out; on the way
+    # in, the peers' packets of the old phase still in flight are dropped as aioquic does
+    assert not {k: v for k, v in shim.items() if k.startswith("egress_drop") and v}, shim
+    assert fp["kernel_bytes_share"] >= 0.5, fp
     assert not any(PAYLOAD_MAGIC in frame for frame in frames)

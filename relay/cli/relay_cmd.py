@@ -146,6 +146,11 @@ def relay_command(
              "paired measurements.")] = None,
     duration: Annotated[float | None, typer.Option(
         "--duration", min=0.0, metavar="S", help="Stop after S seconds.")] = None,
+    key_update_every: Annotated[float | None, typer.Option(
+        "--key-update-every", min=0.1, metavar="S",
+        help="With --fastpath and --crypto soft: start a 1-RTT key update on every offloaded "
+             "connection every S seconds (each once the peer acknowledged a packet of the "
+             "current phase).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log to stderr.")] = False,
 ) -> None:
     """Run the MoQ relay (userspace path) until SIGINT/SIGTERM or --duration."""
@@ -196,6 +201,8 @@ def relay_command(
         caps = Capacities.parse(capacity or [])
     except ValueError as exc:
         raise ConfigError(f"--fastpath-capacity {exc}") from None
+    if key_update_every is not None and (crypto != "soft" or fastpath == FastPathMode.OFF):
+        raise ConfigError("--key-update-every goes with --crypto soft and --fastpath on or auto")
     fastpath_reason = None if fastpath == FastPathMode.OFF else unavailable_reason(crypto, host)
     if fastpath == FastPathMode.ON and fastpath_reason is not None:
         raise MissingCapabilityError(f"--fastpath on: {fastpath_reason}")
@@ -224,6 +231,7 @@ def relay_command(
             runtime = FastPathRuntime.open(port=port, interface_names=interface, caps=caps)
             runtime.userspace_peers = frozenset(canonical_address(a) for a in userspace_peers)
             runtime.use_crypto(backend)
+            runtime.key_update_every = key_update_every
             fastpath_line = "fastpath on: " + ", ".join(name for _, name in runtime.interfaces)
         server = RelayServer(config, upstream_url=upstream, upstream_tls=upstream_tls,
                              queue_budget=queue_budget, crypto=backend, fastpath=runtime)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aioquic import tls
+from aioquic.quic.connection import QuicConnection
 
 from crypto_backends.base import AEAD_TAG_SIZE, Direction
 from relay import bpfload
@@ -71,6 +72,8 @@ STREAM_LINGER = 3.0
 TICK = 0.002
 IDLE_TICK = 0.02
 """Without records the tick backs off (doubling) to this, and snaps back at the next one."""
+KEY_UPDATE_PING = 0x6B75
+"""PING uid of the packet that carries a relay-initiated key update."""
 HASH_MAPS = ("fr_cids", "fr_peers", "fr_tracks", "fr_sub_tracks", "fr_up_streams", "fr_sub_streams")
 """The maps whose entries come and go with connections and streams (`stats` counts them)."""
 
@@ -193,6 +196,12 @@ class FastPathRuntime:
         self._offload_crypto: Any = None
         #: Its connection numbers -> fast-path connection indexes (fr_conns).
         self._crypto_conns: dict[int, int] = {}
+        #: Its connection numbers -> the first packet number known to be in the current send
+        #: key phase (None: a phase began, its first number not known yet).
+        self._phase_start: dict[int, int | None] = {}
+        #: Relay-initiated key updates of offloaded connections every this many seconds.
+        self.key_update_every: float | None = None
+        self._key_timer: asyncio.TimerHandle | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -215,11 +224,15 @@ class FastPathRuntime:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._timer = loop.call_later(self.tick, self._on_tick)
+        self._schedule_key_updates()
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._key_timer is not None:
+            self._key_timer.cancel()
+            self._key_timer = None
         for sub in list(self._subs.values()):
             self._drop_sub(sub)
         for up in list(self._ups.values()):
@@ -506,12 +519,14 @@ class FastPathRuntime:
         if not self._offload_crypto.link_fastpath(connection, conn_idx):
             raise FastrelayError("the soft shim holds no keys for this connection")
         self._set_key_phase(conn_idx, pair.send.key_phase)
+        self._phase_start[connection] = None
 
     def _unlink_crypto(self, quic: Any) -> None:
         if self._offload_crypto is None:
             return
         pair = self._pair(quic)
         connection = getattr(pair, "_connection", None)
+        self._phase_start.pop(connection, None)
         if self._crypto_conns.pop(connection, None) is not None:
             self._offload_crypto.link_fastpath(connection, None)
 
@@ -530,11 +545,68 @@ class FastPathRuntime:
         conn_idx = self._crypto_conns.get(connection)
         if conn_idx is None or direction is not Direction.SEND:
             return
+        self._phase_start[connection] = None  # known after the packets of this send
         try:
             self._set_key_phase(conn_idx, key_phase)
         except (FastrelayError, OSError) as exc:
             self.counters["map_errors"] += 1
             logger.warning("key phase of fast-path connection %d: %s", conn_idx, exc)
+
+    # --- relay-initiated key updates ----------------------------------------------------
+
+    def _next_wire_pn(self, session: int) -> int:
+        """The next 1-RTT packet number of an offloaded connection: the kernel's counter for
+        a subscriber (it numbers every packet), aioquic's for an upstream."""
+        sub = self._subs.get(session)
+        if sub is not None:
+            state = self.fp.lookup("fr_subs", sub.handle.sub_idx, L.FrSub)
+            return int(state.next_pn)
+        return int(self._ups[session].protocol._quic._packet_number)
+
+    def request_key_update(self, session: int) -> bool:
+        """Start a key update (RFC 9001 §6) on an offloaded connection protected by the shim,
+        only once the peer acknowledged a packet sent in the current phase (§6.1): a packet
+        numbered at or after the first number known to be in it. False when not allowed now.
+
+        The kernel numbers a subscriber's packets, so the connection's own record-based rule
+        does not apply here; the first number of a phase is read from the counters after the
+        packet that switched phase left (later than the real first: never too early)."""
+        entry = self._subs.get(session) or self._ups.get(session)
+        if entry is None or self._offload_crypto is None:
+            return False
+        protocol = entry.protocol
+        quic = protocol._quic
+        pair = self._pair(quic)
+        connection = getattr(pair, "_connection", None)
+        if connection not in self._crypto_conns or pair._update_key_requested:
+            return False
+        start = self._phase_start.get(connection)
+        if start is None:
+            self._phase_start[connection] = self._next_wire_pn(session)
+            return False
+        if quic._spaces[tls.Epoch.ONE_RTT].largest_acked_packet < start:
+            self.counters["key_updates_waiting_ack"] += 1
+            return False
+        QuicConnection.request_key_update(quic)  # the rule above replaces the record-based one
+        quic.send_ping(KEY_UPDATE_PING)  # a packet to carry the switch now
+        protocol.transmit()
+        self._phase_start[connection] = self._next_wire_pn(session)
+        self.counters["key_updates_upstream" if session in self._ups else
+                      "key_updates_subscriber"] += 1
+        return True
+
+    def _schedule_key_updates(self) -> None:
+        if self._loop is not None and self.key_update_every:
+            self._key_timer = self._loop.call_later(self.key_update_every, self._key_update_tick)
+
+    def _key_update_tick(self) -> None:
+        self._key_timer = None
+        for session in [*self._ups, *self._subs]:
+            try:
+                self.request_key_update(session)
+            except Exception:  # pragma: no cover - never let the loop lose the timer
+                logger.exception("key update of session %d failed", session)
+        self._schedule_key_updates()
 
     # --- connection events --------------------------------------------------------------
 

@@ -101,6 +101,11 @@ class OneRttCryptoPair(CryptoPair):
             # Null protection starts only once the peer agreed (see enable_null).
             self.mode = OneRttMode.STANDARD
         self.plaintext_accepted = 0
+        #: The first packet number received in the current receive key phase (None: none yet).
+        self._recv_phase_first_pn: int | None = None
+        #: Packets the backend verified with the previous phase's keys and userspace read
+        #: after the phase changed (a socket's queue outlives a key update).
+        self.old_phase_accepted = 0
         self.token_mismatches = 0
 
     # --- negotiation ----------------------------------------------------------------
@@ -183,6 +188,7 @@ class OneRttCryptoPair(CryptoPair):
             return super().encrypt_packet(plain_header, plain_payload, packet_number)
         if self._update_key_requested:
             self._update_key("local_update")
+            self._recv_phase_first_pn = None
         if not self.send.is_valid():
             raise KeyUnavailableError("Encryption key is not available")
         if self.mode is OneRttMode.NULL:
@@ -237,8 +243,19 @@ class OneRttCryptoPair(CryptoPair):
         truncated = int.from_bytes(packet[encrypted_offset:header_length], "big")
         packet_number = decode_packet_number(truncated, pn_length * 8, expected_packet_number)
         payload = packet[header_length:len(packet) - tag_size]
-        # A short header's key-phase bit is in the clear here; a flip means the peer updated.
+        # A short header's key-phase bit is in the clear here. The backend verified the packet
+        # with the keys of its bit, possibly before a key update the packet waited out in the
+        # socket: the other bit is the previous phase when nothing of the current one has
+        # arrived yet or its number is lower than the current phase's first (RFC 9001 §6.5),
+        # and only otherwise the peer's update.
         if (first_byte & 0x04) >> 2 != self.recv.key_phase:
-            self._update_key("remote_update")
+            first = self._recv_phase_first_pn
+            if first is None or packet_number < first:
+                self.old_phase_accepted += 1
+            else:
+                self._update_key("remote_update")
+                self._recv_phase_first_pn = packet_number
+        elif self._recv_phase_first_pn is None or packet_number < self._recv_phase_first_pn:
+            self._recv_phase_first_pn = packet_number
         self.plaintext_accepted += 1
         return packet[:header_length], payload, packet_number

@@ -143,9 +143,11 @@ def run(prog, frame: bytes):
 
 
 def delta(shim, **expected: int) -> None:
-    """Every counter equals `expected` (missing names: 0)."""
+    """Every verdict counter equals `expected` (missing names: 0); bytes and the key-phase
+    counts are checked where they matter."""
     stats = shim.stats()
-    assert {k: v for k, v in stats.items() if v and not k.endswith("_bytes")} == expected
+    assert {k: v for k, v in stats.items()
+            if v and not k.endswith(("_bytes", "_key_phase_1"))} == expected
 
 
 def egress_frame(udp: Udp, quic: bytes, prefix: bytes = b"") -> bytes:
@@ -353,6 +355,8 @@ def test_key_phase_bit_selects_keys(fresh) -> None:
         assert run(fresh.ingress, udp.reversed().frame(wrong))[0] == TC_ACT_SHOT
     delta(fresh, egress_packets=4, egress_encrypted=4, ingress_packets=8, ingress_decrypted=4,
           ingress_drop_bad_tag=4)
+    stats = fresh.stats()  # two of each direction's four protected packets were in phase 1
+    assert (stats["egress_key_phase_1"], stats["ingress_key_phase_1"]) == (2, 2)
 
 
 def test_key_update_keeps_packet_numbers(fresh) -> None:
