@@ -41,9 +41,10 @@ from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from aioquic import tls
 
 from crypto_backends import CryptoBackend
 from relay.cli.output import JsonOption, progress
@@ -136,6 +137,9 @@ class SubscriberOptions:
     to extensions)."""
     more_tracks: tuple[FullTrackName, ...] = ()
     """Further (namespace, name) tracks on the same session, after `namespace`/`track`."""
+    key_update_after: int | None = None
+    """Start one 1-RTT key update once this many objects arrived (after an ACK of a packet
+    of the current phase, RFC 9001 §6.1); the summary's connection says what happened."""
 
     @property
     def tracks(self) -> tuple[FullTrackName, ...]:
@@ -397,6 +401,34 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
+class _KeyUpdate:
+    """One subscriber-initiated 1-RTT key update (--key-update-after N objects)."""
+
+    def __init__(self, protocol: Any, after: int | None) -> None:
+        self.protocol, self.after = protocol, after
+        self.requested_at_pn: int | None = None
+
+    def poll(self, objects: int) -> None:
+        if self.after is None or self.requested_at_pn is not None or objects < self.after:
+            return
+        quic = self.protocol._quic
+        space = quic._spaces.get(tls.Epoch.ONE_RTT)
+        if space is None or space.largest_acked_packet <= 0:
+            return  # nothing of the current phase acknowledged yet
+        self.requested_at_pn = quic._packet_number
+        quic.request_key_update()
+        quic.send_ping(0x6B75)  # a packet to carry the switch
+        self.protocol.transmit()
+
+    def report(self) -> dict[str, int | None]:
+        if self.after is None:
+            return {}
+        pair = self.protocol._quic._cryptos.get(tls.Epoch.ONE_RTT)
+        return {"key_update_requested_at_pn": self.requested_at_pn,
+                "send_key_phase": None if pair is None else pair.send.key_phase,
+                "recv_key_phase": None if pair is None else pair.recv.key_phase}
+
+
 async def run_subscriber(opts: SubscriberOptions, *,
                          on_subscribed: Callable[[], None] | None = None) -> SubscribeSummary:
     """Subscribe and verify until done; `on_subscribed()` runs once every track's SUBSCRIBE_OK
@@ -418,7 +450,9 @@ async def run_subscriber(opts: SubscriberOptions, *,
         for track in sub.tracks:
             sub.subscribe(track)
         announced = False
+        key_update = _KeyUpdate(protocol, opts.key_update_after)
         while True:
+            key_update.poll(sum(t.verifier.received() for t in sub.tracks))
             if stop.is_set():
                 reason = "signal"
                 break
@@ -463,6 +497,7 @@ async def run_subscriber(opts: SubscriberOptions, *,
         quic = protocol._quic
         connection["track_alias"] = sub.tracks[0].track_alias if len(sub.tracks) == 1 else None
         connection["rtt_us"] = int(quic._loss._rtt_smoothed * 1e6) if quic._loss else None
+        connection.update(key_update.report())
     parts = {t.label: t.summary(opts, reason, sub.closed, t0) for t in sub.tracks}
     if len(sub.tracks) == 1:
         summary = parts[sub.tracks[0].label]
@@ -532,6 +567,9 @@ def subscribe_command(
         "--delays-file", metavar="PATH",
         help="Write every intact object's one-way delay to PATH, a line each: group id, "
              "object id, delay in ns.")] = None,
+    key_update_after: Annotated[int | None, typer.Option(
+        "--key-update-after", min=1, metavar="N",
+        help="Start one 1-RTT key update once N objects arrived (test aid).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Subscribe to tracks and verify every object; exit 0 only if all arrived intact."""
@@ -544,7 +582,7 @@ def subscribe_command(
             tls=tls_options(insecure, fingerprint, cafile), filter_type=_FILTERS[filter_choice],
             priority=priority, duration=duration, expect_objects=expect_objects,
             expect_groups=expect_groups, connect_timeout=connect_timeout, crypto=backend,
-            delays_file=delays_file)
+            delays_file=delays_file, key_update_after=key_update_after)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     summary = run_endpoint(run_subscriber(

@@ -99,7 +99,8 @@ def wait_capturing(parties: list[Party], sock: socket.socket, frames: list[bytes
     wait_all(parties, max(1.0, deadline - time.monotonic()))
 
 
-def soft_scenario(tmp_path: Path, *, sub_loss: float = 0.0, relay_args: tuple[str, ...] = ()
+def soft_scenario(tmp_path: Path, *, sub_loss: float = 0.0, relay_args: tuple[str, ...] = (),
+                  soft_sub_args: tuple[str, ...] = ()
                   ) -> tuple[Scenario, dict[str, Any], dict[str, Any], list[bytes]]:
     """moq-rs publisher, three subscribers (fastrelay --crypto soft, fastrelay stock,
     moq-rs); returns the scenario, the relay's stats, the subscribers' summaries and the
@@ -127,7 +128,7 @@ def soft_scenario(tmp_path: Path, *, sub_loss: float = 0.0, relay_args: tuple[st
             wait_rs_subscribed(warm)
             subs = [
                 s.subscribe(fr_soft, "--expect-objects", str(OBJECTS), "--duration", "90",
-                            name="fr-soft"),
+                            *soft_sub_args, name="fr-soft"),
                 s._spawn("fr-stock", fr_stock, [
                     "subscribe", "--url", s.url(fr_stock), "--namespace", NAMESPACE, "--track",
                     TRACK, "--insecure", "--json", "--expect-objects", str(OBJECTS),
@@ -232,6 +233,29 @@ def test_soft_fastpath_relay_key_updates_during_the_stream(tmp_path: Path) -> No
     assert shim["egress_key_phase_1"] > 0 and shim["ingress_key_phase_1"] > 0, shim
     # never a packet in plaintext or with keys of the wrong phase on the way out; on the way
     # in, the peers' packets of the old phase still in flight are dropped as aioquic does
+    assert not {k: v for k, v in shim.items() if k.startswith("egress_drop") and v}, shim
+    assert fp["kernel_bytes_share"] >= 0.5, fp
+    assert not any(PAYLOAD_MAGIC in frame for frame in frames)
+
+
+def test_soft_fastpath_subscriber_key_update(tmp_path: Path) -> None:
+    """A fastrelay subscriber starts a key update towards the relay in the middle of the
+    stream (after an ACK in the current phase): the relay follows (aioquic's remote update),
+    the kernel's clones to it switch phase with it, and nothing is lost."""
+    _, stats, summaries, frames = soft_scenario(tmp_path, soft_sub_args=("--key-update-after",
+                                                                         str(OBJECTS // 3)))
+    check_delivery(summaries)
+    fp, crypto = check_soft_fastpath(stats)
+    conn = summaries["fr-soft"]["connection"]
+    # the subscriber's side: it updated, and both its directions are in phase 1 at the end
+    assert conn["key_update_requested_at_pn"] is not None, conn
+    assert (conn["send_key_phase"], conn["recv_key_phase"]) == (1, 1), conn
+    # the relay's side: a peer's update, the clones' phase followed, phase 1 on the wire
+    counters = fp["counters"]
+    assert counters.get("key_updates_by_peer", 0) >= 1, counters
+    assert counters.get("key_phase_changes", 0) >= 1, counters
+    shim = crypto["shim"]
+    assert shim["egress_key_phase_1"] > 0 and shim["ingress_key_phase_1"] > 0, shim
     assert not {k: v for k, v in shim.items() if k.startswith("egress_drop") and v}, shim
     assert fp["kernel_bytes_share"] >= 0.5, fp
     assert not any(PAYLOAD_MAGIC in frame for frame in frames)

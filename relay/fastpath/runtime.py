@@ -201,6 +201,8 @@ class FastPathRuntime:
         self._phase_start: dict[int, int | None] = {}
         #: Relay-initiated key updates of offloaded connections every this many seconds.
         self.key_update_every: float | None = None
+        #: Connections whose key update the relay is sending right now (the others' are peers').
+        self._initiating: set[int] = set()
         self._key_timer: asyncio.TimerHandle | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -546,6 +548,8 @@ class FastPathRuntime:
         if conn_idx is None or direction is not Direction.SEND:
             return
         self._phase_start[connection] = None  # known after the packets of this send
+        if connection not in self._initiating:
+            self.counters["key_updates_by_peer"] += 1
         try:
             self._set_key_phase(conn_idx, key_phase)
         except (FastrelayError, OSError) as exc:
@@ -589,7 +593,11 @@ class FastPathRuntime:
             return False
         QuicConnection.request_key_update(quic)  # the rule above replaces the record-based one
         quic.send_ping(KEY_UPDATE_PING)  # a packet to carry the switch now
-        protocol.transmit()
+        self._initiating.add(connection)
+        try:
+            protocol.transmit()
+        finally:
+            self._initiating.discard(connection)
         self._phase_start[connection] = self._next_wire_pn(session)
         self.counters["key_updates_upstream" if session in self._ups else
                       "key_updates_subscriber"] += 1
