@@ -44,8 +44,8 @@ def demo(
     backend = None if crypto == "standard" else crypto
     if backend not in (None, "none", "soft"):
         raise ConfigError(f"--crypto {crypto}: the demo runs none, soft or standard")
-    if fastpath and backend != "none":
-        raise ConfigError("the fast path runs with --crypto none (soft: not yet); "
+    if fastpath and backend not in ("none", "soft"):
+        raise ConfigError("the fast path runs with --crypto none or soft; "
                           "add --no-fastpath for the userspace path")
     result = run_demo(load_topology(topology), objects=objects, rate=rate,
                       object_size=object_size, crypto=backend, fastpath=fastpath)
