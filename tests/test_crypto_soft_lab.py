@@ -41,7 +41,8 @@ RUN_WAIT = 40.0
 def soft_relay(family: int) -> BenchPath:
     listen = f"0.0.0.0:{PORT}" if family == 4 else f"[::]:{PORT}"
     return BenchPath("soft", "fastrelay --crypto soft (fast path off)",
-                     [*FASTRELAY, "--crypto", "soft", "--listen", listen, "-v"])
+                     [*FASTRELAY, "--crypto", "soft", "--fastpath", "off", "--listen", listen,
+                      "-v"])
 
 
 def topology_without_tx_checksum(tmp_path: Path) -> Path:
