@@ -3,10 +3,14 @@ peers on every wire, the relay's kernel shim decrypting below the fast path and
 encrypting its clones above it (bpf/structs.h, skb verdict contract).
 
 A `moq-rs` publisher (quinn/rustls) -> `fastrelay relay --fastpath on --crypto soft` ->
-a `moq-rs` subscriber, a fastrelay subscriber offering ChaCha20 only (`--crypto soft`) and
-one with stock aioquic crypto (no --crypto). Every object intact at every subscriber, the
-kernel sent the large majority of the subscribers' stream bytes, a capture on a
-subscriber's link never holds the payload marker in clear, and the shim dropped nothing.
+a `moq-rs` subscriber, a fastrelay subscriber offering ChaCha20 only (`--crypto soft`), one
+with stock aioquic crypto (no --crypto) and one offering AES-128-GCM only (served with
+userspace crypto, never offloaded: counted). Every object intact at every subscriber, the
+kernel sent the large majority of the offloaded subscribers' stream bytes, a capture on a
+subscriber's link never holds the payload marker in clear (the none-mode capture in
+tests/test_crypto_none_lab.py does), and the shim dropped nothing on the way out. Then the
+same with 5% loss on the subscriber links, with relay-initiated key updates towards the
+publisher and the subscribers, and with a subscriber-initiated one.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +59,18 @@ def rs_spawn(s: Scenario, name: str, host: str, args: list[str]) -> Party:
     out, err = s.logs / f"{name}.out", s.logs / f"{name}.err"
     with open(out, "w") as o, open(err, "w") as e:
         proc = s.lab.popen(host, [*MOQ_RS, *args], stdout=o, stderr=e, env=ENV)
+    party = Party(name, proc, out, err)
+    s.parties.append(party)
+    return party
+
+
+def aes_spawn(s: Scenario, name: str, host: str) -> Party:
+    """A fastrelay subscriber offering AES-128-GCM only: the relay serves it in userspace."""
+    out, err = s.logs / f"{name}.out", s.logs / f"{name}.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = s.lab.popen(host, [sys.executable, "-m", "tests.aes_only_subscriber", s.url(host),
+                                  NAMESPACE, TRACK, str(OBJECTS), "90"], stdout=o, stderr=e,
+                           env=ENV)
     party = Party(name, proc, out, err)
     s.parties.append(party)
     return party
@@ -109,7 +126,7 @@ def soft_scenario(tmp_path: Path, *, sub_loss: float = 0.0, relay_args: tuple[st
     frames: list[bytes] = []
 
     def body(s: Scenario) -> None:
-        fr_soft, fr_stock, rs_host = s.lab.subscribers
+        fr_soft, fr_stock, rs_host, aes_host = s.lab.subscribers
         sock = sniffer(s, fr_soft)
         try:
             # The publisher first: subscribers that come before the track exists are refused.
@@ -137,8 +154,9 @@ def soft_scenario(tmp_path: Path, *, sub_loss: float = 0.0, relay_args: tuple[st
                     "subscribe", "--url", s.url(rs_host), "--broadcast", NAMESPACE, "--track",
                     TRACK, "--insecure", "--expect-objects", str(OBJECTS), "--duration", "90",
                     "--log-level", "warn"]),
+                aes_spawn(s, "aes-sub", aes_host),
             ]
-            wait_subscribed(subs[:2])
+            wait_subscribed([subs[0], subs[1], subs[3]])
             wait_rs_subscribed(subs[2])
             # moq-rs starts on a timer, not a signal: every subscriber must be in before it
             # (a loaded machine can take that long to start three subscribers).
@@ -151,9 +169,10 @@ def soft_scenario(tmp_path: Path, *, sub_loss: float = 0.0, relay_args: tuple[st
         summaries["fr-soft"] = subs[0].summary()
         summaries["fr-stock"] = subs[1].summary()
         summaries["rs-sub"] = rs_summary(subs[2])
+        summaries["aes-sub"] = subs[3].summary()
 
     path = replace(SOFT, relay_argv=[*SOFT.relay_argv, *relay_args])
-    scenario, stats = run(tmp_path, topology(tmp_path, 3, sub_loss=sub_loss), body, path)
+    scenario, stats = run(tmp_path, topology(tmp_path, 4, sub_loss=sub_loss), body, path)
     return scenario, stats, summaries, frames
 
 
@@ -161,6 +180,7 @@ def check_delivery(summaries: dict[str, Any]) -> None:
     assert summaries["pub"].get("objects") == OBJECTS, summaries["pub"]
     assert_intact(summaries["fr-soft"], OBJECTS)
     assert_intact(summaries["fr-stock"], OBJECTS)
+    assert_intact(summaries["aes-sub"], OBJECTS)
     rs = summaries["rs-sub"]
     assert rs.get("ok") is True and rs.get("objects") == OBJECTS, rs
     assert (rs["lost"], rs["gaps"], rs["integrity_failures"]) == (0, 0, 0), rs
@@ -171,11 +191,14 @@ def check_soft_fastpath(stats: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     print("relay fastpath:", json.dumps({k: fp[k] for k in ("counters", "punts", "refused",
                                                             "kernel_bytes_share")}, sort_keys=True))
     print("relay crypto:", json.dumps(crypto, sort_keys=True))
-    # all five peers (with the warm-up subscriber) negotiated ChaCha20-Poly1305 and were offloaded with keys
-    assert crypto["connections_offloaded"] == 5 and crypto["connections_not_offloaded"] == 0, crypto
+    # five peers (with the warm-up subscriber) negotiated ChaCha20-Poly1305 and were offloaded
+    # with keys; the AES-only one stays on userspace crypto, counted, off the fast path
+    assert crypto["connections_offloaded"] == 5 and crypto["connections_not_offloaded"] == 1, crypto
     assert fp["counters"]["upstreams_offloaded"] == 1, fp
     assert fp["counters"]["subscribers_offloaded"] == 4, fp
-    assert not fp["refused"], fp
+    assert fp["refused"] == {
+        "1-RTT protected in userspace (peer negotiated AES_128_GCM_SHA256)": 1}, fp
+    assert fp["counters"]["offload_refused_userspace_crypto"] == 1, fp
     assert fp["counters"]["streams_kernel"] >= 4 * GROUPS, fp
     return fp, crypto
 
