@@ -229,9 +229,10 @@ def test_soft_fastpath_repairs_loss_on_subscriber_links(tmp_path: Path) -> None:
     check_delivery(summaries)
     fp, crypto = check_soft_fastpath(stats)
     assert fp["forwarded_lost"] > 0, fp
-    # (congestion windows shrink with loss: the kernel punts what would exceed them, which
-    # userspace sends; share is not the point here)
-    assert fp["counters"]["forwarded_packets"] > 0 and fp["kernel_bytes_share"] > 0.25, fp
+    # Congestion windows shrink with loss: the kernel punts what would exceed them
+    # (PUNT_NO_CWND) and userspace sends it, so the kernel's share drops (0.24-0.46 in our
+    # runs); as in the none-mode loss test, it is not asserted here.
+    assert fp["counters"]["forwarded_packets"] > 0, fp
     shim = crypto["shim"]
     assert not {k: v for k, v in shim.items() if "drop" in k and v}, shim
     assert not any(PAYLOAD_MAGIC in frame for frame in frames)
