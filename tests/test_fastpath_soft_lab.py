@@ -16,10 +16,10 @@ publisher and the subscribers, and with a subscriber-initiated one.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from pyroute2 import netns
 
 from relay.bench.paths import MOQ_RS, PATHS
 from relay.media import PAYLOAD_MAGIC
+from tests.children import stop_child
 from tests.lab_scenario import (
     ENV,
     NAMESPACE,
@@ -38,7 +39,6 @@ from tests.lab_scenario import (
     wait_all,
     wait_subscribed,
 )
-from tests.children import stop_child
 from tests.test_crypto_soft_lab import ETH_P_ALL, drain, last_json
 from tests.test_fastpath_lab import topology
 
