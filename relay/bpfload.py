@@ -26,6 +26,12 @@ BPF_MAP_UPDATE_ELEM = 2
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+#: struct bpf_prog_info: where `name` (BPF_OBJ_NAME_LEN = 16 bytes) starts, and a size that
+#: covers it (the kernel fills what fits and zeroes nothing beyond info_len).
+_PROG_INFO_NAME_OFFSET = 64
+_PROG_INFO_LEN = 80
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
 
 
@@ -178,6 +184,37 @@ def obj_get(path: str | Path) -> int:
     """Open a pinned map or program; the caller closes the returned fd."""
     raw = ctypes.create_string_buffer(os.fsencode(str(path)))
     return _bpf(BPF_OBJ_GET, _ObjAttr(pathname=ctypes.addressof(raw)))
+
+
+class _GetIdAttr(ctypes.Structure):
+    # union bpf_attr, the BPF_*_GET_FD_BY_ID member
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
+                ("open_flags", ctypes.c_uint32)]
+
+
+class _InfoAttr(ctypes.Structure):
+    # union bpf_attr, the 'info' member used by BPF_OBJ_GET_INFO_BY_FD
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+def prog_name(prog_id: int) -> str | None:
+    """The name a loaded program was given (the kernel keeps 15 characters), None if the
+    program is gone."""
+    try:
+        fd = _bpf(BPF_PROG_GET_FD_BY_ID, _GetIdAttr(id=prog_id))
+    except OSError:
+        return None
+    try:
+        info = ctypes.create_string_buffer(_PROG_INFO_LEN)
+        _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=_PROG_INFO_LEN,
+                                               info=ctypes.addressof(info)))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    raw = info.raw[_PROG_INFO_NAME_OFFSET:_PROG_INFO_NAME_OFFSET + 16]
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
 class _MapElemAttr(ctypes.Structure):

@@ -73,6 +73,12 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
             # the fast-path columns: present and numeric (eBPF window, the relay's own stats)
             assert isinstance(f["ebpf"]["us_per_packet"], (int, float)), where
             assert f["ebpf"]["run_cnt"] > 0, where
+            # per program, by name: the soft row has the shim's hooks beside the fast path's
+            programs = f["ebpf"]["per_program"]
+            assert sum(p["run_cnt"] for p in programs.values()) == f["ebpf"]["run_cnt"], where
+            shim = {"shim_ingress", "shim_egress"} & programs.keys()
+            assert shim == ({"shim_ingress", "shim_egress"} if r["path"] == "fastpath-soft"
+                            else set()), (where, sorted(programs))
             assert isinstance(f["catchup_us_per_forwarded_packet"], (int, float)), where
             assert 0 < f["kernel_bytes_share"] <= 1, where
         else:
@@ -223,18 +229,41 @@ def test_table_marks_unavailable_and_measured_rows() -> None:
     assert doc["runs"][1]["reason"] == "eBPF fast path not built yet"
 
 
+def test_ebpf_programs_table_keeps_each_hook_apart() -> None:
+    def run(path: str, per: dict[str, dict[str, float]]) -> Run:
+        return Run(path, 4, True, figures={"ebpf": {"per_program": per}})
+
+    none = run("fastpath-none", {"fr_egress": {"ns_per_run": 900.0, "runs_per_packet": 1.0}})
+    soft = run("fastpath-soft", {"fr_egress": {"ns_per_run": 950.0, "runs_per_packet": 1.0},
+                                 "shim_egress": {"ns_per_run": 7600.0, "runs_per_packet": 1.0}})
+    lines = report.ebpf_programs_table([none, soft, Run("userspace", 4, True)]).splitlines()
+    assert lines[0] == "| Path | Subs | fr_egress ns/run (runs/pkt) | shim_egress ns/run (runs/pkt) |"
+    assert lines[2:] == ["| fastpath-none | 4 | 900 (1.0) | – |",
+                         "| fastpath-soft | 4 | 950 (1.0) | 7,600 (1.0) |"]
+    assert report.ebpf_programs_table([Run("userspace", 4, True)]) == ""
+
+
 @pytest.mark.root
 def test_bpf_prog_stats_finds_a_program_this_process_holds() -> None:
     from relay import bpfload
 
     bcc = bpfload.import_bcc()
     bpf = bcc.BPF(text=b"int bench_probe(struct __sk_buff *skb) { return 0; }")
+    was = measure.bpf_stats_enabled()
     try:
         fn = bpf.load_func(b"bench_probe", bcc.BPF.SCHED_CLS)
-        stats = measure.bpf_prog_stats(os.getpid())
-        assert any(isinstance(k, int) and len(v) == 2 for k, v in stats.items()), stats
-        assert fn.fd >= 0
+        measure.set_bpf_stats(True)
+        before = measure.bpf_prog_stats(os.getpid())
+        assert any(isinstance(k, int) and len(v) == 2 for k, v in before.items()), before
+        for _ in range(5):
+            bpfload.prog_test_run(fn.fd, bytes(64))
+        after = measure.bpf_prog_stats(os.getpid())
+        # by the name it was loaded under, over the window: the 5 runs, 10 "packets"
+        mine = measure.per_program(before, after, packets=10)["bench_probe"]
+        assert mine["run_cnt"] == 5 and mine["runs_per_packet"] == 0.5, mine
+        assert mine["ns_per_run"] is not None and mine["ns_per_run"] > 0, mine
     finally:
+        measure.set_bpf_stats(bool(was))
         bpf.cleanup()
 
 

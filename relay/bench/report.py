@@ -195,6 +195,24 @@ def markdown_sweep_table(capacity: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def ebpf_programs_table(runs: list[Run]) -> str:
+    """Markdown: each eBPF program's ns per run and runs per delivered packet over the measured
+    window, from the kernel's per-program statistics (fast path and soft shim apart); empty
+    when no run had eBPF programs."""
+    rows = [r for r in runs if (r.figures.get("ebpf") or {}).get("per_program")]
+    if not rows:
+        return ""
+    names = sorted({n for r in rows for n in r.figures["ebpf"]["per_program"]})
+    lines = ["| Path | Subs | " + " | ".join(f"{n} ns/run (runs/pkt)" for n in names) + " |",
+             "|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        per = r.figures["ebpf"]["per_program"]
+        cells = [f"{_num(per[n]['ns_per_run'])} ({_num(per[n]['runs_per_packet'])})"
+                 if n in per else "–" for n in names]
+        lines.append(f"| {r.path} | {r.subscribers} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 PAIRED_COLUMNS = ("Subs\nkernel+user", "Objects\npaired", "Kernel path µs\np50/p99",
                   "Userspace path µs\np50/p99", "Difference µs\np10/p50/p90", "Kernel\nfirst",
                   "Offloaded/\nheld", "Note")
@@ -461,6 +479,10 @@ def markdown_block(doc: dict[str, Any], runs: list[Run], capacity: list[dict[str
                       f"{p['sweep_duration_s']:g} s per rate, rates "
                       f"{','.join(f'{r:g}' for r in p['rates'])} objects/s):", "",
                   markdown_sweep_table(capacity)]
+    programs = ebpf_programs_table(runs)
+    if programs:
+        lines += ["", "eBPF programs, kernel statistics over each window (the fast path and the "
+                      "soft shim apart; one run per packet and hook it passes):", "", programs]
     if paired:
         lines += ["", "The same objects through both paths of one relay at once (--paired):", "",
                   markdown_paired_table(paired)]

@@ -491,6 +491,7 @@ class Scenario:
                          "us_per_packet": round(ns / 1000 / pkts, 3) if pkts else None,
                          "ns_per_run": round(ns / cnt, 1) if cnt else None,
                          "runs_per_packet": round(cnt / pkts, 2) if pkts else None,
+                         "per_program": measure.per_program(s0, s1, pkts),
                          "stats_enabled": measure.bpf_stats_enabled()}
         else:
             f["ebpf"] = None  # n/a: no eBPF program on this path

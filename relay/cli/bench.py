@@ -215,6 +215,8 @@ def bench_command(
     table_md = report.markdown_table(runs) + "\n"
     if sweep:
         table_md += "\n" + report.markdown_sweep_table(capacity) + "\n"
+    if report.ebpf_programs_table(runs):
+        table_md += "\neBPF programs:\n\n" + report.ebpf_programs_table(runs) + "\n"
     if paired_runs:
         table_md += "\n" + report.markdown_paired_table(paired_runs) + "\n"
     if shim is not None:
