@@ -355,3 +355,14 @@ def test_usage_error_exits_2() -> None:
                             text=True, capture_output=True, timeout=15)
     assert result.returncode == 2
     assert "required" in result.stderr
+
+
+def test_start_on_signal_needs_a_bound() -> None:
+    """--start-on-signal waits at most --wait-demand: without it the wait would be unbounded."""
+    result = subprocess.run(
+        driver("publish", "--url", f"moqt://{LOOPBACK}:9/x", "--broadcast", "b", "--track", "t",
+               "--objects", "1", "--insecure", "--start-on-signal"),
+        cwd=REPO, env=child_env(), text=True, capture_output=True, timeout=15)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: --start-on-signal needs --wait-demand "
+                                     "(it bounds the wait)")

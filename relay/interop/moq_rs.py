@@ -259,11 +259,15 @@ class PublishOptions:
     start_delay: float
     linger: float
     log_level: str | None
+    start_on_signal: bool = False
 
 
 async def run_publish(opts: PublishOptions) -> int:
     moq_mod, import_ms = _import_moq(opts.log_level)
     stop = _stop_event()
+    go = asyncio.Event()
+    if opts.start_on_signal:  # at once: the signal may come before we wait for it
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, go.set)
     plan = list(iter_plan(opts.objects, opts.groups, opts.first_group))  # validates first
     errors: list[str] = []
     sent = sent_bytes = 0
@@ -288,6 +292,13 @@ async def run_publish(opts: PublishOptions) -> int:
             demand_ms = (time.perf_counter() - t1) * 1000.0
         if opts.start_delay > 0:
             await _wait_any(stop.wait(), timeout=opts.start_delay)
+        if opts.start_on_signal and not errors:
+            # A timer armed by the first demand races the other subscribers' start-up (a
+            # Python subscriber took 3-18 s to reach the relay on a loaded 2-core machine):
+            # whoever started them says when all of them are in.
+            await _wait_any(go.wait(), stop.wait(), timeout=opts.wait_demand)
+            if not go.is_set() and not stop.is_set():
+                errors.append("no SIGUSR1 to start within --wait-demand")
 
         interval_ns = int(1e9 / opts.rate) if opts.rate > 0 else 0
         last_ts_us = 0
@@ -501,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--wait-demand", type=_positive_float, default=None, metavar="S",
                      help="wait up to S seconds for a subscriber before the first object")
     pub.add_argument("--start-delay", type=float, default=0.0, metavar="S")
+    pub.add_argument("--start-on-signal", action="store_true",
+                     help="then wait for SIGUSR1 (bounded by --wait-demand) before the first "
+                          "object: whoever started the subscribers says when they are all in")
     pub.add_argument("--linger", type=float, default=1.0, metavar="S",
                      help="keep the session after the last object so it can be delivered")
 
@@ -536,13 +550,16 @@ def _runner(args: argparse.Namespace) -> Callable[[], Any]:
             duration=args.duration, log_level=_level(args.log_level)))
     if args.role == "publish":
         check_plan(args.objects, args.groups, args.size)  # fail before connecting
+        if args.start_on_signal and not args.wait_demand:
+            raise InteropError("--start-on-signal needs --wait-demand (it bounds the wait)")
         return lambda: run_publish(PublishOptions(
             client=_client_options(args), broadcast=args.broadcast, track=args.track,
             objects=args.objects, groups=args.groups, size=args.size, rate=args.rate,
             first_group=args.first_group,
             priority=127 if args.priority is None else args.priority,
             max_age_ms=args.max_age_ms, wait_demand=args.wait_demand,
-            start_delay=args.start_delay, linger=args.linger, log_level=_level(args.log_level)))
+            start_delay=args.start_delay, linger=args.linger, log_level=_level(args.log_level),
+            start_on_signal=args.start_on_signal))
     return lambda: run_subscribe(SubscribeOptions(
         client=_client_options(args), broadcast=args.broadcast, track=args.track,
         expect_objects=args.expect_objects, expect_groups=args.expect_groups,
