@@ -5,7 +5,8 @@ Run as its own process, one role each:
     python -m relay.interop.moq_rs server --bind 127.0.0.1:4443 [--cert C --key K] [--cache-bytes N]
     python -m relay.interop.moq_rs publish   --url moqt://127.0.0.1:4443/x --broadcast B --track T \
                                              --objects 100 --groups 10 --size 1000 --rate 200 \
-                                             (--tls-fingerprint HEX | --insecure)
+                                             (--tls-fingerprint HEX | --insecure) \
+                                             [--wait-demand S [--start-delay S] [--start-on-signal]]
     python -m relay.interop.moq_rs subscribe --url ... --broadcast B --track T --expect-objects 100
 
 stdout carries JSON lines only (one object each, snake_case keys, integer counters): the server
@@ -25,6 +26,10 @@ Facts about moq-rs 0.5.1 / moq-ffi 0.4.18 that shape this driver (checked on loo
   Likewise `TrackConsumer.next_group()` skips forward; we read groups with `recv_group()` in
   arrival order, each group in its own task, so a slow group never hides a later one.
 - The SUBSCRIBE is sent lazily, on the consumer's first poll, so demand appears only then.
+  The "subscribed" event of the subscribe role therefore precedes the relay's SUBSCRIBE_OK;
+  a test that must know every subscriber is in asks the relay (its stats' subscriptions),
+  then starts a `--start-on-signal` publisher with SIGUSR1. A `--start-delay` timer armed by
+  the first demand races the other subscribers' process start-up instead.
 - Logging is silent until `moq.log_level()` is called (once per process); `RUST_LOG` then
   overrides the level, `NO_COLOR=1` drops ANSI colours. When logging, each socket warns that
   `net.core.rmem_max`/`wmem_max` (4 MiB here) is below the 8 MiB it asks for.
