@@ -571,6 +571,8 @@ class RelayServer:
         conn = self._conns.get(action.session)
         if conn is None:
             return
+        if self._kernel_sends(action):
+            return  # the kernel sends this copy: nothing to flush for it (no transmit)
         session = conn.protocol.session
         self._touch(conn)
         if isinstance(action, SendMessage):
@@ -585,21 +587,11 @@ class RelayServer:
                 return
             session.send(msg)
         elif isinstance(action, OpenSubgroupStream):
-            if self.fastpath is not None and action.fast_path:
-                stream_id = self.fastpath.claim(action.session, action.upstream)
-                if stream_id is not None:
-                    self._kernel_streams[(action.session, action.stream)] = stream_id
-                    return
             h = action.header
             sender = session.open_subgroup(action.request_id, h.group_id, h.subgroup_id,
                                            h.publisher_priority, header=h)
             self._senders[(action.session, action.stream)] = sender
         elif isinstance(action, WriteStream):
-            key = (action.session, action.stream)
-            if key in self._kernel_streams:
-                if action.fin:
-                    del self._kernel_streams[key]
-                return
             sender = self._senders.get((action.session, action.stream))
             if sender is not None:
                 sender.write_raw(action.data, action.fin)
@@ -634,6 +626,26 @@ class RelayServer:
         if sub is None or not (sub.alias == a.datagram.track_alias or sub.fast_path):
             return False
         return self.fastpath.is_offloaded(a.session) and self.fastpath.is_offloaded(a.publisher)
+
+    def _kernel_sends(self, action: Action) -> bool:
+        """Whether `action` is a subscriber copy the kernel sends (claimed now, or earlier):
+        then userspace has nothing to write or transmit for it."""
+        if isinstance(action, OpenSubgroupStream):
+            if self.fastpath is None or not action.fast_path:
+                return False
+            stream_id = self.fastpath.claim(action.session, action.upstream)
+            if stream_id is None:
+                return False
+            self._kernel_streams[(action.session, action.stream)] = stream_id
+            return True
+        if isinstance(action, WriteStream):
+            key = (action.session, action.stream)
+            if key not in self._kernel_streams:
+                return False
+            if action.fin:
+                del self._kernel_streams[key]
+            return True
+        return False
 
     def _signal_skip(self, a: SkipSubgroup) -> None:
         """Tell the subscriber the subgroup was skipped on purpose: a stream with just its

@@ -108,6 +108,83 @@ class SubscriberPath:
     dcid: bytes
 
 
+LOW_ROOM = 16 * 1500
+"""Below this much room in the kernel's window (about the packets it may forward to one
+subscriber between two ticks), every change of aioquic's window is stored: a window that
+is nearly full must not be made any tighter by a stale value."""
+PN_SLACK = 64
+"""Packets the kernel may number before userspace's next write of largest_acked: a stale
+value may only make a packet number longer than needed within that many packets."""
+
+
+def pn_len_needed(full_pn: int, largest_acked: int) -> int:
+    """Bytes of packet number the kernel writes for `full_pn` (bpf/quic.h
+    quic_pn_len_needed, RFC 9000 Appendix A.2): 1..4, 5 if four bytes are not enough."""
+    unacked = full_pn + 1 if largest_acked == L.PN_NONE else full_pn - largest_acked
+    for n, bits in ((1, 7), (2, 15), (3, 23), (4, 31)):
+        if unacked < 1 << bits:
+            return n
+    return 5
+
+
+@dataclass
+class KernelView:
+    """What fr_subs holds of one subscriber's congestion state: what userspace last stored,
+    plus what the egress program added since (it adds every forwarded packet's size to
+    bytes_in_flight). None: never stored."""
+
+    cwnd: int | None = None
+    bytes_in_flight: int | None = None
+    largest_acked: int = L.PN_NONE
+    #: one past the highest wire packet number seen in this subscriber's records
+    next_pn: int = 0
+
+    def forwarded(self, wire_pn: int, size: int) -> None:
+        """A record of a packet the kernel forwarded (it counted `size` in flight)."""
+        if self.bytes_in_flight is not None:
+            self.bytes_in_flight += size
+        self.numbered(wire_pn)
+
+    def numbered(self, wire_pn: int) -> None:
+        if wire_pn >= self.next_pn:
+            self.next_pn = wire_pn + 1
+
+
+def congestion_writes(view: KernelView, cwnd: int, bytes_in_flight: int,
+                      largest_acked: int) -> dict[str, int]:
+    """The fr_subs fields worth a store (one syscall each) so that the kernel decides as
+    aioquic would, and `view` updated as if they were stored.
+
+    - cwnd and bytes_in_flight only matter as the window left (cwnd - bytes_in_flight): the
+      kernel punts a clone that does not fit. Stored when the kernel's view is more
+      permissive than aioquic's (e.g. after a loss), or stricter than needed with less than
+      LOW_ROOM left, or more than a quarter stricter than needed (in a wide window a few
+      ACKs behind cost nothing; the kernel's own additions are in `view`);
+    - largest_acked only sizes packet numbers: stored when the stale value would make the
+      kernel write a longer packet number within the next PN_SLACK packets.
+    """
+    writes: dict[str, int] = {}
+    if view.cwnd is None or view.bytes_in_flight is None:
+        stale = True
+    else:
+        kernel_room = view.cwnd - view.bytes_in_flight
+        room = cwnd - bytes_in_flight
+        stale = kernel_room > room or (kernel_room < room and (
+            kernel_room < LOW_ROOM or kernel_room < room - room // 4))
+    if stale:
+        if view.cwnd != cwnd:
+            writes["cwnd"] = view.cwnd = cwnd
+        if view.bytes_in_flight != bytes_in_flight:
+            writes["bytes_in_flight"] = view.bytes_in_flight = bytes_in_flight
+    if largest_acked != view.largest_acked and largest_acked != L.PN_NONE:
+        ahead = max(view.next_pn, largest_acked + 1) + PN_SLACK
+        if view.largest_acked == L.PN_NONE or (
+                largest_acked > view.largest_acked
+                and pn_len_needed(ahead, view.largest_acked) > pn_len_needed(ahead, largest_acked)):
+            writes["largest_acked"] = view.largest_acked = largest_acked
+    return writes
+
+
 class _Slots:
     def __init__(self, n: int, what: str) -> None:
         self.free = list(range(n - 1, -1, -1))
@@ -351,12 +428,15 @@ class FastPathController:
         return [f for f in list(rec.frames)[:rec.n_frames]
                 if f.type < DATAGRAM_FRAME_TYPE and f.sub_sid != L.NO_SUB_SID]
 
-    def translate(self, rec: Any) -> tuple[int, WireNumber | ForwardedPacket | Punt]:
-        """(subscriber index, what the record means for that subscriber's connection)."""
+    def translate(self, rec: Any, frames: list[Any] | None = None
+                  ) -> tuple[int, WireNumber | ForwardedPacket | Punt]:
+        """(subscriber index, what the record means for that subscriber's connection).
+        `frames`: `stream_frames(rec)` when the caller has it already."""
         if rec.kind == L.REC_SENT_USER:
             return rec.sub_idx, WireNumber(built_pn=rec.built_pn, wire_pn=rec.wire_pn,
                                            size=rec.size, sent_time=rec.ts_ns * NS)
-        frames = self.stream_frames(rec)
+        if frames is None:
+            frames = self.stream_frames(rec)
         ff = tuple(ForwardedFrame(stream_id=int(f.sub_sid), offset=int(f.offset),
                                   length=int(f.length), fin=bool(f.fin)) for f in frames)
         if rec.kind == L.REC_SENT_CLONE:

@@ -124,7 +124,7 @@ class FastPath:
                              value=value & 0xFFFFFFFFFFFFFFFF)
         ctypes.memmove(req.data, data, len(data))
         frame = bytes(layout.SUB_OP_OFF) + bytes(req)
-        res = bpfload.prog_test_run(self.sub_op_prog.fd, frame)
+        res = bpfload.prog_test_run(self.sub_op_prog.fd, frame, out_size=len(frame))
         out = layout.FrSubOp.from_buffer_copy(res.data, layout.SUB_OP_OFF)
         if out.status != 0:
             raise FastrelayError(f"subscriber {sub_idx}: op {op} at offset {offset} refused")
@@ -145,7 +145,9 @@ class FastPath:
         """ADD or STORE one u64 field of a live fr_sub_streams entry; returns old."""
         req = layout.FrStreamOp(key=key, op=op, offset=getattr(layout.FrSubStream, field).offset,
                                 value=value & 0xFFFFFFFFFFFFFFFF)
-        res = bpfload.prog_test_run(self.stream_op_prog.fd, bytes(layout.SUB_OP_OFF) + bytes(req))
+        frame = bytes(layout.SUB_OP_OFF) + bytes(req)
+        # the program rewrites the frame in place: an output buffer of its size is enough
+        res = bpfload.prog_test_run(self.stream_op_prog.fd, frame, out_size=len(frame))
         out = layout.FrStreamOp.from_buffer_copy(res.data, layout.SUB_OP_OFF)
         if out.status != 0:
             raise FastrelayError(f"stream {key.up_sid} of subscriber {key.sub_idx}: op refused")

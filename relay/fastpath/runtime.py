@@ -23,9 +23,11 @@ upstream streams the kernel sends (`claim`), and keeps every offloaded connectio
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import enum
 import ipaddress
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -41,10 +43,12 @@ from relay.errors import FastrelayError
 from relay.fastpath import layout as L
 from relay.fastpath.controller import (
     FastPathController,
+    KernelView,
     Punt,
     Subscriber,
     SubscriberPath,
     Upstream,
+    congestion_writes,
 )
 from relay.fastpath.loader import FastPath
 from relay.fastpath.reasons import Reason
@@ -70,8 +74,19 @@ logger = logging.getLogger(__name__)
 STREAM_LINGER = 3.0
 """Seconds an ended upstream stream keeps its entries (publisher retransmissions)."""
 TICK = 0.002
-IDLE_TICK = 0.02
-"""Without records the tick backs off (doubling) to this, and snaps back at the next one."""
+IDLE_TICK = 0.25
+"""Without records the tick backs off (doubling) to this, and snaps back at the next one.
+What needs the tick sooner wakes it (`_wake`): records (the ring buffer's fd is watched in
+the event loop), state to push (an ACK freed window), data to send, a hand-over to retry.
+The idle tick is housekeeping (expiring streams, the full push) and a safety net."""
+RETRY_TICK = 0.02
+"""A hand-over that had to wait is tried again this soon."""
+FULL_PUSH_INTERVAL = 1.0
+"""Seconds between state pushes that look at every subscriber, not only those whose state
+changed (records applied, congestion reported): a safety net, cheap at this pace."""
+PROFILE_ENV = "FASTRELAY_PROFILE"
+"""Opt-in: a path prefix; the relay process is profiled (cProfile) from `start` to `close`
+and the profile written to <prefix>.<pid>.prof (for measuring the catch-up, never on by default)."""
 KEY_UPDATE_PING = 0x6B75
 """PING uid of the packet that carries a relay-initiated key update."""
 HASH_MAPS = ("fr_cids", "fr_peers", "fr_tracks", "fr_sub_tracks", "fr_up_streams", "fr_sub_streams")
@@ -81,6 +96,22 @@ HASH_MAPS = ("fr_cids", "fr_peers", "fr_tracks", "fr_sub_tracks", "fr_up_streams
 FASTPATH_CRYPTO = ("none", "soft")
 """`--crypto` backends the fast path works with: plaintext 1-RTT (none), or 1-RTT the soft
 shim protects around it (bpf/structs.h, skb verdict contract)."""
+
+
+def rearm_timer(protocol: Any) -> None:
+    """What aioquic's `QuicConnectionProtocol.transmit` does after sending, without building
+    packets: packets registered from records moved the loss (PTO) and idle timers, and
+    nothing needs sending. A timer that fires earlier than needed stays: aioquic's timer
+    handler does what is due then and re-arms."""
+    timer_at = protocol._quic.get_timer()
+    if timer_at is None:
+        return
+    if protocol._timer is not None:
+        if protocol._timer_at is not None and protocol._timer_at <= timer_at:
+            return
+        protocol._timer.cancel()
+    protocol._timer = protocol._loop.call_at(timer_at, protocol._handle_timer)
+    protocol._timer_at = timer_at
 
 
 class FastPathMode(str, enum.Enum):
@@ -117,7 +148,8 @@ class _Sub:
     peer: tuple[str, int]
     #: userspace's own new stream bytes already counted in the kernel's data_used
     own_bytes_pushed: int = 0
-    pushed: dict[str, int] = field(default_factory=dict)
+    #: fr_subs' congestion fields as the kernel has them (what was stored, plus its own adds)
+    view: KernelView = field(default_factory=KernelView)
 
     @property
     def quic(self) -> FastrelayQuicConnection:
@@ -175,8 +207,16 @@ class FastPathRuntime:
         #: (subscriber session, publisher session, upstream alias) -> (start group, its alias)
         self._sub_tracks: dict[tuple[int, int, int], tuple[int, int]] = {}
         self._thresholds: dict[int, int] = {}
+        #: protocols that must transmit at the end of the tick (data to send), and those
+        #: whose timer only needs a look (packets registered: loss timer, idle timer)
         self._touched: dict[int, Any] = {}
+        self._armed: dict[int, Any] = {}
+        #: subscribers whose state may have changed since the last push (by session)
+        self._dirty: dict[int, _Sub] = {}
+        self._last_full_push = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._ring_fd: int | None = None
+        self._watching = False
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Where `reconcile` gets the core's tracks again when a hand-over had to wait
         #: (the relay sets it): (tracks, protocol_of).
@@ -204,6 +244,7 @@ class FastPathRuntime:
         #: Connections whose key update the relay is sending right now (the others' are peers').
         self._initiating: set[int] = set()
         self._key_timer: asyncio.TimerHandle | None = None
+        self._profile: cProfile.Profile | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -225,16 +266,29 @@ class FastPathRuntime:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._timer = loop.call_later(self.tick, self._on_tick)
+        if os.environ.get(PROFILE_ENV):
+            self._profile = cProfile.Profile(time.process_time)  # CPU, not wall, time
+            self._profile.enable()
+        try:
+            self._ring_fd = self.fp.map_fd("fr_events")
+        except Exception as exc:  # pragma: no cover - then the ticks alone find records
+            logger.warning("cannot watch the ring buffer: %s", exc)
+        self._watch_ring(True)
+        self._schedule(self.tick)
         self._schedule_key_updates()
 
     def close(self) -> None:
+        if self._profile is not None:
+            self._profile.disable()
+            self._profile.dump_stats(f"{os.environ[PROFILE_ENV]}.{os.getpid()}.prof")
+            self._profile = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._key_timer is not None:
             self._key_timer.cancel()
             self._key_timer = None
+        self._watch_ring(False)
         for sub in list(self._subs.values()):
             self._drop_sub(sub)
         for up in list(self._ups.values()):
@@ -347,7 +401,7 @@ class FastPathRuntime:
             return None
         if protocol is None:
             self.counters["offload_deferred_not_ready"] += 1
-            self._retry_reconcile = True
+            self._retry_soon()
             return None
         quic = protocol._quic
         if not isinstance(quic, FastrelayQuicConnection):
@@ -404,12 +458,12 @@ class FastPathRuntime:
         if transport is not None and transport.get_write_buffer_size():
             # packets still queued with aioquic's numbers: try again on the next tick
             self.counters["offload_deferred_queued"] += 1
-            self._retry_reconcile = True
+            self._retry_soon()
             return None
         peer_addr = quic._network_paths[0].addr if quic._network_paths else None
         if peer_addr is None:
             self.counters["offload_deferred_no_path"] += 1
-            self._retry_reconcile = True
+            self._retry_soon()
             return None
         peer = (str(peer_addr[0]), int(peer_addr[1]))
         if canonical_address(peer[0]) in self.userspace_peers:
@@ -446,7 +500,9 @@ class FastPathRuntime:
         # before anything else is sent.
         quic.hand_numbering_to_kernel(self.controller.stream_id_allocator(handle))
         sub = _Sub(session, protocol, handle, peer,
-                   own_bytes_pushed=credit.data_used - quic.fastpath.shadow_bytes)
+                   own_bytes_pushed=credit.data_used - quic.fastpath.shadow_bytes,
+                   view=KernelView(cwnd=congestion.congestion_window, bytes_in_flight=0,
+                                   next_pn=quic._packet_number))
         self._subs[session] = sub
         self._by_sub_idx[handle.sub_idx] = sub
         quic.listener = lambda event, sub=sub: self._subscriber_event(sub, event)
@@ -460,6 +516,7 @@ class FastPathRuntime:
         self.counters["forwarded_lost_closed"] += done.forwarded_lost
         self._subs.pop(sub.session, None)
         self._by_sub_idx.pop(sub.handle.sub_idx, None)
+        self._dirty.pop(sub.session, None)
         for key in [k for k in self._sub_tracks if k[0] == sub.session]:
             del self._sub_tracks[key]
         self.shadow.forget_session(sub.session)
@@ -642,7 +699,8 @@ class FastPathRuntime:
                 self._drop_sub(sub)
                 self._refuse(sub.session, "peer address changed")
             elif isinstance(event, CongestionChanged):
-                pass  # pushed on the next tick, once per tick
+                self._dirty[sub.session] = sub  # pushed on the next tick, once per tick
+                self._wake()
         except (FastrelayError, OSError) as exc:
             self.counters["map_errors"] += 1
             logger.warning("fast path update for session %d failed: %s", sub.session, exc)
@@ -651,8 +709,10 @@ class FastPathRuntime:
         if not stream_id & 2:
             return  # bidirectional: the control stream, never forwarded
         started = time.perf_counter_ns()
+        started_cpu = time.thread_time_ns()
         self._apply_writes(self.shadow.data((publisher, stream_id), data, fin, self._now()))
         self.counters["catchup_ns"] += time.perf_counter_ns() - started
+        self.counters["catchup_cpu_ns"] += time.thread_time_ns() - started_cpu
 
     # --- records -----------------------------------------------------------------------
 
@@ -664,16 +724,54 @@ class FastPathRuntime:
         except Exception:  # pragma: no cover - never let the loop lose the timer
             logger.exception("fast path tick failed")
         self._interval = self.tick if records else min(IDLE_TICK, self._interval * 2)
-        if self._loop is not None:
-            self._timer = self._loop.call_later(self._interval, self._on_tick)
+        self._watch_ring(True)
+        self._schedule(self._interval)
+
+    def _schedule(self, delay: float) -> None:
+        """The next tick at most `delay` seconds from now."""
+        if self._loop is None:
+            return
+        at = self._loop.time() + delay
+        if self._timer is not None:
+            if self._timer.when() <= at:
+                return
+            self._timer.cancel()
+        self._timer = self._loop.call_at(at, self._on_tick)
+
+    def _wake(self) -> None:
+        """Something for the tick to do: within `tick`, not at the idle pace."""
+        self._interval = self.tick
+        self._schedule(self.tick)
+
+    def _retry_soon(self) -> None:
+        """A hand-over had to wait: `reconcile` again on a tick within RETRY_TICK."""
+        self._retry_reconcile = True
+        self._schedule(RETRY_TICK)
+
+    def _watch_ring(self, on: bool) -> None:
+        if self._loop is None or self._ring_fd is None or on == self._watching:
+            return
+        if on:
+            self._loop.add_reader(self._ring_fd, self._on_ring)
+        else:
+            self._loop.remove_reader(self._ring_fd)
+        self._watching = on
+
+    def _on_ring(self) -> None:
+        # Records wait. The fd stays readable until the tick drains them: stop watching it
+        # till then (one wake-up per batch, no spinning; the tick gathers the whole batch).
+        self._watch_ring(False)
+        self._wake()
 
     def poll(self) -> int:
         """Drain and apply records, push changed state, expire streams, send what resulted."""
         started = time.perf_counter_ns()
+        started_cpu = time.thread_time_ns()
         if self._retry_reconcile and self.source is not None:
             self._retry_reconcile = False
             self.reconcile(*self.source())
         records = self.fp.drain()
+        t_drained = time.perf_counter_ns()
         for rec in records:
             try:
                 self._apply_record(rec)
@@ -681,18 +779,41 @@ class FastPathRuntime:
                 self.counters["record_errors"] += 1
                 logger.warning("record %d for subscriber %d: %s", rec.kind, rec.sub_idx, exc)
         self.counters["records"] += len(records)
+        t_applied = time.perf_counter_ns()
         if records and self.on_records is not None:
             self.on_records()
-        for sub in list(self._subs.values()):
+        t_congestion = time.perf_counter_ns()
+        now = self._now()
+        if now - self._last_full_push >= FULL_PUSH_INTERVAL:
+            self._last_full_push = now
+            dirty = list(self._subs.values())
+            self._dirty.clear()
+        else:
+            dirty = list(self._dirty.values())
+            self._dirty.clear()
+        for sub in dirty:
             self._push_state(sub)
         self._expire()
+        t_pushed = time.perf_counter_ns()
         touched, self._touched = self._touched, {}
+        armed, self._armed = self._armed, {}
         for protocol in touched.values():
             try:
                 protocol.transmit()
             except Exception:  # pragma: no cover - a dead transport
                 logger.exception("transmit failed")
-        self.counters["catchup_ns"] += time.perf_counter_ns() - started
+        for key, protocol in armed.items():
+            if key not in touched:
+                rearm_timer(protocol)
+        done = time.perf_counter_ns()
+        # where a tick's time goes (stats: catchup_breakdown_us_per_forwarded_packet)
+        self.counters["catchup_drain_ns"] += t_drained - started
+        self.counters["catchup_records_ns"] += t_applied - t_drained
+        self.counters["catchup_congestion_ns"] += t_congestion - t_applied
+        self.counters["catchup_push_ns"] += t_pushed - t_congestion
+        self.counters["catchup_transmit_ns"] += done - t_pushed
+        self.counters["catchup_ns"] += done - started
+        self.counters["catchup_cpu_ns"] += time.thread_time_ns() - started_cpu
         return len(records)
 
     def _apply_record(self, rec: Any) -> None:
@@ -701,27 +822,38 @@ class FastPathRuntime:
             self.counters["records_unknown_subscriber"] += 1
             return
         quic = sub.quic
-        _, what = self.controller.translate(rec)
-        if isinstance(what, WireNumber):
-            quic.on_wire_number(what)
+        # Its state is pushed at the end of the tick, once for all its records.
+        self._dirty[sub.session] = sub
+        if rec.kind == L.REC_SENT_USER:
+            _, number = self.controller.translate(rec)
+            assert isinstance(number, WireNumber)
+            sub.view.numbered(rec.wire_pn)
+            quic.on_wire_number(number, report=False)
+            self._armed[id(sub.protocol)] = sub.protocol  # now in flight: loss timer
             return
-        self._touch(sub)
+        frames = self.controller.stream_frames(rec)
+        _, what = self.controller.translate(rec, frames)
         if isinstance(what, Punt) and not what.clone:
+            self._touch(sub)  # its data is lost: aioquic resends it
             self.punts[what.reason.name] += 1
             if quic._loss.discard_parked(rec.built_pn) is None:
                 self.counters["punted_user_packets_unknown"] += 1
             return
         up = self._by_up_idx.get(rec.up_idx)
         if up is not None:
-            now = self._now()
-            for f in self.controller.stream_frames(rec):
-                self._apply_writes(self.shadow.kernel_stream(sub.session, (up.session, int(f.up_sid)),
-                                                             int(f.sub_sid), now))
+            for f in frames:
+                key, sid = (up.session, int(f.up_sid)), int(f.sub_sid)
+                if self.shadow.owner_stream(sub.session, key) != sid:  # first record of it
+                    self._apply_writes(self.shadow.kernel_stream(sub.session, key, sid,
+                                                                 self._now()))
         if isinstance(what, ForwardedPacket):
-            quic.register_forwarded(what)
+            sub.view.forwarded(rec.wire_pn, rec.size)
+            quic.register_forwarded(what, report=False)
+            self._armed[id(sub.protocol)] = sub.protocol
             self.counters["forwarded_packets"] += 1
             self.counters["forwarded_stream_bytes"] += sum(f.length for f in what.frames)
         else:
+            self._touch(sub)
             self.punts[what.reason.name] += 1
             for f in what.frames:
                 quic.resend_range(f.stream_id, f.offset, f.stop, f.fin)
@@ -729,22 +861,25 @@ class FastPathRuntime:
 
     def _push_state(self, sub: _Sub) -> None:
         quic = sub.quic
-        congestion = quic.congestion_snapshot()
+        loss = quic._loss
+        largest_acked = quic._largest_acked_1rtt()
         own = quic._remote_max_data_used - quic.fastpath.shadow_bytes
-        values = {"cwnd": congestion.congestion_window,
-                  "bytes_in_flight": congestion.bytes_in_flight,
-                  "largest_acked": congestion.largest_acked}
+        # Only what changes the kernel's decisions (one syscall per field stored).
+        writes = congestion_writes(sub.view, loss.congestion_window, loss.bytes_in_flight,
+                                   largest_acked)
         try:
-            for name, value in values.items():
-                if sub.pushed.get(name) != value:
-                    self.fp.sub_store(sub.handle.sub_idx, name, value)
-                    sub.pushed[name] = value
+            for name, value in writes.items():
+                self.fp.sub_store(sub.handle.sub_idx, name, value)
+                self.counters["state_stores"] += 1
             if own > sub.own_bytes_pushed:
                 # userspace's own new stream bytes use the same MAX_DATA credit
                 self.fp.sub_add(sub.handle.sub_idx, "data_used", own - sub.own_bytes_pushed)
                 sub.own_bytes_pushed = own
         except (FastrelayError, OSError) as exc:
             self.counters["map_errors"] += 1
+            # not known what the kernel has now: store every field next time
+            sub.view = KernelView(next_pn=sub.view.next_pn)
+            self._dirty[sub.session] = sub
             logger.warning("pushing state of session %d: %s", sub.session, exc)
 
     def _expire(self) -> None:
@@ -762,16 +897,23 @@ class FastPathRuntime:
             sub = self._subs.get(w.session)
             if sub is None:
                 continue
+            stats = sub.quic.fastpath
+            replayed = stats.deliveries_replayed
             try:
                 sub.quic.shadow_write(w.stream_id, w.data, offset=w.offset, end_stream=w.fin)
             except (ValueError, RuntimeError) as exc:
                 self.counters["shadow_errors"] += 1
                 logger.warning("shadow write on stream %d of session %d: %s", w.stream_id,
                                w.session, exc)
-            self._touch(sub)
+            # Bytes written as sent need no transmit; a loss reported before them (parked,
+            # now replayed) does: aioquic resends the range.
+            if stats.deliveries_replayed != replayed:
+                self._touch(sub)
 
     def _touch(self, sub: _Sub) -> None:
         self._touched[id(sub.protocol)] = sub.protocol
+        self._dirty[sub.session] = sub
+        self._wake()
 
     def _now(self) -> float:
         return self._loop.time() if self._loop is not None else 0.0
@@ -803,6 +945,15 @@ class FastPathRuntime:
             # the ACK processing of forwarded packets inside aioquic is not in it
             "catchup_us_per_forwarded_packet": round(
                 self.counters["catchup_ns"] / 1000 / self.counters["forwarded_packets"], 2)
+            if self.counters["forwarded_packets"] else None,
+            # the same in CPU time of the relay's thread (not inflated by other processes)
+            "catchup_cpu_us_per_forwarded_packet": round(
+                self.counters["catchup_cpu_ns"] / 1000 / self.counters["forwarded_packets"], 2)
+            if self.counters["forwarded_packets"] else None,
+            "catchup_breakdown_us_per_forwarded_packet": {
+                part: round(self.counters[f"catchup_{part}_ns"] / 1000
+                            / self.counters["forwarded_packets"], 2)
+                for part in ("drain", "records", "congestion", "push", "transmit")}
             if self.counters["forwarded_packets"] else None,
             "shadow_bytes": self.shadow.bytes_written,
             "registered": registered,

@@ -178,6 +178,7 @@ class FastrelayQuicConnection(QuicConnection):
         self._phase_acked_generation = -1
         # last values reported through the listener
         self._last_congestion: CongestionSnapshot | None = None
+        self._one_rtt_space: Any = None
         self._last_peer_cid: bytes | None = None
         self._last_peer_address: NetworkAddress | None = None
         super().__init__(configuration=configuration, **kwargs)
@@ -226,6 +227,7 @@ class FastrelayQuicConnection(QuicConnection):
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
+        self._one_rtt_space = self._spaces.get(tls.Epoch.ONE_RTT)
         if self.crypto_backend is None:
             return
         # No 1-RTT key exists yet and nothing else holds the stock pair: swap it, keeping
@@ -301,8 +303,14 @@ class FastrelayQuicConnection(QuicConnection):
         self._after_call()
 
     def _after_call(self) -> None:
-        congestion = self.congestion_snapshot()
-        if congestion != self._last_congestion:
+        # Runs after every datagram: compare the raw values, build the snapshot on change.
+        loss = self._loss
+        last = self._last_congestion
+        if last is None or (loss.congestion_window, loss.bytes_in_flight, loss.parked_packets,
+                            self._largest_acked_1rtt()) != (
+                last.congestion_window, last.bytes_in_flight, last.parked_packets,
+                last.largest_acked):
+            congestion = self.congestion_snapshot()
             self._last_congestion = congestion
             self._emit(CongestionChanged(congestion))
         peer = self._peer_cid
@@ -335,9 +343,12 @@ class FastrelayQuicConnection(QuicConnection):
 
     def congestion_snapshot(self) -> CongestionSnapshot:
         return CongestionSnapshot(self._loss.congestion_window, self._loss.bytes_in_flight,
-                                  self._loss.parked_packets,
-                                  self._spaces[tls.Epoch.ONE_RTT].largest_acked_packet
-                                  if tls.Epoch.ONE_RTT in self._spaces else 0)
+                                  self._loss.parked_packets, self._largest_acked_1rtt())
+
+    def _largest_acked_1rtt(self) -> int:
+        # the space is kept from _initialize: a dict lookup by enum key hashes in Python
+        space = self._one_rtt_space
+        return space.largest_acked_packet if space is not None else 0
 
     # --- credit frames (bound through self in aioquic's frame table) ----------------------
 
@@ -516,17 +527,29 @@ class FastrelayQuicConnection(QuicConnection):
         kind = 2 | (0 if self._is_client else 1)
         return max(self._local_next_stream_id_uni, self._handed_out.get(kind, -4) + 4) // 4
 
-    def on_wire_number(self, number: WireNumber) -> None:
-        """The kernel gave wire number `number.wire_pn` to the packet aioquic numbered `built_pn`."""
+    def on_wire_number(self, number: WireNumber, *, report: bool = True) -> None:
+        """The kernel gave wire number `number.wire_pn` to the packet aioquic numbered `built_pn`.
+
+        report=False: the caller applies a batch of records and calls `report_changes()`
+        (or reads the state itself) once after it, instead of once per record."""
         self.fastpath.wire_numbers += 1
-        packet = self._loss.parked_packet(number.built_pn)
-        if packet is not None:
-            self._tag_phase(packet, number.key_phase)
+        if number.key_phase is not None:
+            packet = self._loss.parked_packet(number.built_pn)
+            if packet is not None:
+                self._tag_phase(packet, number.key_phase)
         self._loss.on_wire_number(number)
+        if report:
+            self._after_call()
+
+    def report_changes(self) -> None:
+        """Emit the events for what changed since the last report (congestion, peer CID,
+        peer address): after a batch of `report=False` calls."""
         self._after_call()
 
-    def register_forwarded(self, record: ForwardedPacket) -> None:
-        """The kernel sent `record` on this connection's behalf: track it like our own packet."""
+    def register_forwarded(self, record: ForwardedPacket, *, report: bool = True) -> bool:
+        """The kernel sent `record` on this connection's behalf: track it like our own packet.
+        Returns False when the peer had acknowledged it already (never counted in flight).
+        report=False: as for `on_wire_number`."""
         self._loss.track_external()
         for frame in record.frames:
             if frame.stream_id not in self._streams and not self._stream_is_discarded(frame.stream_id):
@@ -549,7 +572,9 @@ class FastrelayQuicConnection(QuicConnection):
             # As _flush_builder does for our own packets (RFC 9000 §10.1).
             self._close_at = record.sent_time + self._idle_timeout()
             self._ack_eliciting_sent_since_receipt = True
-        self._after_call()
+        if report:
+            self._after_call()
+        return inserted
 
     def _on_forwarded_delivery(self, delivery: QuicDeliveryState, record: ForwardedPacket) -> None:
         if delivery == QuicDeliveryState.ACKED:
