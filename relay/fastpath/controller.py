@@ -425,7 +425,8 @@ class FastPathController:
     def stream_frames(rec: Any) -> list[Any]:
         """The record's STREAM frames that have a subscriber stream id (a frame punted before
         the kernel gave it one belongs to a stream userspace sends itself)."""
-        return [f for f in list(rec.frames)[:rec.n_frames]
+        # slice the ctypes array: list() would convert every slot, used or not
+        return [f for f in rec.frames[:rec.n_frames]
                 if f.type < DATAGRAM_FRAME_TYPE and f.sub_sid != L.NO_SUB_SID]
 
     def translate(self, rec: Any, frames: list[Any] | None = None
