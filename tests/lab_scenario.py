@@ -48,13 +48,18 @@ class Scenario:
     def url(self, host: str) -> str:
         return f"moqt://{self.lab.address(self.lab.relay, host)}:{PORT}/x"
 
-    def _spawn(self, name: str, host: str, args: list[str]) -> Party:
+    def spawn(self, name: str, host: str, argv: list[str]) -> Party:
+        """Any command inside `host`, its output in the scenario's logs, ended with it."""
         out, err = self.logs / f"{name}.out", self.logs / f"{name}.err"
         with open(out, "w") as o, open(err, "w") as e:
-            proc = self.lab.popen(host, [*FASTRELAY, *args], stdout=o, stderr=e, env=ENV)
+            proc = self.lab.popen(host, argv, stdout=o, stderr=e, env=ENV)
         party = Party(name, proc, out, err)
         self.parties.append(party)
         return party
+
+    def _spawn(self, name: str, host: str, args: list[str]) -> Party:
+        """`fastrelay ARGS` inside `host`."""
+        return self.spawn(name, host, [*FASTRELAY, *args])
 
     def subscribe(self, host: str, *extra: str, track: str = "video", name: str | None = None
                   ) -> Party:

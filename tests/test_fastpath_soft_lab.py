@@ -30,7 +30,6 @@ from pyroute2 import netns
 from relay.bench.paths import MOQ_RS, PATHS
 from relay.media import PAYLOAD_MAGIC
 from tests.lab_scenario import (
-    ENV,
     NAMESPACE,
     Party,
     Scenario,
@@ -53,24 +52,13 @@ SIZE = 1000
 
 
 def rs_spawn(s: Scenario, name: str, host: str, args: list[str]) -> Party:
-    out, err = s.logs / f"{name}.out", s.logs / f"{name}.err"
-    with open(out, "w") as o, open(err, "w") as e:
-        proc = s.lab.popen(host, [*MOQ_RS, *args], stdout=o, stderr=e, env=ENV)
-    party = Party(name, proc, out, err)
-    s.parties.append(party)
-    return party
+    return s.spawn(name, host, [*MOQ_RS, *args])
 
 
 def aes_spawn(s: Scenario, name: str, host: str) -> Party:
     """A fastrelay subscriber offering AES-128-GCM only: the relay serves it in userspace."""
-    out, err = s.logs / f"{name}.out", s.logs / f"{name}.err"
-    with open(out, "w") as o, open(err, "w") as e:
-        proc = s.lab.popen(host, [sys.executable, "-m", "tests.aes_only_subscriber", s.url(host),
-                                  NAMESPACE, TRACK, str(OBJECTS), "90"], stdout=o, stderr=e,
-                           env=ENV)
-    party = Party(name, proc, out, err)
-    s.parties.append(party)
-    return party
+    return s.spawn(name, host, [sys.executable, "-m", "tests.aes_only_subscriber", s.url(host),
+                                NAMESPACE, TRACK, str(OBJECTS), "90"])
 
 
 def rs_summary(party: Party) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -67,6 +67,21 @@ def parse_paired(text: str) -> list[int]:
         raise ConfigError(f"--paired {text!r}: expected even subscriber counts 2..{MAX_SUBSCRIBERS} "
                           "separated by commas (half on each path), or none")
     return counts
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[list[str]], *,
+           wrap: str | None = None, wrap_width: int | None = None) -> Any:
+    """A rich table whose cells never wrap, but for the `wrap` column (folded)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, no_wrap=column != wrap,
+                         overflow="fold" if column == wrap else "ellipsis",
+                         min_width=wrap_width if column == wrap else None)
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def _read(path: Path) -> str:
@@ -225,47 +240,25 @@ def bench_command(
     if as_json:
         emit_json(doc)
     else:
-        from rich.table import Table
-
-        table = Table(title=f"fastrelay bench — {machine['cpu_model']}, {machine['cores']} "
-                            f"cores, kernel {machine['kernel']}", title_justify="left")
-        for column in report.COLUMNS:
-            table.add_column(column, no_wrap=column != "Note",
-                             overflow="fold" if column == "Note" else "ellipsis",
-                             min_width=24 if column == "Note" else None)
-        for row in report.table_rows(runs):
-            table.add_row(*row)
         from rich.console import Console
 
         wide = Console(highlight=False, soft_wrap=False,
                        width=None if sys.stdout.isatty() else TABLE_WIDTH)
-        wide.print(table)
+        wide.print(_table(f"fastrelay bench — {machine['cpu_model']}, {machine['cores']} cores, "
+                          f"kernel {machine['kernel']}", report.COLUMNS, report.table_rows(runs),
+                          wrap="Note", wrap_width=24))
         if sweep:
-            st = Table(title=f"highest sustainable rate, {sweep_subscribers} subscriber(s), "
-                             f"{sweep_duration:g} s per rate", title_justify="left")
-            for column in report.SWEEP_COLUMNS:
-                st.add_column(column, no_wrap=column != "Stopped by",
-                              overflow="fold" if column == "Stopped by" else "ellipsis")
-            for row in report.sweep_rows(capacity):
-                st.add_row(*row)
-            wide.print(st)
+            wide.print(_table(f"highest sustainable rate, {sweep_subscribers} subscriber(s), "
+                              f"{sweep_duration:g} s per rate", report.SWEEP_COLUMNS,
+                              report.sweep_rows(capacity), wrap="Stopped by"))
         if paired_runs:
-            pt = Table(title="the same objects through both paths of one relay at once",
-                       title_justify="left")
-            for column in report.PAIRED_COLUMNS:
-                pt.add_column(column, no_wrap=column != "Note",
-                              overflow="fold" if column == "Note" else "ellipsis")
-            for row in report.paired_rows(paired_runs):
-                pt.add_row(*row)
-            wide.print(pt)
+            wide.print(_table("the same objects through both paths of one relay at once",
+                              report.PAIRED_COLUMNS, report.paired_rows(paired_runs),
+                              wrap="Note"))
         if shim is not None and shim["available"]:
-            ct = Table(title="soft crypto shim, cost per packet (BPF_PROG_TEST_RUN, "
-                             f"{shim['costs'][0]['runs']} single runs)", title_justify="left")
-            for column in report.SHIM_COLUMNS:
-                ct.add_column(column, no_wrap=True)
-            for row in report.shim_rows(shim):
-                ct.add_row(*row)
-            wide.print(ct)
+            wide.print(_table("soft crypto shim, cost per packet (BPF_PROG_TEST_RUN, "
+                              f"{shim['costs'][0]['runs']} single runs)", report.SHIM_COLUMNS,
+                              report.shim_rows(shim)))
         elif shim is not None:
             stdout.print(f"soft crypto shim per packet: not measured: {shim['reason']}")
         for note in report.notes(cfg):
