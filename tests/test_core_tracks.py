@@ -39,7 +39,11 @@ def test_unknown_track_is_refused() -> None:
 def test_unknown_track_goes_to_upstream_relay() -> None:
     reg = TrackRegistry(upstream_relay=True)
     _, actions = reg.subscribe(10, sub_msg(0))
-    assert actions == [SubscribeUpstream(0, None, NS, b"video", 128, GroupOrder.ASCENDING)]
+    # neutral, whatever the first subscriber asked (sub_msg: priority 128, ascending)
+    assert actions == [SubscribeUpstream(0, None, NS, b"video", 128, GroupOrder.PUBLISHER)]
+    _, actions = reg.subscribe(11, Subscribe(0, NS, b"audio", 255, GroupOrder.DESCENDING, True,
+                                             FilterType.LARGEST_OBJECT))
+    assert actions == [SubscribeUpstream(1, None, NS, b"audio", 128, GroupOrder.PUBLISHER)]
 
 
 def test_routes_by_longest_prefix() -> None:

@@ -38,6 +38,8 @@ from .cache import CacheConfig, TrackCache, subscription_start
 
 FullTrackName = tuple[TrackNamespace, bytes]
 STREAM_COUNT_UNKNOWN = (1 << 62) - 1
+UPSTREAM_SUBSCRIBER_PRIORITY = 128
+"""The relay's own subscriber priority upstream: the middle of 0..255, no subscriber's."""
 
 
 @dataclass(eq=False)
@@ -165,9 +167,11 @@ class TrackRegistry:
             self._next_upstream_id += 1
             self.tracks[full_name] = track
             self.by_upstream[track.upstream_id] = track
+            # One upstream subscription serves every subscriber, each ordered downstream by
+            # its own priority and group order: ask neutrally, not with the first one's.
             actions.append(SubscribeUpstream(track.upstream_id, publisher, msg.track_namespace,
-                                             msg.track_name, msg.subscriber_priority,
-                                             msg.group_order))
+                                             msg.track_name, UPSTREAM_SUBSCRIBER_PRIORITY,
+                                             GroupOrder.PUBLISHER))
         elif any(s.session == session for s in track.subscribers.values()):
             return refuse(SubscribeErrorCode.INTERNAL_ERROR,
                           "Track already subscribed on this session")
