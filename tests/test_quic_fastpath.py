@@ -22,6 +22,8 @@ from relay.quic.fastpath import (
     CongestionChanged,
     CounterStreamIdAllocator,
     CreditChanged,
+    ForwardedFrame,
+    ForwardedPacket,
     ForwardedPacketLost,
     HostConnectionIdIssued,
     HostConnectionIdRetired,
@@ -436,3 +438,25 @@ def test_hand_over_starts_above_every_id_and_number_userspace_used(tmp_path: Pat
         assert relay._loss.kernel_numbers_packets
         assert relay.take_uni_stream_id() == 7
         assert counter.value == 2
+
+
+def test_a_record_after_the_peer_closed_does_not_extend_the_drain(tmp_path: Path) -> None:
+    # The kernel reports packets it forwarded before it heard of the close; registering them
+    # must leave the drain (3 PTO) alone, not re-arm the idle timeout (the connection, and its
+    # entries in the kernel's maps, would linger for the whole idle timeout).
+    with fast_path(tmp_path) as (pair, emu):
+        relay = pair.server
+        sid = emu.publish(payload(9, 1000))
+        pair.client.close(error_code=0, reason_phrase="done")
+        for _ in range(50):
+            if relay._state.name in ("DRAINING", "TERMINATED"):
+                break
+            pair.pump(rounds=1)
+        assert relay._state.name == "DRAINING", relay._state
+        drain_end = relay._close_at
+        assert drain_end is not None and drain_end < pair.now + relay._idle_timeout() / 2
+        # as when the peer's last ACK came after the relay's last ack-eliciting packet
+        relay._ack_eliciting_sent_since_receipt = False
+        relay.register_forwarded(ForwardedPacket(1_000, 1200, pair.now,
+                                                 (ForwardedFrame(sid, 0, 1000, True),), 0))
+        assert relay._close_at == drain_end

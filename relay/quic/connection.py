@@ -43,6 +43,7 @@ from aioquic import tls
 from aioquic.buffer import Buffer, BufferReadError
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
+    END_STATES,
     NetworkAddress,
     QuicConnection,
     QuicConnectionError,
@@ -568,8 +569,11 @@ class FastrelayQuicConnection(QuicConnection):
         self._tag_phase(packet, record.key_phase)
         self.fastpath.forwarded_registered += 1
         inserted = self._loss.insert(packet=packet, space=self._spaces[tls.Epoch.ONE_RTT])
-        if inserted and record.ack_eliciting and not self._ack_eliciting_sent_since_receipt:
-            # As _flush_builder does for our own packets (RFC 9000 §10.1).
+        if inserted and record.ack_eliciting and not self._ack_eliciting_sent_since_receipt \
+                and self._state not in END_STATES:
+            # As _flush_builder does for our own packets (RFC 9000 §10.1). Never once closing
+            # or draining: _close_at is then the end of the drain (3 PTO), and the kernel may
+            # still report packets it forwarded before it heard of the close.
             self._close_at = record.sent_time + self._idle_timeout()
             self._ack_eliciting_sent_since_receipt = True
         if report:
