@@ -611,21 +611,9 @@ class RelayServer:
                 return
             session.accept_fetch(ok, b"".join(encode_fetch_object(o) for o in action.objects))
         elif isinstance(action, SendDatagram):
-            if not self._kernel_sends_datagram(action):
-                session.forward_datagram(action.request_id, action.datagram)
+            session.forward_datagram(action.request_id, action.datagram)
         elif isinstance(action, CloseSession):
             session.close(action.error_code, action.reason)
-
-    def _kernel_sends_datagram(self, a: SendDatagram) -> bool:
-        """The fast path clones a forwarded track's DATAGRAM frames to the subscribers it
-        mirrored (FastPathRuntime.reconcile's rule: both sessions offloaded, the alias the
-        upstream's or one of its width): userspace must not send them a second copy."""
-        if self.fastpath is None:
-            return False
-        sub = self.core.registry.subscriptions.get((a.session, a.request_id))
-        if sub is None or not (sub.alias == a.datagram.track_alias or sub.fast_path):
-            return False
-        return self.fastpath.is_offloaded(a.session) and self.fastpath.is_offloaded(a.publisher)
 
     def _kernel_sends(self, action: Action) -> bool:
         """Whether `action` is a subscriber copy the kernel sends (claimed now, or earlier):
@@ -645,6 +633,10 @@ class RelayServer:
             if action.fin:
                 del self._kernel_streams[key]
             return True
+        if isinstance(action, SendDatagram):
+            # the kernel clones the DATAGRAM frames of a track it forwards to this subscriber
+            return self.fastpath is not None and self.fastpath.forwards_track(
+                action.session, action.publisher, action.datagram.track_alias)
         return False
 
     def _signal_skip(self, a: SkipSubgroup) -> None:

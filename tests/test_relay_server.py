@@ -741,10 +741,10 @@ def test_publish_duration_ends_the_track_and_the_subscriber_gets_every_object(
 
 
 class _KernelClonesDatagrams:
-    """A fast path that offloaded the publisher (1) and subscriber 2, not subscriber 3."""
+    """A fast path that forwards the publisher's (1) track, alias 5, to subscriber 2 only."""
 
-    def is_offloaded(self, session: int) -> bool:
-        return session in (1, 2)
+    def forwards_track(self, subscriber: int, publisher: int, upstream_alias: int) -> bool:
+        return (subscriber, publisher, upstream_alias) == (2, 1, 5)
 
 
 def test_datagrams_the_kernel_clones_are_not_sent_twice() -> None:

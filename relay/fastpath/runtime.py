@@ -638,7 +638,7 @@ class FastPathRuntime:
         protocol = entry.protocol
         quic = protocol._quic
         pair = self._pair(quic)
-        connection = getattr(pair, "_connection", None)
+        connection = getattr(pair, "_connection", None)  # None: not a pass-through pair
         if connection not in self._crypto_conns or pair._update_key_requested:
             return False
         start = self._phase_start.get(connection)
@@ -784,13 +784,11 @@ class FastPathRuntime:
             self.on_records()
         t_congestion = time.perf_counter_ns()
         now = self._now()
-        if now - self._last_full_push >= FULL_PUSH_INTERVAL:
+        full = now - self._last_full_push >= FULL_PUSH_INTERVAL
+        if full:
             self._last_full_push = now
-            dirty = list(self._subs.values())
-            self._dirty.clear()
-        else:
-            dirty = list(self._dirty.values())
-            self._dirty.clear()
+        dirty = list((self._subs if full else self._dirty).values())
+        self._dirty.clear()
         for sub in dirty:
             self._push_state(sub)
         self._expire()
@@ -920,8 +918,10 @@ class FastPathRuntime:
 
     # --- reporting ----------------------------------------------------------------------
 
-    def is_offloaded(self, session: int) -> bool:
-        return session in self._subs or session in self._ups
+    def forwards_track(self, subscriber: int, publisher: int, upstream_alias: int) -> bool:
+        """Whether the kernel forwards the publisher's track (its alias upstream) to this
+        subscriber: mirrored into fr_sub_tracks by `reconcile`."""
+        return (subscriber, publisher, upstream_alias) in self._sub_tracks
 
     def stats(self) -> dict[str, Any]:
         kernel = {reason.name: {"packets": p, "bytes": b}
@@ -930,6 +930,12 @@ class FastPathRuntime:
         user = kernel.get(Reason.EG_RENUMBERED.name, {}).get("bytes", 0)
         live = [s.quic.fastpath for s in self._subs.values()]
         registered = self.counters["registered_closed"] + sum(f.forwarded_registered for f in live)
+        forwarded = self.counters["forwarded_packets"]
+
+        def per_forwarded(counter: str) -> float | None:
+            """µs of a catch-up time counter per packet the kernel forwarded."""
+            return round(self.counters[counter] / 1000 / forwarded, 2) if forwarded else None
+
         return {
             "enabled": True,
             "interfaces": [name for _, name in self.interfaces],
@@ -943,18 +949,13 @@ class FastPathRuntime:
             "kernel_bytes_share": round(sent / (sent + user), 4) if sent + user else None,
             # userspace's catch-up (records, shadow writes, state pushes) per forwarded packet;
             # the ACK processing of forwarded packets inside aioquic is not in it
-            "catchup_us_per_forwarded_packet": round(
-                self.counters["catchup_ns"] / 1000 / self.counters["forwarded_packets"], 2)
-            if self.counters["forwarded_packets"] else None,
+            "catchup_us_per_forwarded_packet": per_forwarded("catchup_ns"),
             # the same in CPU time of the relay's thread (not inflated by other processes)
-            "catchup_cpu_us_per_forwarded_packet": round(
-                self.counters["catchup_cpu_ns"] / 1000 / self.counters["forwarded_packets"], 2)
-            if self.counters["forwarded_packets"] else None,
+            "catchup_cpu_us_per_forwarded_packet": per_forwarded("catchup_cpu_ns"),
             "catchup_breakdown_us_per_forwarded_packet": {
-                part: round(self.counters[f"catchup_{part}_ns"] / 1000
-                            / self.counters["forwarded_packets"], 2)
+                part: per_forwarded(f"catchup_{part}_ns")
                 for part in ("drain", "records", "congestion", "push", "transmit")}
-            if self.counters["forwarded_packets"] else None,
+            if forwarded else None,
             "shadow_bytes": self.shadow.bytes_written,
             "registered": registered,
             "forwarded_acked": self.counters["forwarded_acked_closed"]
