@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from aioquic.tls import CipherSuite
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from crypto_backends.base import AEAD_TAG_SIZE, Direction, KeyMaterial
+from crypto_backends.base import AEAD_TAG_SIZE, Direction, KeyMaterial, PhaseKeys
 from relay import bpfload
 
 SOURCE = "crypto_shim.c"
@@ -138,6 +140,29 @@ def conn_value(material: KeyMaterial, *, dcid_len: int, next_pn: int = 0,
 def _link(value: ShimConn, fastpath_conn: int | None) -> None:
     value.flags = SHIM_CONN_FASTPATH if fastpath_conn is not None else 0
     value.fr_conn_idx = fastpath_conn or 0
+
+
+# --- reference protection (RFC 9001 §5.3-5.4 with `cryptography`) -----------------------
+# What the shim does, in Python: the shim's tests and the bench's shim cost check the kernel
+# against it.
+
+
+def hp_mask(hp: bytes, sample: bytes) -> bytes:
+    """ChaCha20 header-protection mask of a 16-byte sample (RFC 9001 §5.4.4)."""
+    return Cipher(algorithms.ChaCha20(hp, sample), mode=None).encryptor().update(bytes(5))
+
+
+def protect(header: bytes, payload: bytes, pn: int, keys: PhaseKeys, hp: bytes,
+            pn_offset: int) -> bytes:
+    """The wire form of a short-header packet: AEAD seal, then header protection."""
+    nonce = bytes(a ^ b for a, b in zip(keys.iv, pn.to_bytes(12, "big")))
+    packet = bytearray(header + ChaCha20Poly1305(keys.key).encrypt(nonce, payload, header))
+    mask = hp_mask(hp, bytes(packet[pn_offset + 4:pn_offset + 20]))
+    pn_len = (header[0] & 0x03) + 1
+    packet[0] ^= mask[0] & 0x1F
+    for i in range(pn_len):
+        packet[pn_offset + i] ^= mask[1 + i]
+    return bytes(packet)
 
 
 @dataclass

@@ -14,17 +14,16 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import platform
 import random
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from relay import bpfload
+from relay.frames import Udp
 
 USER_HZ = os.sysconf("SC_CLK_TCK")
 BPF_STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -249,29 +248,6 @@ class ShimCost:
     runs: int
 
 
-def _ones_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
-def _udp4_frame(src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> bytes:
-    """Ethernet / IPv4 / UDP around payload, both checksums computed."""
-    s, d = ipaddress.IPv4Address(src[0]).packed, ipaddress.IPv4Address(dst[0]).packed
-    udp_len = 8 + len(payload)
-    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 0, 0x4000, 64, 17, 0,
-                               s, d))
-    ip[10:12] = (~_ones_sum(bytes(ip)) & 0xFFFF).to_bytes(2, "big")
-    pseudo = s + d + struct.pack("!xBH", 17, udp_len)
-    head = struct.pack("!HHHH", src[1], dst[1], udp_len, 0)
-    csum = (~_ones_sum(pseudo + head + payload) & 0xFFFF) or 0xFFFF
-    eth = bytes.fromhex("020000000002" "020000000001") + (0x0800).to_bytes(2, "big")
-    return eth + bytes(ip) + struct.pack("!HHHH", src[1], dst[1], udp_len, csum) + payload
-
-
 def _shim_material(direction: Any, secret: bytes) -> Any:
     from aioquic.quic.crypto import derive_key_iv_hp
     from aioquic.tls import CipherSuite
@@ -284,26 +260,6 @@ def _shim_material(direction: Any, secret: bytes) -> Any:
     return KeyMaterial(connection=1, direction=direction, trigger=KeyTrigger.INSTALL,
                        cipher_suite=suite, version=1, hp_key=hp, current=phase,
                        next=PhaseKeys(1, secret, key, iv))
-
-
-def _protect(packet: bytes, material: Any) -> bytes:
-    """RFC 9001 §5.3-5.4 with `cryptography`: the wire form of a plaintext layout."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
-    hdr_len = 1 + SHIM_DCID_LEN + SHIM_PN_LEN
-    header, payload = packet[:hdr_len], packet[hdr_len:-_TAG]
-    nonce = bytes(a ^ b for a, b in zip(material.current.iv, SHIM_PN.to_bytes(12, "big")))
-    out = bytearray(header + ChaCha20Poly1305(material.current.key).encrypt(nonce, payload,
-                                                                              header))
-    pn_off = 1 + SHIM_DCID_LEN
-    sample = bytes(out[pn_off + 4:pn_off + 20])
-    mask = Cipher(algorithms.ChaCha20(material.hp_key, sample), mode=None).encryptor() \
-        .update(bytes(5))
-    out[0] ^= mask[0] & 0x1F
-    for i in range(SHIM_PN_LEN):
-        out[pn_off + i] ^= mask[1 + i]
-    return bytes(out)
 
 
 def _single_runs(prog_fd: int, frame: bytes, runs: int, want: int) -> list[int]:
@@ -322,7 +278,7 @@ def shim_cost(sizes: tuple[int, ...] = SHIM_SIZES, runs: int = SHIM_RUNS) -> lis
     BPF_PROG_TEST_RUN calls. Raises FastrelayError subclasses when the shim cannot be
     loaded here (not root, no bcc), RuntimeError when it did not protect every packet."""
     from crypto_backends.base import Direction
-    from crypto_backends.soft_shim import SoftShim
+    from crypto_backends.soft_shim import SoftShim, protect
 
     tc_act_unspec = 0xFFFFFFFF
     rng = random.Random(1)
@@ -335,9 +291,11 @@ def shim_cost(sizes: tuple[int, ...] = SHIM_SIZES, runs: int = SHIM_RUNS) -> lis
             header = bytes([0x40 | (SHIM_PN_LEN - 1)]) + rng.randbytes(SHIM_DCID_LEN) \
                 + (SHIM_PN & 0xFFFF).to_bytes(SHIM_PN_LEN, "big")
             plain = header + rng.randbytes(size - len(header) - _TAG) + bytes(_TAG)
-            cases = (("seal", shim.egress.fd, send, _udp4_frame(_SHIM_LOCAL, _SHIM_PEER, plain)),
-                     ("open", shim.ingress.fd, recv,
-                      _udp4_frame(_SHIM_PEER, _SHIM_LOCAL, _protect(plain, recv))))
+            wire = protect(header, plain[len(header):-_TAG], SHIM_PN, recv.current, recv.hp_key,
+                           pn_offset=1 + SHIM_DCID_LEN)
+            out_udp = Udp(_SHIM_LOCAL[0], _SHIM_PEER[0], _SHIM_LOCAL[1], _SHIM_PEER[1])
+            cases = (("seal", shim.egress.fd, send, out_udp.frame(plain)),
+                     ("open", shim.ingress.fd, recv, out_udp.reversed().frame(wire)))
             for direction, fd, material, frame in cases:
                 shim.install(_SHIM_LOCAL, _SHIM_PEER, material, dcid_len=SHIM_DCID_LEN,
                              next_pn=SHIM_PN)
