@@ -258,6 +258,7 @@ int shim_ingress(struct __sk_buff *skb)
 	case QP_OK:
 		st->ingress_decrypted++;
 		st->ingress_key_phase_1 += p->qp.key_phase;
+		st->ingress_previous_phase += p->qp.previous;
 		if (conn->flags & SHIM_CONN_FASTPATH) {
 			skb->cb[FR_CB_VERDICT] = FR_CB_MAGIC | FR_CB_VERIFIED;
 			skb->cb[FR_CB_CONN] = conn->fr_conn_idx;

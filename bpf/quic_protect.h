@@ -34,6 +34,8 @@ struct qp_packet {
 	__u64 csum_off;		/* offset of the UDP checksum field */
 	__u64 odd;		/* 1 when off - UDP header offset is odd */
 	__u64 key_phase;	/* out, after QP_OK: the packet's key phase bit */
+	__u64 previous;		/* out, after qp_unprotect's QP_OK: 1 when the previous phase's
+				 * keys verified it (RFC 9001 §6.5) */
 };
 
 /* Pin a bound-checked value so LLVM does not use an unchecked copy of it. */
@@ -157,9 +159,31 @@ static __always_inline void qp_fix_csum(struct __sk_buff *skb, const struct qp_p
 }
 
 /**
+ * qp_recv_slot - which of conn->phase[] opens a received packet of key-phase bit @bit and
+ * packet number @pn (RFC 9001 §6.5): the current phase's for its bit; for the other bit
+ * the previous phase's when the connection holds them and @pn is lower than the first
+ * number received in the current phase (or none was received yet), else the next
+ * phase's. Old keys never open a packet numbered at or above the current phase's first,
+ * so a packet the peer sent after it updated can only verify with newer keys.
+ */
+static __always_inline __u64 qp_recv_slot(const struct shim_conn *conn, __u64 bit, __u64 pn)
+{
+	__u64 cur = conn->current_phase & 1, since;
+
+	if (bit == cur || !conn->phase[SHIM_PHASE_PREVIOUS].valid)
+		return bit;
+	since = conn->phase_first_pn[cur];
+	if (!since || pn + 1 < since)
+		return SHIM_PHASE_PREVIOUS;
+	return bit;
+}
+
+/**
  * qp_unprotect - remove header protection, verify and decrypt a short-header packet,
  * write @token into its tag slot and fix the UDP checksum (RFC 9001 §5.3, §5.4).
- * NOTE: on any error the skb is unchanged. Updates conn->next_pn after the tag verified.
+ * Keys: qp_recv_slot.
+ * NOTE: on any error the skb is unchanged. Updates conn->next_pn and the first packet
+ * number of the phase whose keys verified it (conn->phase_first_pn) after the tag verified.
  * Returns QP_OK or a negative QP_*.
  */
 static __always_inline int qp_unprotect(struct __sk_buff *skb, struct qp_packet *pkt,
@@ -168,7 +192,7 @@ static __always_inline int qp_unprotect(struct __sk_buff *skb, struct qp_packet 
 {
 	__u64 dcid_len = conn->dcid_len, pn_off, len = pkt->len, hdr_len, data_len, ct_len;
 	__u64 mask, pn_len, keep, truncated, pn, old_sum, new_sum, first, off = pkt->off;
-	__u64 odd = pkt->odd;
+	__u64 odd = pkt->odd, slot;
 	__u32 pnw, n0, n1, n2;
 	struct shim_phase_keys *ph;
 
@@ -209,8 +233,8 @@ static __always_inline int qp_unprotect(struct __sk_buff *skb, struct qp_packet 
 	truncated = __builtin_bswap32(pnw) >> (32 - pn_len * 8);
 	pn = qp_decode_pn(conn->next_pn, truncated, pn_len);
 
-	ph = &conn->phase[(first >> 2) & 1];
-	if (!ph->valid)
+	slot = qp_recv_slot(conn, (first >> 2) & 1, pn);
+	if (slot > SHIM_PHASE_PREVIOUS || !conn->phase[slot].valid)
 		return QP_NO_PHASE;
 	pkt->key_phase = (first >> 2) & 1;
 
@@ -221,11 +245,15 @@ static __always_inline int qp_unprotect(struct __sk_buff *skb, struct qp_packet 
 	QP_OPAQUE(s, 4, off);
 	QP_OPAQUE(s, 5, odd);
 	QP_OPAQUE(s, 6, pn);
-	if (hdr_len < 2 || hdr_len > 32 || data_len > CP_MAX_DATA || data_len < CP_TAG_LEN)
+	QP_OPAQUE(s, 7, slot);	/* the three key choices reach the crypto in one state */
+	if (hdr_len < 2 || hdr_len > 32 || data_len > CP_MAX_DATA || data_len < CP_TAG_LEN ||
+	    slot > SHIM_PHASE_PREVIOUS)
 		return QP_ERROR;
 	QP_PIN(hdr_len);
 	QP_PIN(data_len);
+	QP_PIN(slot);
 	ct_len = data_len - CP_TAG_LEN;
+	ph = &conn->phase[slot];
 
 	if (bpf_skb_load_bytes(skb, off + hdr_len, s->data, data_len))
 		return QP_ERROR;
@@ -248,6 +276,12 @@ static __always_inline int qp_unprotect(struct __sk_buff *skb, struct qp_packet 
 	qp_fix_csum(skb, pkt, old_sum, new_sum);
 	if (pn + 1 > conn->next_pn)
 		conn->next_pn = pn + 1;
+	pkt->previous = slot == SHIM_PHASE_PREVIOUS;
+	if (slot < SHIM_PHASE_PREVIOUS) {
+		QP_PIN(slot);
+		if (!conn->phase_first_pn[slot] || pn + 1 < conn->phase_first_pn[slot])
+			conn->phase_first_pn[slot] = pn + 1;
+	}
 	return QP_OK;
 }
 

@@ -46,17 +46,31 @@ struct shim_phase_keys {
 	__u32 valid;		/* 0: no keys for this phase, packets with its key-phase bit are dropped */
 };
 
-/* One direction of one connection: written by userspace, next_pn also by the shim. */
+/* shim_conn.phase[]: slots 0 and 1 are indexed by the key-phase bit (the current phase
+ * and the next one); this one holds the receive direction's previous phase (RFC 9001
+ * §6.5), whose bit is the next phase's: a packet of the other bit uses it when its number
+ * is lower than the first one received in the current phase. */
+#define SHIM_PHASE_PREVIOUS 2
+
+/* One direction of one connection: written by userspace, next_pn and phase_first_pn also
+ * by the shim (userspace carries both over when it rewrites the entry). */
 struct shim_conn {
 	__u32 state;		/* SHIM_STATE_* */
 	__u32 dcid_len;		/* length of the short header's destination CID in this direction */
 	__u8 hp_key[32];	/* header protection key (never changes with key updates) */
-	struct shim_phase_keys phase[2];	/* indexed by the key-phase bit */
+	struct shim_phase_keys phase[3];	/* [0], [1] by key-phase bit; [SHIM_PHASE_PREVIOUS]
+						 * receive only, valid after a key update until
+						 * the next one replaces it */
 	__u64 next_pn;		/* largest packet number seen in this direction plus one (0: none) */
 	__u32 flags;		/* SHIM_CONN_* */
 	__u32 fr_conn_idx;	/* with SHIM_CONN_FASTPATH: the fast path's connection index, written
 				 * into the ingress verdict (structs.h) and checked against the
 				 * egress one */
+	__u64 phase_first_pn[2];	/* receive, by key-phase bit: the lowest packet number
+					 * verified with phase[bit]'s keys since they were
+					 * installed, plus one (0: none yet) */
+	__u32 current_phase;	/* key-phase bit of the current phase */
+	__u32 pad;
 };
 
 /* Global settings, one element. */
@@ -96,6 +110,9 @@ struct shim_stats {
 	 * update took place in that direction on the wire). */
 	__u64 ingress_key_phase_1;
 	__u64 egress_key_phase_1;
+	/* Not a verdict: of ingress_decrypted, those verified with the previous phase's keys
+	 * (sent before the peer followed a key update, or reordered across one). */
+	__u64 ingress_previous_phase;
 };
 
 #endif /* FASTRELAY_SHIM_STRUCTS_H */

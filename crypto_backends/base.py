@@ -4,8 +4,9 @@ A backend decides how a connection's 1-RTT packets are protected on the wire. Us
 and the fast path always exchange 1-RTT packets in one plaintext layout (no header
 protection, payload in clear, then `tag_size` bytes of tag slot), so the fast path is the
 same for every backend. An offloading backend receives, per connection and direction,
-the key material of the current and the next key phase when keys are installed, on every
-key update (local or remote) and on teardown.
+the key material of the current and the next key phase (and, receiving, the previous one
+after an update) when keys are installed, on every key update (local or remote) and on
+teardown.
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ class KeyMaterial:
     next: PhaseKeys
     #: The connection's addresses, when the endpoint knows them.
     path: ConnectionPath | None = None
+    #: Receive direction after a key update: the phase before `current`, for packets the
+    #: peer sent before it (RFC 9001 §6.5); None otherwise. A backend keeps it until the
+    #: next update replaces it or the connection ends (retention rule: one previous phase,
+    #: no ~3 PTO timer; see relay.quic.crypto).
+    previous: PhaseKeys | None = None
 
 
 class CryptoBackend(ABC):

@@ -11,7 +11,9 @@ interfaces of the relay's network namespace (clsact, direct action): shim ingres
 priority SHIM_INGRESS_PRIO (20, before the fast path's ingress at 30), shim egress at
 SHIM_EGRESS_PRIO (20, after the fast path's egress at 10). Every connection's 1-RTT keys,
 exported by aioquic (relay.quic.crypto), go into the shim's map keyed by the addresses and
-ports the packets carry; `close()` detaches and unloads everything.
+ports the packets carry; on a key update of the receive direction the previous phase's keys
+go along, for the peer's packets sent before it (RFC 9001 §6.5, see soft_shim.conn_value);
+`close()` detaches and unloads everything.
 
 In a process that never called `start()` (`fastrelay publish/subscribe --crypto soft`)
 nothing is offloaded: endpoints have no fast path to feed plaintext, so they speak standard

@@ -43,6 +43,7 @@ SHIM_STATE_PASS = 0
 SHIM_STATE_NO_KEYS = 1
 SHIM_STATE_KEYS = 2
 SHIM_CONN_FASTPATH = 0x1
+SHIM_PHASE_PREVIOUS = 2
 
 #: The only suite the shim implements (RFC 9001 §5.3 AEAD, §5.4.4 header protection).
 SUPPORTED_SUITE = CipherSuite.CHACHA20_POLY1305_SHA256
@@ -73,10 +74,13 @@ class ShimConn(ctypes.Structure):
         ("state", ctypes.c_uint32),
         ("dcid_len", ctypes.c_uint32),
         ("hp_key", ctypes.c_uint8 * 32),
-        ("phase", ShimPhaseKeys * 2),
+        ("phase", ShimPhaseKeys * 3),
         ("next_pn", ctypes.c_uint64),
         ("flags", ctypes.c_uint32),
         ("fr_conn_idx", ctypes.c_uint32),
+        ("phase_first_pn", ctypes.c_uint64 * 2),
+        ("current_phase", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
     ]
 
 
@@ -92,7 +96,7 @@ class ShimStats(ctypes.Structure):
         "egress_packets", "egress_bytes", "egress_passed", "egress_encrypted",
         "egress_drop_no_keys", "egress_drop_too_short", "egress_drop_too_long", "egress_drop_gso",
         "egress_drop_no_phase", "egress_drop_error", "egress_drop_wrong_conn",
-        "ingress_key_phase_1", "egress_key_phase_1",
+        "ingress_key_phase_1", "egress_key_phase_1", "ingress_previous_phase",
     )]
 
 
@@ -119,22 +123,40 @@ def conn_key(local: Address, peer: Address, direction: Direction) -> bytes:
 
 def conn_value(material: KeyMaterial, *, dcid_len: int, next_pn: int = 0,
                fastpath_conn: int | None = None) -> ShimConn:
-    """The shim_conns value for KeyMaterial: keys of both phases, indexed by key-phase bit;
-    `fastpath_conn`: the fast path's connection index (fr_conns) when it holds the connection."""
+    """The shim_conns value for KeyMaterial: keys of both phases, indexed by key-phase bit,
+    and the receive direction's previous phase after a key update (SHIM_PHASE_PREVIOUS);
+    `fastpath_conn`: the fast path's connection index (fr_conns) when it holds the connection.
+    No packet number of any phase is known yet (phase_first_pn: see carry_first_pns)."""
     if material.cipher_suite != SUPPORTED_SUITE:
         raise ValueError(f"the soft shim protects only {SUPPORTED_SUITE.name}, "
                          f"not {CipherSuite(material.cipher_suite).name}")
     if not 0 <= dcid_len <= SHIM_MAX_CID_LEN:
         raise ValueError(f"connection id length {dcid_len} is not 0..{SHIM_MAX_CID_LEN}")
-    value = ShimConn(state=SHIM_STATE_KEYS, dcid_len=dcid_len, next_pn=next_pn)
+    value = ShimConn(state=SHIM_STATE_KEYS, dcid_len=dcid_len, next_pn=next_pn,
+                     current_phase=material.current.key_phase & 1)
     _link(value, fastpath_conn)
     value.hp_key[:] = material.hp_key
-    for keys in (material.current, material.next):
-        slot = value.phase[keys.key_phase & 1]
+    slots = [(material.current.key_phase & 1, material.current),
+             (material.next.key_phase & 1, material.next)]
+    if material.previous is not None:
+        slots.append((SHIM_PHASE_PREVIOUS, material.previous))
+    for index, keys in slots:
+        slot = value.phase[index]
         slot.key[:] = keys.key
         slot.iv[:] = keys.iv
         slot.valid = 1
     return value
+
+
+def carry_first_pns(old: ShimConn, new: ShimConn) -> None:
+    """Keep the first packet number the shim recorded for a key-phase bit whose keys stay
+    the same: after the peer's key update the new current phase was the old next one, and
+    the packet that started it (verified by the shim before userspace saw it) is its first."""
+    for bit in (0, 1):
+        before, after = old.phase[bit], new.phase[bit]
+        if (before.valid and after.valid and bytes(before.key) == bytes(after.key)
+                and bytes(before.iv) == bytes(after.iv)):
+            new.phase_first_pn[bit] = old.phase_first_pn[bit]
 
 
 def _link(value: ShimConn, fastpath_conn: int | None) -> None:
@@ -203,13 +225,17 @@ class SoftShim:
     def install(self, local: Address, peer: Address, material: KeyMaterial, *, dcid_len: int,
                 next_pn: int | None = None) -> None:
         """Write (or update on a key update) one direction's keys; keeps the packet-number
-        state the shim has unless next_pn is given, and the link to the fast path."""
+        state the shim has (the largest unless next_pn is given, the first of each phase
+        whose keys stay) and the link to the fast path."""
         key = conn_key(local, peer, material.direction)
-        current = self.entry(local, peer, material.direction)
+        raw = bpfload.map_lookup(self._conns_fd, key, ctypes.sizeof(ShimConn))
+        old = ShimConn.from_buffer_copy(raw) if raw is not None else None
         if next_pn is None:
-            next_pn = current.next_pn if current is not None else 0
-        value = conn_value(material, dcid_len=dcid_len, next_pn=next_pn,
-                           fastpath_conn=current.fastpath_conn if current is not None else None)
+            next_pn = old.next_pn if old is not None else 0
+        linked = old.fr_conn_idx if old is not None and old.flags & SHIM_CONN_FASTPATH else None
+        value = conn_value(material, dcid_len=dcid_len, next_pn=next_pn, fastpath_conn=linked)
+        if old is not None and old.state == SHIM_STATE_KEYS:
+            carry_first_pns(old, value)
         bpfload.map_update(self._conns_fd, key, bytes(value))
 
     def link_fastpath(self, local: Address, peer: Address, direction: Direction,

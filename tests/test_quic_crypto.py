@@ -194,6 +194,11 @@ def test_pass_through_key_update(tmp_path: Path, who: str, peer: str) -> None:
         updates = [m for m in emulator.installs if m.trigger is trigger]
         assert {m.direction for m in updates} == {Direction.SEND, Direction.RECV}
         assert all(m.current.key_phase == 1 and m.next.key_phase == 0 for m in updates)
+        # RFC 9001 §6.5: the receive update carries the phase it replaced, for packets the
+        # peer sent before it; sending needs no old keys
+        recv = [m for m in emulator.installs if m.direction is Direction.RECV]
+        assert [m.previous for m in recv] == [None, recv[0].current]
+        assert all(m.previous is None for m in emulator.installs if m.direction is Direction.SEND)
         assert (emulator.rejected, emulator.passed_up_encrypted) == (0, 0)
     finally:
         ctx.__exit__(None, None, None)

@@ -82,6 +82,8 @@ class OneRttCryptoPair(CryptoPair):
         self._connection = connection
         self._path_of = path_of
         self._hp_keys: dict[Direction, bytes] = {}
+        #: The receive keys last exported as current: the previous phase's after an update.
+        self._recv_current: PhaseKeys | None = None
         #: Directions whose keys the backend holds (teardown tells it about these only).
         self._exported: set[Direction] = set()
         #: Why the backend left this connection to standard crypto (None: it did not).
@@ -167,6 +169,17 @@ class OneRttCryptoPair(CryptoPair):
                 cipher_suite=context.cipher_suite, secret=context.secret, version=context.version)
         current = phase_keys(context, context.secret, context.key_phase)
         following = phase_keys(context, next_phase_secret(context), context.key_phase ^ 1)
+        previous = None
+        if direction is Direction.RECV:
+            # The secret chain runs one way (RFC 9001 §6.1): the previous phase's keys are
+            # the ones exported last. Retention rule: the backend keeps them until the next
+            # update replaces them (or the connection ends), not RFC 9001 §6.5's ~3 PTO: no
+            # timer is needed, and old keys only ever open packets numbered below the
+            # current phase's first, so keeping them longer admits nothing newer.
+            if trigger is not KeyTrigger.INSTALL and self._recv_current is not None \
+                    and self._recv_current.key_phase != current.key_phase:
+                previous = self._recv_current
+            self._recv_current = current
         return KeyMaterial(
             connection=self._connection,
             direction=direction,
@@ -177,6 +190,7 @@ class OneRttCryptoPair(CryptoPair):
             current=current,
             next=following,
             path=self._path_of(direction),
+            previous=previous,
         )
 
     # --- packet protection ----------------------------------------------------------
@@ -245,9 +259,10 @@ class OneRttCryptoPair(CryptoPair):
         payload = packet[header_length:len(packet) - tag_size]
         # A short header's key-phase bit is in the clear here. The backend verified the packet
         # with the keys of its bit, possibly before a key update the packet waited out in the
-        # socket: the other bit is the previous phase when nothing of the current one has
-        # arrived yet or its number is lower than the current phase's first (RFC 9001 §6.5),
-        # and only otherwise the peer's update.
+        # socket, or with the previous phase's by the same rule as here: the other bit is the
+        # previous phase when nothing of the current one has arrived yet or its number is
+        # lower than the current phase's first (RFC 9001 §6.5), and only otherwise the peer's
+        # update.
         if (first_byte & 0x04) >> 2 != self.recv.key_phase:
             first = self._recv_phase_first_pn
             if first is None or packet_number < first:

@@ -13,7 +13,7 @@ import os
 import random
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from aioquic.quic.crypto import derive_key_iv_hp
@@ -350,6 +350,72 @@ def test_key_update_keeps_packet_numbers(fresh) -> None:
     fresh.install(RELAY4, PEER4, material(next_secret(A5_SECRET), Direction.RECV, key_phase=1),
                   dcid_len=0)
     assert fresh.entry(RELAY4, PEER4, Direction.RECV).next_pn == A5_PN + 1
+
+
+def updated(m: KeyMaterial, trigger: KeyTrigger) -> KeyMaterial:
+    """The receive material after a key update, as relay.quic.crypto exports it: the next
+    phase is current, the one after it next, the replaced one previous (RFC 9001 §6.5)."""
+    following = material(m.next.secret, m.direction, key_phase=m.next.key_phase)
+    return replace(following, trigger=trigger, hp_key=m.hp_key, previous=m.current)
+
+
+def _receive(shim, rng: random.Random, m: KeyMaterial, keys: PhaseKeys, pn: int, key_phase: int,
+             *, tamper: bool = False) -> bool:
+    """A peer's packet numbered `pn` with key-phase bit `key_phase`, sealed with `keys`,
+    through shim_ingress: True when it came out verified (token in the tag slot)."""
+    header = bytes([0x40 | (key_phase << 2) | 0x01]) + rng.randbytes(8) + (pn & 0xFFFF).to_bytes(2, "big")
+    payload = rng.randbytes(120)
+    wire = bytearray(protect(header, payload, pn, keys, m.hp_key, 9))
+    if tamper:
+        wire[len(header) + 7] ^= 0x10
+    udp = V4_EGRESS.reversed()
+    verdict, out = run(shim.ingress, udp.frame(bytes(wire)))
+    if verdict == TC_ACT_SHOT:
+        return False
+    assert verdict == TC_ACT_UNSPEC and udp.payload(out) == header + payload + shim.token
+    return True
+
+
+def test_relay_key_update_keeps_the_previous_receive_phase(fresh) -> None:
+    """The relay starts a key update: the shim's receive entry switches to the next phase at
+    once, while the peer still sends (and has in flight) packets of the old one. RFC 9001
+    §6.5: the old bit opens with the previous keys below the first number received in the
+    new phase (or before any), with the next keys from there on."""
+    rng = random.Random("previous")
+    old = material(os.urandom(32), Direction.RECV, key_phase=0)
+    fresh.install(RELAY4, PEER4, old, dcid_len=8, next_pn=100)
+    assert all(_receive(fresh, rng, old, old.current, pn, 0) for pn in (100, 101, 102))
+    new = updated(old, KeyTrigger.LOCAL_UPDATE)
+    fresh.install(RELAY4, PEER4, new, dcid_len=8)
+    # in flight before the peer followed: nothing of phase 1 received yet
+    assert _receive(fresh, rng, new, old.current, 104, 0)
+    assert not _receive(fresh, rng, new, old.current, 105, 0, tamper=True)  # still fails closed
+    # the peer follows from 107 on; 106 arrives late, reordered
+    assert _receive(fresh, rng, new, new.current, 107, 1)
+    assert _receive(fresh, rng, new, old.current, 106, 0)
+    # the old bit above the phase's first number is the peer's next update: the next keys,
+    # never the previous ones
+    assert not _receive(fresh, rng, new, old.current, 110, 0)
+    assert _receive(fresh, rng, new, new.next, 111, 0)
+    delta(fresh, ingress_packets=9, ingress_decrypted=7, ingress_previous_phase=2,
+          ingress_drop_bad_tag=2)
+    assert fresh.entry(RELAY4, PEER4, Direction.RECV).next_pn == 112
+
+
+def test_peer_key_update_keeps_the_first_packet_number_of_its_phase(fresh) -> None:
+    """The peer starts a key update: the shim verifies its first packet of the new phase
+    with the next keys before userspace follows (a remote update), and that packet's number
+    stays the new phase's first across the reinstall."""
+    rng = random.Random("remote")
+    old = material(os.urandom(32), Direction.RECV, key_phase=1)
+    fresh.install(RELAY4, PEER4, old, dcid_len=8, next_pn=300)
+    assert _receive(fresh, rng, old, old.current, 300, 1)
+    assert _receive(fresh, rng, old, old.next, 302, 0)  # the peer's update
+    fresh.install(RELAY4, PEER4, updated(old, KeyTrigger.REMOTE_UPDATE), dcid_len=8)
+    assert _receive(fresh, rng, old, old.current, 301, 1)  # reordered: the previous keys
+    assert not _receive(fresh, rng, old, old.current, 303, 1)  # above 302: not the old keys
+    delta(fresh, ingress_packets=4, ingress_decrypted=3, ingress_previous_phase=1,
+          ingress_drop_bad_tag=1)
 
 
 @pytest.mark.parametrize("pn_len", [1, 2, 3, 4])

@@ -132,3 +132,34 @@ def test_stock_peer_through_the_shim(tmp_path: Path, backend: ShimBackend, peer:
         assert not any(MARKER in d for d in pair.wire_to_client)
         # what reached the relay's socket after the shim: plaintext layout with the token
         assert any(MARKER in d and d.endswith(backend.shim.token) for d in pair.wire_to_server)
+
+
+def test_peer_packets_in_flight_over_a_relay_key_update(tmp_path: Path, backend: ShimBackend) -> None:
+    """The relay starts a key update while the peer's packets of the old phase are in flight:
+    they reach the shim after the relay's receive keys moved on and verify with the previous
+    phase's keys the update exported (RFC 9001 §6.5), instead of failing their tag."""
+    from aioquic.tls import Epoch
+
+    with client_and_server(tmp_path, server_backend=backend, stock_client=True) as pair:
+        pair.to_server = backend.ingress
+        pair.to_client = backend.egress
+        pair.pump()
+        exchange(pair, b"phase zero" * 100)
+        stream = pair.client.get_next_available_stream_id(is_unidirectional=True)
+        pair.client.send_stream_data(stream, MARKER * 40, end_stream=True)
+        in_flight = [data for data, _ in pair.client.datagrams_to_send(now=pair.now)]
+        assert in_flight
+        pair.server.request_key_update()
+        pair.server.send_ping(1)
+        pair.pump(rounds=2)  # the peer follows and answers in the new phase; no time passes
+        assert pair.server._cryptos[Epoch.ONE_RTT].recv.key_phase == 1
+        for data in in_flight:  # now the old phase's packets arrive
+            verified = backend.ingress(data)
+            assert verified is not None and verified.endswith(backend.shim.token)
+            pair.server.receive_datagram(verified, CLIENT_ADDR, now=pair.now)
+        pair.pump()
+        assert received(pair.server_events, stream) == MARKER * 40
+        assert pair.server._cryptos[Epoch.ONE_RTT].old_phase_accepted == len(in_flight)
+        stats = backend.shim.stats()
+        assert stats["ingress_previous_phase"] == len(in_flight)
+        assert {k: v for k, v in stats.items() if "drop" in k and v} == {}

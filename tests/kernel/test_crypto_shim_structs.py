@@ -49,16 +49,16 @@ def test_ctypes_structs_match_shim_structs_h(cname: str) -> None:
 
 
 def test_sizes_are_what_the_kernel_sees() -> None:
-    # key 40 B, value 152 B: the verifier log of crypto_shim.c says ks=40, vs=152
+    # key 40 B, value 224 B: the verifier log of crypto_shim.c says ks=40, vs=224
     assert ctypes.sizeof(ShimConnKey) == 40
-    assert ctypes.sizeof(ShimConn) == 152
+    assert ctypes.sizeof(ShimConn) == 224
     assert ctypes.sizeof(ShimStats) % 8 == 0
 
 
 def test_constants_match_shim_structs_h() -> None:
     defines = dict(re.findall(r"#define (SHIM_\w+) (\d+)", _header()))
     for name in ("SHIM_MAX_CONNS", "SHIM_MAX_CID_LEN", "SHIM_DIR_RECV", "SHIM_DIR_SEND",
-                 "SHIM_STATE_PASS", "SHIM_STATE_NO_KEYS", "SHIM_STATE_KEYS"):
+                 "SHIM_STATE_PASS", "SHIM_STATE_NO_KEYS", "SHIM_STATE_KEYS", "SHIM_PHASE_PREVIOUS"):
         assert int(defines[name]) == getattr(soft_shim, name), name
     flags = dict(re.findall(r"#define (SHIM_CONN_\w+) (0x[0-9a-f]+)", _header()))
     assert flags == {"SHIM_CONN_FASTPATH": "0x1"}
