@@ -246,8 +246,10 @@ def test_soft_fastpath_relay_key_updates_during_the_stream(tmp_path: Path) -> No
     # verified packets of phase 1 (the peers', after they followed).
     assert shim["egress_key_phase_1"] > 0 and shim["ingress_key_phase_1"] > 0, shim
     # never a packet in plaintext or with keys of the wrong phase on the way out; on the way
-    # in, the peers' packets of the old phase still in flight are dropped as aioquic does
-    assert not {k: v for k, v in shim.items() if k.startswith("egress_drop") and v}, shim
+    # in, the peers' packets of the old phase still in flight at an update verify with the
+    # previous phase's keys (RFC 9001 §6.5, counted in ingress_previous_phase; whether any
+    # is in flight is timing, so not asserted): nothing fails its tag
+    assert not {k: v for k, v in shim.items() if "drop" in k and v}, shim
     assert fp["kernel_bytes_share"] >= 0.5, fp
     assert not any(PAYLOAD_MAGIC in frame for frame in frames)
 
