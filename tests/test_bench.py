@@ -405,9 +405,41 @@ def test_shim_cost_table_rows() -> None:
         {"size": 64, "direction": "open", "min_ns": 905, "median_ns": 1010, "runs": 9},
         {"size": 64, "direction": "seal", "min_ns": 870, "median_ns": 990, "runs": 9},
     ]}
-    assert report.shim_rows(section) == [["64", "0.87/0.99", "0.91/1.01"],
-                                         ["1200", "4.21/4.98", "–"]]
+    # Without the primitives (an older results.json) the crypto column says "–".
+    assert report.shim_rows(section) == [["64", "0.87/0.99", "0.91/1.01", "–"],
+                                         ["1200", "4.21/4.98", "–", "–"]]
     table = report.markdown_shim_table(section).splitlines()
     assert table[0] == "| QUIC packet bytes | Seal (egress) µs min/median | " \
-                       "Open (ingress) µs min/median |"
-    assert table[2:] == ["| 64 | 0.87/0.99 | 0.91/1.01 |", "| 1200 | 4.21/4.98 | – |"]
+                       "Open (ingress) µs min/median | of which ChaCha20 + Poly1305 µs (blocks) |"
+    assert table[2:] == ["| 64 | 0.87/0.99 | 0.91/1.01 | – |", "| 1200 | 4.21/4.98 | – | – |"]
+
+
+@pytest.mark.root
+def test_crypto_primitives_cost_per_block() -> None:
+    prim = measure.crypto_primitives(runs=20)
+    # A 64-byte ChaCha20 block is 20 rounds of 16 words; a 16-byte Poly1305 block is one
+    # multiplication mod 2^130-5: the slopes must come out in that order and positive.
+    assert prim.chacha20_block_ns > prim.poly1305_block_ns > 0
+    assert 0.3 < prim.clock_ghz < 10
+
+
+def test_shim_blocks_counts_keystream_and_mac_blocks() -> None:
+    # 1200 bytes: 11-byte header (1 + 8-byte DCID + 2-byte PN), 1173 ciphertext, 16 tag.
+    # ChaCha20: 19 payload blocks + the Poly1305 key block + the header-protection block;
+    # Poly1305: 1 AAD block + 74 ciphertext blocks + the lengths block.
+    assert measure.shim_blocks(1200) == (21, 76)
+    assert measure.shim_blocks(64) == (3, 1 + 3 + 1)
+
+
+def test_shim_rows_split_out_the_crypto_primitives() -> None:
+    section = {"available": True, "method": "m",
+               "costs": [{"size": 1200, "direction": d, "min_ns": 6000, "median_ns": 6500,
+                          "runs": 3} for d in ("seal", "open")],
+               "primitives": {"chacha20_block_ns": 100.0, "poly1305_block_ns": 10.0,
+                              "clock_ghz": 3.0, "runs": 3},
+               "blocks": {"1200": {"chacha20": 21, "poly1305": 76}}}  # as read back from JSON
+    assert report.shim_rows(section) == [["1200", "6.00/6.50", "6.00/6.50", "2.86 (21 + 76)"]]
+    line = report.shim_primitives_line(section)
+    assert "ChaCha20 100 ns per 64 bytes (300 cycles at 3.00 GHz)" in line
+    assert "Poly1305 10.0 ns per 16 bytes (30 cycles)" in line
+    assert "| 1200 | 6.00/6.50 | 6.00/6.50 | 2.86 (21 + 76) |" in report.markdown_shim_table(section)

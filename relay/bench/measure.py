@@ -309,3 +309,61 @@ def shim_cost(sizes: tuple[int, ...] = SHIM_SIZES, runs: int = SHIM_RUNS) -> lis
         return out
     finally:
         shim.close()
+
+
+#: bpf/crypto_cost.c: the shim's primitives alone.
+PRIMITIVES_SOURCE = "crypto_cost.c"
+#: Byte counts each primitive is timed at; the difference removes the fixed cost.
+PRIMITIVE_LENGTHS = (256, 1280)
+CHACHA20_BLOCK = 64
+POLY1305_BLOCK = 16
+#: Additions in cost_clock (COST_CLOCK_ADDS): one cycle each.
+CLOCK_ADDS = 100_000
+
+
+@dataclass(frozen=True)
+class CryptoPrimitives:
+    """What one block of each primitive costs in the shim's code on this machine."""
+
+    chacha20_block_ns: float
+    """One 64-byte ChaCha20 keystream block XORed into the data."""
+    poly1305_block_ns: float
+    """One 16-byte Poly1305 block."""
+    clock_ghz: float
+    """Dependent 32-bit additions per ns: the clock the programs ran at."""
+    runs: int
+
+
+def _slope(fd: int, unit: int, runs: int) -> float:
+    """ns per @unit bytes: minimum time at the longer length minus at the shorter one."""
+    short, long = PRIMITIVE_LENGTHS
+    best = [_single_runs(fd, bytes(14 + n), runs, 0)[0] for n in PRIMITIVE_LENGTHS]
+    return (best[1] - best[0]) / ((long - short) / unit)
+
+
+def crypto_primitives(runs: int = SHIM_RUNS) -> CryptoPrimitives:
+    """Time the shim's ChaCha20 and Poly1305 per block and the clock, each from the code the
+    shim inlines (bpf/crypto_cost.c), with single BPF_PROG_TEST_RUN calls (minimum of
+    @runs). Raises FastrelayError subclasses when it cannot be loaded here."""
+    bpf = bpfload.compile_program(PRIMITIVES_SOURCE, cflags=("-fno-strict-aliasing",))
+    try:
+        fds = {name: bpfload.load_sched_cls(bpf, name).fd
+               for name in ("cost_chacha20", "cost_poly1305", "cost_clock")}
+        clock_ns = _single_runs(fds["cost_clock"], bytes(64), max(runs // 10, 5), 0)[0]
+        return CryptoPrimitives(
+            chacha20_block_ns=_slope(fds["cost_chacha20"], CHACHA20_BLOCK, runs),
+            poly1305_block_ns=_slope(fds["cost_poly1305"], POLY1305_BLOCK, runs),
+            clock_ghz=CLOCK_ADDS / clock_ns, runs=runs)
+    finally:
+        bpf.cleanup()
+
+
+def shim_blocks(size: int) -> tuple[int, int]:
+    """(ChaCha20 blocks, Poly1305 blocks) one shim run computes for a QUIC packet of @size
+    bytes as shim_cost builds it: the payload's keystream, the Poly1305 key block and the
+    header-protection block; the header (AAD), the ciphertext and the lengths block."""
+    header = 1 + SHIM_DCID_LEN + SHIM_PN_LEN
+    ciphertext = size - header - _TAG
+    chacha = -(-ciphertext // CHACHA20_BLOCK) + 2
+    poly = -(-header // POLY1305_BLOCK) + -(-ciphertext // POLY1305_BLOCK) + 1
+    return chacha, poly

@@ -681,7 +681,10 @@ SHIM_METHOD = (f"BPF_PROG_TEST_RUN of the soft shim's programs (bpf/crypto_shim.
                f"(header protection removal, tag check, decrypt); QUIC short header with an "
                f"{measure.SHIM_DCID_LEN}-byte DCID and a {measure.SHIM_PN_LEN}-byte packet "
                f"number; each figure is the program's run time as the kernel reports it for "
-               f"one BPF_PROG_TEST_RUN call")
+               f"one BPF_PROG_TEST_RUN call; the primitives (bpf/crypto_cost.c, the same "
+               f"inlined code) per block from the minimum at {measure.PRIMITIVE_LENGTHS[0]} and "
+               f"{measure.PRIMITIVE_LENGTHS[1]} bytes, the clock from {measure.CLOCK_ADDS} "
+               f"dependent additions")
 
 
 def measure_shim_cost(say: Progress) -> dict[str, Any]:
@@ -693,9 +696,13 @@ def measure_shim_cost(say: Progress) -> dict[str, Any]:
                                "sizes": list(measure.SHIM_SIZES), "costs": []}
     try:
         costs = measure.shim_cost()
+        primitives = measure.crypto_primitives()
     except (FastrelayError, RuntimeError, OSError) as exc:
         section["reason"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return section
     section["available"] = True
     section["costs"] = [asdict(c) for c in costs]
+    section["primitives"] = asdict(primitives)
+    section["blocks"] = {size: dict(zip(("chacha20", "poly1305"), measure.shim_blocks(size)))
+                         for size in measure.SHIM_SIZES}
     return section

@@ -259,6 +259,8 @@ def bench_command(
             wide.print(_table("soft crypto shim, cost per packet (BPF_PROG_TEST_RUN, "
                               f"{shim['costs'][0]['runs']} single runs)", report.SHIM_COLUMNS,
                               report.shim_rows(shim)))
+            if report.shim_primitives_line(shim):
+                stdout.print(report.shim_primitives_line(shim))
         elif shim is not None:
             stdout.print(f"soft crypto shim per packet: not measured: {shim['reason']}")
         for note in report.notes(cfg):
