@@ -182,6 +182,8 @@ class SoftBackend(CryptoBackend):
         # connection -> (local, peer) as keyed in the shim; directions holding keys there
         self._where: dict[int, tuple[Address, Address]] = {}
         self._keyed: dict[int, set[Direction]] = {}
+        # connection -> the fast path's index of it, while the fast path holds it
+        self._linked: dict[int, int] = {}
         self.connections_offloaded = 0
         self.connections_not_offloaded = 0
         self.not_offloaded_reasons: dict[str, int] = {}
@@ -190,6 +192,9 @@ class SoftBackend(CryptoBackend):
         #: Told (connection, direction, key phase) before a key update's keys go to the
         #: shim: the fast path switches the phase its clones carry (relay.fastpath.runtime).
         self.phase_listener: Callable[[int, Direction, int], None] | None = None
+        #: Told (connection) when a connection the fast path holds gets its second
+        #: direction's keys: the fast path may protect its clones from then on.
+        self.keys_listener: Callable[[int], None] | None = None
 
     @property
     def cipher_suites(self) -> tuple[CipherSuite, ...]:
@@ -253,6 +258,7 @@ class SoftBackend(CryptoBackend):
             finally:
                 shim.close()
                 self._keyed.clear()
+                self._linked.clear()
                 self._where.clear()
 
     # --- keys --------------------------------------------------------------------------
@@ -274,9 +280,19 @@ class SoftBackend(CryptoBackend):
             if connection not in self._keyed:
                 del self._where[connection]
             raise OffloadRefused(f"the shim refused the keys ({exc})") from None
-        self._keyed.setdefault(connection, set()).add(material.direction)
+        keyed = self._keyed.setdefault(connection, set())
+        keyed.add(material.direction)
         if material.trigger is not KeyTrigger.INSTALL:
             self.key_updates += 1
+            return
+        conn_idx = self._linked.get(connection)
+        if conn_idx is not None:
+            # The fast path took the connection before this direction had keys (it marked
+            # it OFFLOAD_NOKEYS): the new entry carries its index too, and once both
+            # directions are keyed the fast path is told it may protect clones.
+            self._shim.link_fastpath(where[0], where[1], material.direction, conn_idx)
+            if len(keyed) == 2 and self.keys_listener is not None:
+                self.keys_listener(connection)
 
     def _admit(self, material: KeyMaterial) -> tuple[Address, Address]:
         """A new connection: offload it (returns where the shim keys it), or say why not
@@ -315,6 +331,7 @@ class SoftBackend(CryptoBackend):
             self._shim.remove(where[0], where[1], direction)
         if not keyed:
             del self._keyed[connection], self._where[connection]
+            self._linked.pop(connection, None)
 
     def keyed_directions(self, connection: int) -> frozenset[Direction]:
         """The directions of `connection` the shim holds keys for."""
@@ -328,6 +345,10 @@ class SoftBackend(CryptoBackend):
             return False
         linked = [self._shim.link_fastpath(where[0], where[1], d, conn_idx)
                   for d in self._keyed.get(connection, ())]
+        if conn_idx is None:
+            self._linked.pop(connection, None)
+        else:
+            self._linked[connection] = conn_idx
         return bool(linked) and all(linked)
 
     def entries(self) -> dict[int, tuple[Address, Address, list[str]]]:

@@ -16,7 +16,15 @@ from aioquic.quic.events import HandshakeCompleted, StreamDataReceived
 from aioquic.tls import CipherSuite, Epoch
 
 from crypto_backends import get_backend
-from crypto_backends.base import Address, Direction, KeyMaterial, OffloadRefused
+from crypto_backends.base import (
+    Address,
+    ConnectionPath,
+    Direction,
+    KeyMaterial,
+    KeyTrigger,
+    OffloadRefused,
+    PhaseKeys,
+)
 from crypto_backends.soft import OFFLOADED_SUITE, SoftBackend, local_for, route_source
 from relay.quic.crypto import OneRttMode
 from tests.conftest import run_cli
@@ -38,12 +46,20 @@ class EmulatedShim:
         self.kernel = KernelEmulator()
         self.token = self.kernel.verification_token
         self.entries: dict[tuple[Address, Address, Direction], int] = {}
+        self.links: dict[tuple[Address, Address, Direction], int | None] = {}
         self.closed = False
 
     def install(self, local: Address, peer: Address, material: KeyMaterial, *,
                 dcid_len: int) -> None:
         self.entries[(local, peer, material.direction)] = dcid_len
         self.kernel.install(material)
+
+    def link_fastpath(self, local: Address, peer: Address, direction: Direction,
+                      conn_idx: int | None) -> bool:
+        if (local, peer, direction) not in self.entries:
+            return False
+        self.links[(local, peer, direction)] = conn_idx
+        return True
 
     def remove(self, local: Address, peer: Address, direction: Direction) -> None:
         del self.entries[(local, peer, direction)]
@@ -275,3 +291,35 @@ def test_wrong_interface_is_a_one_line_error(capsys) -> None:  # type: ignore[no
              "--duration", "1"], capsys, exit_code=1,
             stderr=r"^error: --crypto-interface nope0: no such interface in this network "
                    r"namespace \(there are: .*\)\n$")
+
+
+def _material(direction: Direction, trigger: KeyTrigger = KeyTrigger.INSTALL) -> KeyMaterial:
+    from aioquic.quic.crypto import derive_key_iv_hp
+
+    secret = bytes(range(32)) if direction is Direction.SEND else bytes(range(32, 64))
+    key, iv, hp = derive_key_iv_hp(cipher_suite=OFFLOADED_SUITE, secret=secret, version=1)
+    return KeyMaterial(connection=1, direction=direction, trigger=trigger,
+                       cipher_suite=OFFLOADED_SUITE, version=1, hp_key=hp,
+                       current=PhaseKeys(0, secret, key, iv), next=PhaseKeys(1, secret, key, iv),
+                       path=ConnectionPath(SERVER_ADDR, CLIENT_ADDR, CID_LENGTH))
+
+
+def test_fast_path_taking_a_half_keyed_connection_hears_when_it_is_whole() -> None:
+    # The fast path may take a connection while only one direction is keyed (it marks it
+    # OFFLOAD_NOKEYS and drops its clones): the second direction's entry must carry the
+    # fast path's index too, and the fast path must hear that it may now protect clones.
+    backend, shim = relay_backend()
+    told: list[int] = []
+    backend.keys_listener = told.append
+    send, recv = (SERVER_ADDR, CLIENT_ADDR, Direction.SEND), (SERVER_ADDR, CLIENT_ADDR, Direction.RECV)
+    backend.install(_material(Direction.SEND))
+    assert backend.link_fastpath(1, 7)
+    assert shim.links == {send: 7} and told == []
+    backend.install(_material(Direction.RECV))
+    assert shim.links == {send: 7, recv: 7} and told == [1]
+    backend.install(_material(Direction.RECV, KeyTrigger.REMOTE_UPDATE))  # an update: not news
+    assert told == [1]
+    backend.link_fastpath(1, None)
+    backend.teardown(1, Direction.RECV)
+    backend.install(_material(Direction.RECV))  # keyed again, but the fast path let it go
+    assert shim.links == {send: None, recv: None} and told == [1]

@@ -552,6 +552,7 @@ class FastPathRuntime:
             return
         self._offload_crypto = backend
         backend.phase_listener = self._on_key_phase
+        backend.keys_listener = self._on_keys_complete
 
     @staticmethod
     def _pair(quic: FastrelayQuicConnection) -> Any:
@@ -612,6 +613,23 @@ class FastPathRuntime:
         except (FastrelayError, OSError) as exc:
             self.counters["map_errors"] += 1
             logger.warning("key phase of fast-path connection %d: %s", conn_idx, exc)
+
+    def _on_keys_complete(self, connection: int) -> None:
+        """A connection taken over as OFFLOAD_NOKEYS (its egress drops every clone, never
+        plaintext out) now has keys in the shim both ways: its clones may be protected."""
+        conn_idx = self._crypto_conns.get(connection)
+        if conn_idx is None:
+            return
+        try:
+            conn = self.fp.lookup("fr_conns", conn_idx, L.FrConn)
+            if conn is None or conn.protection != L.PROT_OFFLOAD_NOKEYS:
+                return
+            conn.protection = L.PROT_OFFLOAD_KEYS
+            self.fp.update("fr_conns", conn_idx, conn)
+            self.counters["keys_completed"] += 1
+        except (FastrelayError, OSError) as exc:
+            self.counters["map_errors"] += 1
+            logger.warning("protection of fast-path connection %d: %s", conn_idx, exc)
 
     # --- relay-initiated key updates ----------------------------------------------------
 

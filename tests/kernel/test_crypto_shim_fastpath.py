@@ -264,3 +264,38 @@ def test_key_update_survives_the_link(fresh) -> None:
     fresh.link_fastpath(RELAY, SUBSCRIBER, Direction.SEND, None)
     assert fresh.entry(RELAY, SUBSCRIBER, Direction.SEND).fastpath_conn is None
     assert not fresh.link_fastpath(RELAY, PUBLISHER, Direction.SEND, 1)
+
+
+def test_a_half_keyed_connection_gets_protected_clones_once_keyed_both_ways(fresh, fp) -> None:
+    # The fast path can take a connection while the shim holds one direction's keys: it is
+    # OFFLOAD_NOKEYS (egress drops its clones, never plaintext out). When the other
+    # direction's keys arrive, that shim entry carries the fast path's index too and the
+    # connection becomes OFFLOAD_KEYS, through the backend and the runtime as the relay
+    # wires them (runtime.use_crypto).
+    from dataclasses import replace
+
+    from crypto_backends.base import ConnectionPath
+    from crypto_backends.soft import SoftBackend
+    from relay.fastpath.runtime import FastPathRuntime
+
+    backend = SoftBackend()
+    backend.use_shim(fresh)
+    runtime = FastPathRuntime(fp, port=RELAY[1], interfaces=[])
+    runtime.use_crypto(backend)
+    path = ConnectionPath(RELAY, SUBSCRIBER, 8)
+    send = replace(material(os.urandom(32), Direction.SEND), path=path)
+    recv = replace(material(os.urandom(32), Direction.RECV), path=path)
+    fp.update("fr_conns", SUB_CONN, L.FrConn(protection=L.PROT_OFFLOAD_NOKEYS, tag_len=TAG))
+
+    backend.install(send)
+    runtime._crypto_conns[send.connection] = SUB_CONN  # what _link_crypto records at hand-over
+    assert backend.link_fastpath(send.connection, SUB_CONN)
+    assert fresh.entry(RELAY, SUBSCRIBER, Direction.RECV) is None
+    backend.install(recv)
+
+    assert fresh.entry(RELAY, SUBSCRIBER, Direction.RECV).fastpath_conn == SUB_CONN
+    assert fresh.entry(RELAY, SUBSCRIBER, Direction.SEND).fastpath_conn == SUB_CONN
+    assert fp.lookup("fr_conns", SUB_CONN, L.FrConn).protection == L.PROT_OFFLOAD_KEYS
+    assert runtime.counters["keys_completed"] == 1
+    backend.link_fastpath(send.connection, None)
+    fp.update("fr_conns", SUB_CONN, L.FrConn())
