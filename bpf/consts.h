@@ -97,6 +97,12 @@
 #define QUIC_SHORT_SPIN_BIT 0x20	/* §17.3.1 */
 #define QUIC_SHORT_KEY_PHASE 0x04	/* §17.3.1 */
 #define QUIC_PN_LEN_MASK 0x03		/* §17.3.1: packet number length - 1 */
+#define QUIC_VERSION_1 0x00000001
+#define QUIC_VERSION_2 0x6b3343cf	/* RFC 9369 */
+#define QUIC_V1_TYPE_INITIAL 0		/* §17.2: long packet type, bits 0x30 of the first byte */
+#define QUIC_V1_TYPE_RETRY 3
+#define QUIC_V2_TYPE_INITIAL 1		/* RFC 9369 §3.2 */
+#define QUIC_V2_TYPE_RETRY 0
 
 /* Frame types (RFC 9000 §19, RFC 9221 DATAGRAM). */
 #define QUIC_FRAME_PADDING 0x00

@@ -23,20 +23,11 @@
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
-#include <uapi/linux/if_ether.h>
-#include <uapi/linux/in.h>
 
 #include "shim_structs.h"
 #include "structs.h"		/* the skb verdict contract with the fast path */
+#include "parse.h"		/* the fast path's parser, shared */
 #include "quic_protect.h"
-
-/* Long-header packets coalesced before the short-header one that the shim walks past. */
-#ifndef SHIM_MAX_COALESCED
-#define SHIM_MAX_COALESCED 3
-#endif
-
-#define SHIM_QUIC_V1 0x00000001
-#define SHIM_QUIC_V2 0x6b3343cf
 
 /* Per connection and direction: state, keys, packet-number state. */
 BPF_HASH(shim_conns, struct shim_conn_key, struct shim_conn, SHIM_MAX_CONNS);
@@ -44,14 +35,11 @@ BPF_HASH(shim_conns, struct shim_conn_key, struct shim_conn, SHIM_MAX_CONNS);
 BPF_ARRAY(shim_config, struct shim_config, 1);
 /* Counters per CPU. */
 BPF_PERCPU_ARRAY(shim_stats, struct shim_stats, 1);
-/* Where the packet's UDP datagram and QUIC short-header packet are. */
+/* The packet's headers (parse.h), its connection key and its short-header packet. */
 struct shim_pkt {
 	struct shim_conn_key key;
 	struct qp_packet qp;
-	__u64 udp_off;
-	__u64 udp_end;
-	__u8 ip[40];		/* the IP header as loaded */
-	__u8 addrs[32];		/* source and destination, IPv4-mapped */
+	struct fr_pkt fr;
 };
 
 /* Per-CPU working memory of the packet being processed (the stack is too small). */
@@ -61,165 +49,58 @@ struct shim_scratch {
 };
 BPF_PERCPU_ARRAY(shim_scratch, struct shim_scratch, 1);
 
-/* Fill the key with the datagram's addresses and ports, @egress: source is local. */
-static __always_inline void shim_set_addrs(struct shim_conn_key *k, const __u8 *src,
-					   const __u8 *dst, __u16 sport, __u16 dport, int egress)
+/* @addr (parse.h's layout: IPv4 in the first 4 bytes) as the key's 16 bytes: IPv4-mapped
+ * (::ffff:a.b.c.d) for IPv4. */
+static __always_inline void shim_key_addr(__u8 *out, const __u8 *addr, __u8 family)
 {
-	const __u8 *local = egress ? src : dst, *peer = egress ? dst : src;
+	if (family == 4) {
+		__builtin_memset(out, 0, 10);
+		out[10] = 0xff;
+		out[11] = 0xff;
+		__builtin_memcpy(out + 12, addr, 4);
+	} else {
+		__builtin_memcpy(out, addr, 16);
+	}
+}
 
-	__builtin_memcpy(k->local_addr, local, 16);
-	__builtin_memcpy(k->peer_addr, peer, 16);
-	k->local_port = egress ? sport : dport;
-	k->peer_port = egress ? dport : sport;
+/* Fill the key with the datagram's addresses and ports, @egress: source is local. */
+static __always_inline void shim_set_key(struct shim_conn_key *k, const struct fr_pkt *fr,
+					 int egress)
+{
+	shim_key_addr(k->local_addr, egress ? fr->saddr : fr->daddr, fr->family);
+	shim_key_addr(k->peer_addr, egress ? fr->daddr : fr->saddr, fr->family);
+	k->local_port = egress ? fr->sport : fr->dport;
+	k->peer_port = egress ? fr->dport : fr->sport;
 	k->direction = egress ? SHIM_DIR_SEND : SHIM_DIR_RECV;
 }
 
-/* Ethernet / IPv4 or IPv6 / UDP. Returns 0 with the key and UDP bounds set, -1 when the
- * frame is not an unfragmented UDP datagram. */
-static __always_inline int shim_parse_udp(struct __sk_buff *skb, struct shim_pkt *p, int egress)
-{
-	__u8 *addrs = p->addrs, *ip = p->ip;
-	__u16 ports[2];
-	__u16 udp_len;
-	__u64 l4;
-
-	if (skb->protocol == bpf_htons(ETH_P_IP)) {
-		__u64 ihl;
-
-		__builtin_memset(addrs, 0, 32);
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, ip, 20))
-			return -1;
-		if ((ip[0] >> 4) != 4 || ip[9] != IPPROTO_UDP)
-			return -1;
-		if ((ip[6] & 0x3f) || ip[7])	/* MF or fragment offset: not ours */
-			return -1;
-		ihl = (ip[0] & 0x0f) * 4;
-		if (ihl < 20)
-			return -1;
-		l4 = ETH_HLEN + ihl;
-		addrs[10] = 0xff;
-		addrs[11] = 0xff;
-		__builtin_memcpy(addrs + 12, ip + 12, 4);
-		addrs[26] = 0xff;
-		addrs[27] = 0xff;
-		__builtin_memcpy(addrs + 28, ip + 16, 4);
-	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, ip, 40))
-			return -1;
-		if ((ip[0] >> 4) != 6 || ip[6] != IPPROTO_UDP)
-			return -1;
-		l4 = ETH_HLEN + 40;
-		__builtin_memcpy(addrs, ip + 8, 32);
-	} else {
-		return -1;
-	}
-	if (bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)))
-		return -1;
-	if (bpf_skb_load_bytes(skb, l4 + 4, &udp_len, sizeof(udp_len)))
-		return -1;
-	p->udp_off = l4;
-	p->udp_end = l4 + bpf_ntohs(udp_len);
-	if (p->udp_end < l4 + 8 || p->udp_end > skb->len)
-		return -1;
-	shim_set_addrs(&p->key, addrs, addrs + 16, ports[0], ports[1], egress);
-	return 0;
-}
-
-/* A QUIC varint at @off; returns its value, sets *len to its size, -1 on failure. */
-static __always_inline long shim_varint(struct __sk_buff *skb, __u64 off, __u64 *len)
-{
-	__u8 b[8] = {};
-	__u64 n, v = 0;
-	int i;
-
-	if (bpf_skb_load_bytes(skb, off, b, 1))
-		return -1;
-	n = 1ULL << (b[0] >> 6);
-	QP_PIN(n);
-	if (n > 8)
-		return -1;
-	if (n > 1 && bpf_skb_load_bytes(skb, off, b, n))
-		return -1;
-	b[0] &= 0x3f;
-#pragma clang loop unroll(full)
-	for (i = 0; i < 8; i++)
-		if (i < n)
-			v = (v << 8) | b[i];
-	*len = n;
-	return v;
-}
-
-/* Find the short-header packet: first in the datagram or after coalesced long-header
- * packets (RFC 9000 §12.2). Returns 0 with p->qp set, -1 when there is none. */
-static __always_inline int shim_find_short(struct __sk_buff *skb, struct shim_pkt *p)
-{
-	__u64 off = p->udp_off + 8, n;
-	int i;
-
-#pragma clang loop unroll(disable)
-	for (i = 0; i <= SHIM_MAX_COALESCED; i++) {
-		__u8 h[6];
-		__u8 cid_len;
-		__u32 version;
-		__u64 type, is_initial;
-		long v;
-
-		if (off >= p->udp_end)
-			return -1;
-		if (bpf_skb_load_bytes(skb, off, h, 1))
-			return -1;
-		if (!(h[0] & 0x40))
-			return -1;	/* padding or not QUIC */
-		if (!(h[0] & 0x80)) {
-			p->qp.off = off;
-			p->qp.len = p->udp_end - off;
-			p->qp.odd = (off - p->udp_off) & 1;
-			p->qp.csum_off = p->udp_off + 6;
-			return 0;
-		}
-		if (bpf_skb_load_bytes(skb, off, h, sizeof(h)))
-			return -1;
-		version = ((__u32)h[1] << 24) | ((__u32)h[2] << 16) | ((__u32)h[3] << 8) | h[4];
-		type = (h[0] >> 4) & 0x03;
-		if (version == SHIM_QUIC_V1) {
-			if (type == 3)
-				return -1;	/* Retry: no Length, nothing follows */
-			is_initial = type == 0;
-		} else if (version == SHIM_QUIC_V2) {
-			if (type == 0)
-				return -1;
-			is_initial = type == 1;
-		} else {
-			return -1;	/* version negotiation or unknown */
-		}
-		off += 6 + h[5];	/* DCID */
-		if (bpf_skb_load_bytes(skb, off, &cid_len, 1))
-			return -1;
-		off += 1 + cid_len;	/* SCID */
-		if (is_initial) {
-			v = shim_varint(skb, off, &n);
-			if (v < 0)
-				return -1;
-			off += n + v;	/* token */
-		}
-		v = shim_varint(skb, off, &n);
-		if (v < 0)
-			return -1;
-		off += n + v;
-		if (off > 0xffff)
-			return -1;
-	}
-	return -1;
-}
-
-/* Common start of both programs: the connection entry of a short-header packet, or NULL. */
+/* Common start of both programs: the connection entry of a short-header packet, or NULL
+ * (the packet then passes, unless egress finds the fast path's mark on it).
+ *
+ * Parsed with the fast path's parse.h, with one difference on purpose: IPv4 options are
+ * accepted (FR_PARSE_IPV4_OPTIONS). The fast path passes such packets up, but here a
+ * packet the shim cannot parse leaves unchanged, so an offloaded connection's 1-RTT
+ * packet with options would leave in plaintext: it is protected (and verified on
+ * ingress) like any other. Not parsed, so left unchanged: fragments and IPv6 extension
+ * headers, as before (no fragment can be protected alone: the AEAD covers the whole
+ * datagram; the relay's QUIC datagrams stay below the path MTU, so the stack does not
+ * fragment them), and, new with parse.h, IP lengths that overrun the frame (the IP stack
+ * never emits such a frame and drops it on receipt; a fast-path clone carrying one is
+ * dropped by its mark). */
 static __always_inline struct shim_conn *shim_lookup(struct __sk_buff *skb, struct shim_pkt *p,
 						     int egress)
 {
-	if (shim_parse_udp(skb, p, egress))
+	__u32 off = 0;
+
+	if (fr_parse_udp_flags(skb, &p->fr, FR_PARSE_IPV4_OPTIONS))
 		return 0;
-	if (shim_find_short(skb, p))
+	if (fr_find_short(skb, &p->fr, &off))
 		return 0;
+	p->qp.off = off;
+	p->qp.len = p->fr.quic_end - off;
+	p->qp.odd = (off - p->fr.l4_off) & 1;
+	p->qp.csum_off = p->fr.csum_off;
+	shim_set_key(&p->key, &p->fr, egress);
 	return shim_conns.lookup(&p->key);
 }
 

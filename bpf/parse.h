@@ -1,4 +1,6 @@
-/* parse.h: Ethernet, IPv4, IPv6, UDP and the QUIC short header, with explicit bounds.
+/* parse.h: Ethernet, IPv4, IPv6, UDP, the QUIC short header and the walk past coalesced
+ * long headers to it, with explicit bounds. The fast path and the crypto shim both parse
+ * with these.
  *
  * Headers are copied with bpf_skb_load_bytes (works on non-linear skbs, leaves no packet
  * pointer to invalidate); every length is checked against skb->len before the load.
@@ -14,6 +16,7 @@
 
 #include "consts.h"
 #include "reasons.h"
+#include "quic.h"
 
 /* Where the headers of one UDP packet are. Offsets from the start of the frame. */
 struct fr_pkt {
@@ -26,67 +29,90 @@ struct fr_pkt {
 	__u8 family;			/* 4 or 6 */
 	__u8 first;			/* QUIC first byte */
 	__u8 _pad[2];
-	__u8 saddr[16];			/* IPv4: first 4 bytes */
-	__u8 daddr[16];
+	union {
+		struct {
+			__u8 saddr[16];	/* IPv4: first 4 bytes */
+			__u8 daddr[16];
+		};
+		__u8 addrs[32];		/* both, loaded at once from an IPv6 header */
+	};
 	__u16 sport;			/* NBO */
 	__u16 dport;			/* NBO */
 };
 
+/* fr_parse_udp_flags flags. */
+#define FR_PARSE_IPV4_OPTIONS 0x1	/* accept IPv4 options (ihl 6..15) and skip them. The fast
+					 * path does not: it passes such packets up untouched. The
+					 * crypto shim does: it must protect every 1-RTT packet of
+					 * an offloaded connection, options or not. */
+
 /* Parse Ethernet/IPv4|IPv6/UDP and the QUIC first byte. 0 or an ingress reason
- * (callers on egress map them to their own). */
-static __always_inline int fr_parse_udp(struct __sk_buff *skb, struct fr_pkt *p)
+ * (callers on egress map them to their own). @flags: FR_PARSE_*, a constant at every
+ * call so the unused branches fold away. */
+static __always_inline int fr_parse_udp_flags(struct __sk_buff *skb, struct fr_pkt *p, __u32 flags)
 {
-	struct ethhdr eth;
+	/* Few and small stack copies: the crypto shim inlines this next to its AEAD, whose
+	 * stack is near the 512-byte limit. IPv6 addresses load straight into *p.
+	 * The EtherType is skb->protocol, which the stack (eth_type_trans on receive, the
+	 * output path on transmit) and BPF_PROG_TEST_RUN set from the frame's: no load. */
+	__u16 proto = skb->protocol;
+	union {
+		struct iphdr ip;	/* the IPv4 header */
+		__u8 ip6[8];		/* IPv6's first 8 bytes: version .. hop limit */
+	} hdr;
 	struct udphdr udp;
 	__u32 len = skb->len;
 
 	p->len = len;
 	if (len < FR_ETH_HLEN)
 		return FR_IN_PASS_MALFORMED;
-	if (bpf_skb_load_bytes(skb, 0, &eth, FR_ETH_HLEN))
-		return FR_IN_PASS_MALFORMED;
 	p->l3_off = FR_ETH_HLEN;
 
-	if (eth.h_proto == BE_ETH_P_IP) {
-		struct iphdr ip;
+	if (proto == BE_ETH_P_IP) {
+		struct iphdr *ip = &hdr.ip;
 		if (len < FR_ETH_HLEN + FR_IPV4_HLEN)
 			return FR_IN_PASS_MALFORMED;
-		if (bpf_skb_load_bytes(skb, FR_ETH_HLEN, &ip, FR_IPV4_HLEN))
+		if (bpf_skb_load_bytes(skb, FR_ETH_HLEN, ip, FR_IPV4_HLEN))
 			return FR_IN_PASS_MALFORMED;
-		if (ip.version != 4)
+		if (ip->version != 4)
 			return FR_IN_PASS_MALFORMED;
-		if (ip.protocol != FR_IPPROTO_UDP)
+		if (ip->protocol != FR_IPPROTO_UDP)
 			return FR_IN_PASS_NOT_UDP;
-		if (ip.ihl != 5)
+		if (ip->ihl < 5)
+			return FR_IN_PASS_MALFORMED;
+		if (ip->ihl != 5 && !(flags & FR_PARSE_IPV4_OPTIONS))
 			return FR_IN_PASS_IP_OPTIONS;
-		if (ip.frag_off & bpf_htons(0x3fff))	/* MF or fragment offset */
+		if (ip->frag_off & bpf_htons(0x3fff))	/* MF or fragment offset */
 			return FR_IN_PASS_FRAGMENT;
-		if (bpf_ntohs(ip.tot_len) > len - FR_ETH_HLEN)
+		if (bpf_ntohs(ip->tot_len) > len - FR_ETH_HLEN)
 			return FR_IN_PASS_MALFORMED;
 		p->family = 4;
-		__builtin_memcpy(p->saddr, &ip.saddr, 4);
-		__builtin_memcpy(p->daddr, &ip.daddr, 4);
-		p->l4_off = FR_ETH_HLEN + FR_IPV4_HLEN;
-	} else if (eth.h_proto == BE_ETH_P_IPV6) {
-		struct ipv6hdr ip6;
+		__builtin_memcpy(p->saddr, &ip->saddr, 4);
+		__builtin_memcpy(p->daddr, &ip->daddr, 4);
+		/* without the flag ihl is 5 here: the constant keeps the fast path's offsets known */
+		p->l4_off = FR_ETH_HLEN + ((flags & FR_PARSE_IPV4_OPTIONS) ? ip->ihl * 4 : FR_IPV4_HLEN);
+	} else if (proto == BE_ETH_P_IPV6) {
+		const __u8 *ip6 = hdr.ip6;	/* version 4 bits, class, flow; payload length; next */
 		if (len < FR_ETH_HLEN + FR_IPV6_HLEN)
 			return FR_IN_PASS_MALFORMED;
-		if (bpf_skb_load_bytes(skb, FR_ETH_HLEN, &ip6, FR_IPV6_HLEN))
+		if (bpf_skb_load_bytes(skb, FR_ETH_HLEN, hdr.ip6, sizeof(hdr.ip6)))
 			return FR_IN_PASS_MALFORMED;
-		if (ip6.version != 6)
+		if ((ip6[0] >> 4) != 6)
 			return FR_IN_PASS_MALFORMED;
-		if (ip6.nexthdr != FR_IPPROTO_UDP) {
+		__u8 nexthdr = ip6[6];
+		if (nexthdr != FR_IPPROTO_UDP) {
 			/* Extension headers (hop-by-hop 0, routing 43, fragment 44, dest opts 60)
 			 * are not walked; anything else is another transport. */
-			if (ip6.nexthdr == 0 || ip6.nexthdr == 43 || ip6.nexthdr == 44 || ip6.nexthdr == 60)
+			if (nexthdr == 0 || nexthdr == 43 || nexthdr == 44 || nexthdr == 60)
 				return FR_IN_PASS_IP_OPTIONS;
 			return FR_IN_PASS_NOT_UDP;
 		}
-		if (bpf_ntohs(ip6.payload_len) > len - FR_ETH_HLEN - FR_IPV6_HLEN)
+		if ((((__u32)ip6[4] << 8) | ip6[5]) > len - FR_ETH_HLEN - FR_IPV6_HLEN)
+			return FR_IN_PASS_MALFORMED;
+		/* saddr and daddr are adjacent, as in the IPv6 header */
+		if (bpf_skb_load_bytes(skb, FR_ETH_HLEN + offsetof(struct ipv6hdr, saddr), p->addrs, 32))
 			return FR_IN_PASS_MALFORMED;
 		p->family = 6;
-		__builtin_memcpy(p->saddr, &ip6.saddr, 16);
-		__builtin_memcpy(p->daddr, &ip6.daddr, 16);
 		p->l4_off = FR_ETH_HLEN + FR_IPV6_HLEN;
 	} else {
 		return FR_IN_PASS_NOT_UDP;
@@ -107,6 +133,12 @@ static __always_inline int fr_parse_udp(struct __sk_buff *skb, struct fr_pkt *p)
 	if (bpf_skb_load_bytes(skb, p->quic_off, &p->first, 1))
 		return FR_IN_PASS_MALFORMED;
 	return 0;
+}
+
+/* The fast path's parse: IPv4 options go up untouched (FR_IN_PASS_IP_OPTIONS). */
+static __always_inline int fr_parse_udp(struct __sk_buff *skb, struct fr_pkt *p)
+{
+	return fr_parse_udp_flags(skb, p, 0);
 }
 
 /* Where the parts of a QUIC short header (RFC 9000 §17.3.1) are, given the DCID length
@@ -144,6 +176,73 @@ static __always_inline int fr_parse_short(const struct fr_pkt *p, __u32 dcid_len
 		return FR_IN_PASS_MALFORMED;
 	s->payload_end = p->quic_end - tag_len;
 	return 0;
+}
+
+/* Long-header packets fr_find_short walks past before the short-header one. */
+#ifndef FR_MAX_COALESCED
+#define FR_MAX_COALESCED 3
+#endif
+
+/* Where the datagram's short-header (1-RTT) packet starts: first in the UDP payload, or
+ * after coalesced long-header packets (RFC 9000 §12.2) whose Length fields are followed
+ * (QUIC v1 and v2 types, RFC 9369 §3.2). 0 with *short_off set; FR_IN_PASS_LONG_HEADER
+ * when the walk finds none (fixed bit clear: padding or not QUIC; a Retry or Version
+ * Negotiation packet, which nothing follows; an unknown version; more than
+ * FR_MAX_COALESCED long headers); FR_IN_PASS_MALFORMED when a long header runs past the
+ * datagram. Connection-id lengths are not checked (a long header's Length still says
+ * where the next packet starts). */
+static __always_inline int fr_find_short(struct __sk_buff *skb, const struct fr_pkt *p,
+					 __u32 *short_off)
+{
+	__u32 off = p->quic_off, end = p->quic_end;
+	__u8 first = p->first;		/* fr_parse_udp loaded it: quic_off < quic_end */
+
+#pragma clang loop unroll(disable)
+	for (int i = 0; i <= FR_MAX_COALESCED; i++) {
+		__u8 h[6];
+		__u8 scid_len;
+		__u32 version, type, is_initial, n = 0;
+		__u64 v = 0;
+
+		if (!(first & QUIC_FIXED_BIT))
+			return FR_IN_PASS_LONG_HEADER;
+		if (!(first & QUIC_HDR_FORM_LONG)) {
+			*short_off = off;
+			return 0;
+		}
+		if (end - off < sizeof(h) || bpf_skb_load_bytes(skb, off, h, sizeof(h)))
+			return FR_IN_PASS_MALFORMED;
+		version = ((__u32)h[1] << 24) | ((__u32)h[2] << 16) | ((__u32)h[3] << 8) | h[4];
+		type = (h[0] >> 4) & 0x03;
+		if (version == QUIC_VERSION_1) {
+			if (type == QUIC_V1_TYPE_RETRY)
+				return FR_IN_PASS_LONG_HEADER;
+			is_initial = type == QUIC_V1_TYPE_INITIAL;
+		} else if (version == QUIC_VERSION_2) {
+			if (type == QUIC_V2_TYPE_RETRY)
+				return FR_IN_PASS_LONG_HEADER;
+			is_initial = type == QUIC_V2_TYPE_INITIAL;
+		} else {
+			return FR_IN_PASS_LONG_HEADER;	/* version negotiation or unknown */
+		}
+		off += sizeof(h) + h[5];		/* DCID */
+		if (off >= end || bpf_skb_load_bytes(skb, off, &scid_len, 1))
+			return FR_IN_PASS_MALFORMED;
+		off += 1 + scid_len;			/* SCID */
+		if (is_initial) {
+			if (quic_varint_load(skb, off, end, &v, &n) || v > end - off - n)
+				return FR_IN_PASS_MALFORMED;
+			off += n + v;			/* token */
+		}
+		if (quic_varint_load(skb, off, end, &v, &n) || v > end - off - n)
+			return FR_IN_PASS_MALFORMED;
+		off += n + v;				/* Length: packet number and payload */
+		if (off >= end)
+			return FR_IN_PASS_LONG_HEADER;
+		if (bpf_skb_load_bytes(skb, off, &first, 1))
+			return FR_IN_PASS_MALFORMED;
+	}
+	return FR_IN_PASS_LONG_HEADER;
 }
 
 #endif /* FASTRELAY_PARSE_H */

@@ -133,6 +133,23 @@ def ipv4_header_ok(frame: bytes) -> bool:
     return internet_checksum(frame[ETH_HLEN:ETH_HLEN + IPV4_HLEN]) == 0
 
 
+def ipv4_variant(frame: bytes, *, options: bytes = b"", frag_off: int | None = None) -> bytes:
+    """An Ethernet/IPv4 frame built by Udp.frame with IPv4 `options` (a multiple of 4 bytes,
+    at most 40) after its 20-byte header and/or another flags-and-fragment-offset field;
+    IHL, total length and header checksum fixed. The UDP checksum stays right: neither is
+    in the pseudo-header."""
+    if len(options) % 4 or len(options) > 40:
+        raise ValueError(f"{len(options)} bytes of IPv4 options")
+    ip = bytearray(frame[ETH_HLEN:ETH_HLEN + IPV4_HLEN] + options)
+    ip[0] = 0x40 | (len(ip) // 4)
+    struct.pack_into("!H", ip, 2, struct.unpack_from("!H", ip, 2)[0] + len(options))
+    if frag_off is not None:
+        struct.pack_into("!H", ip, 6, frag_off)
+    struct.pack_into("!H", ip, 10, 0)
+    struct.pack_into("!H", ip, 10, internet_checksum(bytes(ip)))
+    return frame[:ETH_HLEN] + bytes(ip) + frame[ETH_HLEN + IPV4_HLEN:]
+
+
 # --- struct __sk_buff as BPF_PROG_TEST_RUN's ctx (uapi/linux/bpf.h) --------------------------
 
 SKB_CTX_SIZE = 192

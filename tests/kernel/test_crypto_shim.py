@@ -22,7 +22,7 @@ from aioquic.tls import CipherSuite, cipher_suite_hash, hkdf_expand_label
 from crypto_backends.base import Direction, KeyMaterial, KeyTrigger, PhaseKeys
 from crypto_backends.soft_shim import hp_mask, protect  # noqa: F401  (used by other shim tests)
 from relay.bpfload import prog_test_run
-from tests.kernel.packets import IP4_A, IP4_B, IP6_A, IP6_B, PORT_A, PORT_B, Udp
+from tests.kernel.packets import IP4_A, IP4_B, IP6_A, IP6_B, PORT_A, PORT_B, Udp, ipv4_variant
 
 pytestmark = pytest.mark.root
 
@@ -462,6 +462,98 @@ def test_coalesced_after_long_header_odd_offset(fresh, udp: Udp) -> None:
         assert verdict == TC_ACT_UNSPEC
         assert back.payload(out) == prefix + q.header + q.payload + fresh.token
         assert back.udp_checksum_ok(out)
+
+
+V1, V2 = 0x00000001, 0x6B3343CF  # RFC 9000, RFC 9369
+
+
+def long_packet(version: int, type_: int, body: bytes, *, token: bytes | None = None,
+                length: int | None = None) -> bytes:
+    """A long-header packet (RFC 9000 §17.2): 8-byte CIDs, a token field when `token` is
+    given (Initial), Length = len(body) unless `length` says otherwise."""
+    out = (bytes([0xC0 | (type_ << 4)]) + version.to_bytes(4, "big") + bytes([8]) + bytes(range(8))
+           + bytes([8]) + bytes(range(8, 16)))
+    if token is not None:
+        out += bytes([len(token)]) + token
+    return out + (0x4000 | (len(body) if length is None else length)).to_bytes(2, "big") + body
+
+
+BODY = bytes(range(40))
+COALESCED = {  # prefix before the short-header packet -> protected (True) or passed untouched
+    "v1 Initial, token": (long_packet(V1, 0, BODY, token=b"tok"), True),
+    "v1 0-RTT, Handshake": (long_packet(V1, 1, BODY) + long_packet(V1, 2, BODY[:7]), True),
+    "v2 Initial, Handshake": (long_packet(V2, 1, BODY, token=b"") + long_packet(V2, 3, BODY), True),
+    "three long headers": (long_packet(V1, 2, BODY) * 3, True),
+    "four long headers: more than the shim walks": (long_packet(V1, 2, BODY) * 4, False),
+    "v1 Retry": (long_packet(V1, 3, BODY), False),
+    "v2 Retry": (long_packet(V2, 0, BODY), False),
+    "version negotiation": (long_packet(0, 0, BODY), False),
+    "unknown version": (long_packet(0x1A2A3A4A, 2, BODY), False),
+    "Length past the datagram": (long_packet(V1, 2, BODY, length=5000), False),
+    "padding, then a short header": (bytes(3), False),
+}
+
+
+@pytest.mark.parametrize("prefix,protected", list(COALESCED.values()), ids=list(COALESCED))
+def test_walk_past_coalesced_long_headers(fresh, prefix: bytes, protected: bool) -> None:
+    """Which datagrams the walk to the short-header packet (parse.h, fr_find_short) finds
+    it in; the rest leave untouched (and are no 1-RTT packet the relay sends)."""
+    rng = random.Random(5)
+    send = material(os.urandom(32), Direction.SEND)
+    fresh.install(RELAY4, PEER4, send, dcid_len=8, next_pn=9)
+    p = plain_packet(rng, 200, 8, 9)
+    frame = V4_EGRESS.frame(prefix + p.layout())
+    verdict, out = run(fresh.egress, frame)
+    assert verdict == TC_ACT_UNSPEC
+    if protected:
+        assert V4_EGRESS.payload(out) == prefix + protect(p.header, p.payload, p.pn,
+                                                          keys_for_phase(send, p.key_phase), send.hp_key, 9)
+        assert V4_EGRESS.udp_checksum_ok(out)
+        delta(fresh, egress_packets=1, egress_encrypted=1)
+    else:
+        assert out == frame
+        delta(fresh, egress_packets=1, egress_passed=1)
+
+
+IP_OPTIONS = {"ihl6": bytes([1, 1, 1, 0]), "ihl15": bytes([1]) * 39 + bytes([0])}  # NOPs, EOL
+
+
+@pytest.mark.parametrize("options", list(IP_OPTIONS.values()), ids=list(IP_OPTIONS))
+def test_ipv4_options_protected_and_verified(fresh, options: bytes) -> None:
+    """Decided on purpose (crypto_shim.c, shim_lookup): the shim parses past IPv4 options,
+    which the fast path passes up, because what the shim cannot parse leaves unchanged: an
+    offloaded connection's packet with options is protected and verified exactly like the
+    same packet without, never sent in plaintext."""
+    rng = random.Random(17)
+    send = material(os.urandom(32), Direction.SEND)
+    recv = material(os.urandom(32), Direction.RECV)
+    p = plain_packet(rng, 400, 8, 60)
+    q, wire = _wire(rng, recv, 500, 8, 60)
+    out_frame, in_frame = V4_EGRESS.frame(p.layout()), V4_EGRESS.reversed().frame(wire)
+    results = {}
+    for opts in (b"", options):
+        fresh.install(RELAY4, PEER4, send, dcid_len=8, next_pn=60)
+        fresh.install(RELAY4, PEER4, recv, dcid_len=8, next_pn=60)
+        results[opts] = (run(fresh.egress, ipv4_variant(out_frame, options=opts)),
+                         run(fresh.ingress, ipv4_variant(in_frame, options=opts)))
+    (verdict, sealed), (verdict_in, opened) = results[b""]
+    assert (verdict, verdict_in) == (TC_ACT_UNSPEC, TC_ACT_UNSPEC)
+    assert V4_EGRESS.payload(sealed) == protect(p.header, p.payload, p.pn,
+                                                keys_for_phase(send, p.key_phase), send.hp_key, 9)
+    assert V4_EGRESS.reversed().payload(opened) == q.header + q.payload + fresh.token
+    assert results[options] == ((TC_ACT_UNSPEC, ipv4_variant(sealed, options=options)),
+                                (TC_ACT_UNSPEC, ipv4_variant(opened, options=options)))
+    delta(fresh, egress_packets=2, egress_encrypted=2, ingress_packets=2, ingress_decrypted=2)
+
+
+def test_ipv4_options_without_keys_dropped_on_egress(fresh) -> None:
+    """Fail closed with options too: an offloaded connection without keys drops the packet."""
+    from crypto_backends.soft_shim import SHIM_STATE_NO_KEYS
+
+    fresh.set_state(RELAY4, PEER4, Direction.SEND, SHIM_STATE_NO_KEYS, dcid_len=0)
+    frame = ipv4_variant(V4_EGRESS.frame(A5_HEADER + A5_PAYLOAD + bytes(TAG)), options=IP_OPTIONS["ihl6"])
+    assert run(fresh.egress, frame)[0] == TC_ACT_SHOT
+    delta(fresh, egress_packets=1, egress_drop_no_keys=1)
 
 
 def test_zero_udp_checksum_stays_zero(fresh) -> None:

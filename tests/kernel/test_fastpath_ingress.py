@@ -133,6 +133,12 @@ CASES = [
          pkt(P.stream_frame(UP_SID, b"middle", offset=100)), {R.IN_SEEN: 1, R.IN_PASS_NOT_FORWARDED: 1}),
     Case("control frames only", pkt(P.ack(3) + P.max_data(10)), {R.IN_SEEN: 1, R.IN_PASS_NOT_FORWARDED: 1}),
     Case("long header", PUB.frame(P.quic_long(UP_CID, SUB_CID)), {R.IN_SEEN: 1, R.IN_PASS_LONG_HEADER: 1}),
+    # The shim parses past IPv4 options (it must protect such packets); the fast path does not
+    # forward them, even verified (parse.h, FR_PARSE_IPV4_OPTIONS).
+    Case("IPv4 options, verified by the shim", P.ipv4_variant(pkt(stream0() + bytes(16)), options=bytes([1, 1, 1, 0])),
+         {R.IN_SEEN: 1, R.IN_PASS_IP_OPTIONS: 1}, World(protection=L.PROT_OFFLOAD_KEYS, tag_len=16),
+         ctx={"cb": (L.CB_MAGIC | L.CB_VERIFIED, 0)}),
+    Case("IPv4 fragment", P.ipv4_variant(pkt(stream0()), frag_off=0x2000), {R.IN_SEEN: 1, R.IN_PASS_FRAGMENT: 1}),
     Case("unknown DCID", pkt(stream0(), cid=bytes(8)), {R.IN_SEEN: 1, R.IN_PASS_UNKNOWN_CID: 1}),
     Case("a subscriber's packet", pkt(stream0(), cid=SUB_CID), {R.IN_SEEN: 1, R.IN_PASS_NOT_UPSTREAM: 1}),
     Case("GSO super-packet", pkt(stream0()), {R.IN_SEEN: 1, R.IN_PASS_GSO: 1}, ctx={"gso_segs": 2, "gso_size": 1000}),
