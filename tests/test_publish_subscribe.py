@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +35,9 @@ from relay.media import (
 )
 from relay.moqt.constants import MOQT_VERSION_DRAFT_14, ObjectStatus, PublishDoneStatusCode
 from relay.moqt.quic import (
+    IP_MTU_DISCOVER,
+    IPV6_MTU_DISCOVER,
+    PMTUDISC_PROBE,
     FastrelayQuicConnection,
     TlsOptions,
     certificate_fingerprint,
@@ -170,6 +174,13 @@ def test_adapter_loopback_session(certificate: tuple[Path, Path, str], host: str
             async with connect(f"moqt://{url_host}:{port}/t",
                                tls=TlsOptions(fingerprint=fingerprint)) as client:
                 assert client.session.version == MOQT_VERSION_DRAFT_14
+                # DF on both ends (RFC 9000 §14): no datagram leaves in fragments
+                for transport in (server._transport, client._transport):
+                    sock = transport.get_extra_info("socket")
+                    level, option = ((socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER)
+                                     if sock.family == socket.AF_INET6
+                                     else (socket.IPPROTO_IP, IP_MTU_DISCOVER))
+                    assert sock.getsockopt(level, option) == PMTUDISC_PROBE
                 client.session.subscribe((b"a",), b"t")
                 client.flush()
                 payloads: list[bytes] = []

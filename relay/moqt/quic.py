@@ -360,6 +360,7 @@ async def connect(url: str, *, tls: TlsOptions = TlsOptions(), timeout: float = 
     transport, protocol = await loop.create_datagram_endpoint(
         lambda: MoqtProtocol(quic, session, on_event=on_event, fingerprint=tls.fingerprint),
         local_addr=local)
+    never_fragment(transport.get_extra_info("socket"))
     protocol = cast(MoqtProtocol, protocol)
     try:
         protocol.connect(addr)  # the full tuple: aioquic compares it with recvfrom()'s
@@ -443,6 +444,28 @@ class MoqtServer(QuicServer):
             self.protocols.remove(protocol)
 
 
+# RFC 9000 §14: QUIC's UDP datagrams are never fragmented at the IP layer; in IPv4 the DF bit
+# is set. Linux's IP_PMTUDISC_PROBE sets DF and does not let ICMP-learned path MTUs shrink
+# what may be sent (QUIC sizes its own datagrams): one over the interface MTU fails with
+# EMSGSIZE instead of leaving in fragments. That also keeps every 1-RTT packet whole for
+# the crypto shim, which neither parses nor could protect a fragment.
+IP_MTU_DISCOVER, IPV6_MTU_DISCOVER, PMTUDISC_PROBE = 10, 23, 3  # linux/in.h, linux/in6.h
+
+
+def never_fragment(sock: socket.socket | None) -> None:
+    """Set DF on a QUIC socket's datagrams (both families on a dual-stack IPv6 socket)."""
+    if sock is None:
+        return
+    options = [(socket.IPPROTO_IP, IP_MTU_DISCOVER)]
+    if sock.family == socket.AF_INET6:
+        options.insert(0, (socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER))
+    for level, option in options:
+        try:
+            sock.setsockopt(level, option, PMTUDISC_PROBE)
+        except OSError:  # an IPv6-only socket has no IPv4 datagrams to mark
+            pass
+
+
 async def serve(host: str, port: int, cert: str | os.PathLike[str],
                 key: str | os.PathLike[str], session_handler: SessionHandler, *,
                 session_config: SessionConfig | None = None,
@@ -460,6 +483,7 @@ async def serve(host: str, port: int, cert: str | os.PathLike[str],
                            session_config=session_config or SessionConfig(is_client=False),
                            on_event=on_event, crypto=crypto),
         local_addr=(host, port))
+    never_fragment(server._transport.get_extra_info("socket"))
     return cast(MoqtServer, server)
 
 
