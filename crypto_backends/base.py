@@ -138,3 +138,10 @@ class CryptoBackend(ABC):
 
     def teardown(self, connection: int, direction: Direction) -> None:
         """The connection's keys for that direction are gone; the kernel must stop using them."""
+
+    def set_reset_token(self, connection: int, token: bytes) -> bool:
+        """The peer's stateless reset token for the connection id in use (RFC 9000 §10.3;
+        16 zero bytes: none): a kernel that drops undecryptable packets passes a datagram
+        ending in it up instead. False: the backend does not hold the connection yet (ask
+        again later); a backend that drops nothing has nothing to do."""
+        return True

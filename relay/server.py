@@ -165,6 +165,8 @@ class RelayServer:
         self.sessions_total = 0
         #: Sessions this relay closed because of what the peer sent, by error code name.
         self.sessions_failed: dict[str, int] = {}
+        #: Connections a stateless reset from the peer ended (RFC 9000 §10.3: it lost its state).
+        self.stateless_resets = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -228,6 +230,7 @@ class RelayServer:
             "sessions": len([c for c in self._conns.values() if not c.upstream]),
             "sessions_total": self.sessions_total,
             "sessions_failed": dict(self.sessions_failed),
+            "stateless_resets": self.stateless_resets,
             "upstream": (None if self.upstream_url is None else
                          {"url": self.upstream_url, "connected": self._upstream is not None
                           and self._upstream.ready, "error": self.upstream_error}),
@@ -330,6 +333,8 @@ class RelayServer:
                 except ValueError:
                     name = f"{'QUIC ' if event.quic_error else ''}code {event.error_code:#x}"
                 self.sessions_failed[name] = self.sessions_failed.get(name, 0) + 1
+            if getattr(protocol._quic, "stateless_reset_received", False):
+                self.stateless_resets += 1
             actions = self._session_gone(conn, now)
         elif isinstance(event, ObjectChunk):
             if event.start:

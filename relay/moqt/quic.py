@@ -47,6 +47,7 @@ from cryptography.x509.oid import NameOID
 
 from crypto_backends.base import CryptoBackend
 from relay.quic.connection import FastrelayQuicConnection
+from relay.quic.reset import may_be_stateless_reset
 
 from .constants import ALPN, SessionErrorCode
 from .session import (
@@ -130,6 +131,18 @@ class MoqtProtocol(QuicConnectionProtocol):
             session.connection_lost(event.error_code, event.reason_phrase, now,
                                     quic_error=event.frame_type is not None)
         self._drain()
+
+    def stateless_reset_check(self, data: bytes) -> bool:
+        """`data` reached no connection: if it is a stateless reset for this one, the
+        connection ends without sending anything (FastrelayQuicConnection)."""
+        quic = self._quic
+        if not isinstance(quic, FastrelayQuicConnection):
+            return False
+        if not quic.check_stateless_reset(data, self._loop.time()):
+            return False
+        self._process_events()  # ConnectionTerminated: the session and the owner clean up
+        self.transmit()  # sends nothing once terminated; cancels the timer
+        return True
 
     def _pin_ok(self) -> bool:
         if self._fingerprint is None:
@@ -408,6 +421,7 @@ class MoqtServer(QuicServer):
             header = pull_quic_header(Buffer(data=data),
                                       host_cid_length=self._configuration.connection_id_length)
         except ValueError:
+            self._stateless_reset_check(data, addr)
             return
         if (header.packet_type != QuicPacketType.VERSION_NEGOTIATION
                 and header.version is not None
@@ -437,6 +451,18 @@ class MoqtServer(QuicServer):
             self._session_handler(protocol)
         if protocol is not None:
             protocol.datagram_received(data, addr)
+        else:
+            self._stateless_reset_check(data, addr)
+
+    def _stateless_reset_check(self, data: bytes, addr: NetworkAddress) -> None:
+        """RFC 9000 §10.3.1: a datagram that belongs to no connection (its connection id is
+        random) may be a stateless reset from a peer that lost its state: compared with the
+        tokens of the connections to that address (relay.quic.reset)."""
+        if not may_be_stateless_reset(data):
+            return
+        for protocol in list(self.protocols):
+            if protocol._quic.get_peer_address() == addr:
+                protocol.stateless_reset_check(data)
 
     def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
         super()._connection_terminated(protocol)

@@ -35,21 +35,25 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import aioquic
 from aioquic import tls
 from aioquic.buffer import Buffer, BufferReadError
+from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import (
     END_STATES,
     NetworkAddress,
     QuicConnection,
     QuicConnectionError,
+    QuicConnectionState,
     QuicReceiveContext,
     stream_is_client_initiated,
 )
+from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import (
     QuicErrorCode,
     QuicFrameType,
@@ -82,6 +86,7 @@ from relay.quic.fastpath import (
     WireNumber,
 )
 from relay.quic.recovery import FastPathRecovery
+from relay.quic.reset import STATELESS_RESET_TOKEN_SIZE, matches_stateless_reset
 
 # The hooks below use aioquic internals (notes/aioquic.md); they are checked against this version.
 AIOQUIC_VERSION = "1.7.2"
@@ -89,6 +94,9 @@ if aioquic.__version__ != AIOQUIC_VERSION:  # pragma: no cover
     raise ImportError(f"relay.quic needs aioquic {AIOQUIC_VERSION}, found {aioquic.__version__}")
 
 _connection_numbers = itertools.count(1)
+logger = logging.getLogger(__name__)
+#: The reason a connection ended by a stateless reset reports (ConnectionTerminated).
+STATELESS_RESET_REASON = "stateless reset from the peer"
 
 
 def encode_transport_parameter(param_id: int, value: bytes = b"") -> bytes:
@@ -182,6 +190,12 @@ class FastrelayQuicConnection(QuicConnection):
         self._one_rtt_space: Any = None
         self._last_peer_cid: bytes | None = None
         self._last_peer_address: NetworkAddress | None = None
+        # Stateless resets (RFC 9000 §10.3, relay.quic.reset): packets of the datagram being
+        # received that decrypted; whether a reset ended this connection; the token last
+        # handed to the crypto backend (None: none yet).
+        self._rx_decrypted = 0
+        self.stateless_reset_received = False
+        self._exported_reset_token: bytes | None = None
         super().__init__(configuration=configuration, **kwargs)
         # Nothing has captured the stock recovery yet; spaces are attached in _initialize.
         self._loss: FastPathRecovery = FastPathRecovery(
@@ -229,20 +243,38 @@ class FastrelayQuicConnection(QuicConnection):
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
         self._one_rtt_space = self._spaces.get(tls.Epoch.ONE_RTT)
-        if self.crypto_backend is None:
-            return
-        # No 1-RTT key exists yet and nothing else holds the stock pair: swap it, keeping
-        # its qlog callbacks.
-        stock = self._cryptos[tls.Epoch.ONE_RTT]
-        self._cryptos[tls.Epoch.ONE_RTT] = OneRttCryptoPair(
-            backend=self.crypto_backend,
-            connection=self.connection_number,
-            recv_setup_cb=stock.recv._setup_cb,
-            recv_teardown_cb=stock.recv._teardown_cb,
-            send_setup_cb=stock.send._setup_cb,
-            send_teardown_cb=stock.send._teardown_cb,
-            path_of=self._connection_path,
-        )
+        if self.crypto_backend is not None:
+            # No 1-RTT key exists yet and nothing else holds the stock pair: swap it, keeping
+            # its qlog callbacks.
+            stock = self._cryptos[tls.Epoch.ONE_RTT]
+            self._cryptos[tls.Epoch.ONE_RTT] = OneRttCryptoPair(
+                backend=self.crypto_backend,
+                connection=self.connection_number,
+                recv_setup_cb=stock.recv._setup_cb,
+                recv_teardown_cb=stock.recv._teardown_cb,
+                send_setup_cb=stock.send._setup_cb,
+                send_teardown_cb=stock.send._teardown_cb,
+                path_of=self._connection_path,
+            )
+        # Every pair aioquic decrypts with (it creates none after this): count successes,
+        # so a stateless reset is looked for only in a datagram nothing of which decrypted.
+        watched: set[int] = set()
+        for pair in (*self._cryptos_initial.values(), *self._cryptos.values()):
+            if id(pair) not in watched:
+                watched.add(id(pair))
+                self._watch_decrypt(pair)
+
+    def _watch_decrypt(self, pair: CryptoPair) -> None:
+        decrypt = pair.decrypt_packet
+
+        def counted(packet: bytes, encrypted_offset: int,
+                    expected_packet_number: int) -> tuple[bytes, bytes, int]:
+            result = decrypt(packet, encrypted_offset, expected_packet_number)
+            self._rx_decrypted += 1  # not reached when it raised (packet dropped)
+            return result
+
+        # An instance attribute: receive_datagram calls `crypto.decrypt_packet(...)`.
+        pair.decrypt_packet = counted  # type: ignore[method-assign]
 
     def _connection_path(self, direction: Direction) -> ConnectionPath | None:
         """This connection's addresses for the crypto backend, None while unknown."""
@@ -287,8 +319,45 @@ class FastrelayQuicConnection(QuicConnection):
     # --- calls in: report what changed afterwards (no aioquic event exists for these) ---
 
     def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None:
+        self._rx_decrypted = 0
         super().receive_datagram(data, addr, now)
+        if not self._rx_decrypted:
+            # RFC 9000 §10.3.1: its first packet could not be associated with this
+            # connection (our client socket) or decrypted. Never after a packet decrypted:
+            # a real packet must not be taken for a reset.
+            self.check_stateless_reset(data, now)
         self._after_call()
+
+    # --- stateless reset (RFC 9000 §10.3, relay.quic.reset) ---------------------------------
+
+    def stateless_reset_tokens(self) -> list[bytes]:
+        """The peer's stateless reset tokens this endpoint may compare with: those of the
+        peer connection ids it uses (the current one and those of probed paths). Not those
+        of ids it has not used or has retired (RFC 9000 §10.3.1); a server's token for the
+        peer's first connection id does not exist (a client sends none, §18.2)."""
+        cids = [self._peer_cid, *(p.peer_cid for p in self._network_paths if p.peer_cid)]
+        return [c.stateless_reset_token for c in cids
+                if len(c.stateless_reset_token) == STATELESS_RESET_TOKEN_SIZE]
+
+    def check_stateless_reset(self, data: bytes, now: float) -> bool:
+        """Call only for a datagram nothing of which could be processed. When its last 16
+        bytes are one of the peer's tokens, the connection drains without sending anything
+        and ends at once (the peer has no state to wait for): a ConnectionTerminated event,
+        keys discarded, so the owner's normal teardown runs. Returns whether it was one."""
+        if self._state in END_STATES or not matches_stateless_reset(
+                data, self.stateless_reset_tokens()):
+            return False
+        self.stateless_reset_received = True
+        logger.info("connection %d with %s: stateless reset received, connection ends",
+                    self.connection_number, self.get_peer_address())
+        self._close_event = events.ConnectionTerminated(
+            error_code=QuicErrorCode.NO_ERROR,
+            frame_type=QuicFrameType.PADDING,  # as aioquic's own silent ends (idle timeout)
+            reason_phrase=STATELESS_RESET_REASON,
+        )
+        self._set_state(QuicConnectionState.DRAINING)  # nothing is sent from here on
+        self._close_end()
+        return True
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         datagrams = super().datagrams_to_send(now)
@@ -322,6 +391,20 @@ class FastrelayQuicConnection(QuicConnection):
         if address is not None and address != self._last_peer_address:
             self._emit(PeerAddressChanged(self._last_peer_address, address))
             self._last_peer_address = address
+        if self.crypto_backend is not None and self._state not in END_STATES:
+            self._export_reset_token()
+
+    def _export_reset_token(self) -> None:
+        """The kernel shim passes a datagram ending in this token up instead of dropping it
+        as a bad tag: the token of the peer connection id in use (zero: none)."""
+        token = self._peer_cid.stateless_reset_token
+        if len(token) != STATELESS_RESET_TOKEN_SIZE:
+            token = bytes(STATELESS_RESET_TOKEN_SIZE)
+        if token == self._exported_reset_token or self.one_rtt_mode is not OneRttMode.PASS_THROUGH:
+            return
+        assert self.crypto_backend is not None
+        if self.crypto_backend.set_reset_token(self.connection_number, token):
+            self._exported_reset_token = token
 
     # --- snapshots ---------------------------------------------------------------------
 
