@@ -9,7 +9,10 @@
  *
  * Fail closed: a packet whose tag does not verify is dropped (TC_ACT_SHOT), never handed
  * up as decrypted; a 1-RTT packet of an offloaded connection without keys is dropped on
- * egress, never sent in plaintext. Every verdict is counted in shim_stats.
+ * egress, never sent in plaintext. Every verdict is counted in shim_stats. One exception
+ * to the drop: a datagram that does not decrypt but ends in the peer's stateless reset
+ * token (RFC 9000 §10.3, installed by userspace) goes up unchanged and unmarked, for the
+ * relay to end the connection.
  *
  * With the fast path (bpf/structs.h, "skb verdict contract"): ingress clears the verdict
  * in skb->cb of every packet and, after a tag verified on a connection the fast path holds
@@ -104,6 +107,24 @@ static __always_inline struct shim_conn *shim_lookup(struct __sk_buff *skb, stru
 	return shim_conns.lookup(&p->key);
 }
 
+/* RFC 9000 §10.3.1: a datagram that did not decrypt and whose last 16 bytes are the
+ * peer's stateless reset token (a whole datagram of at least 21 bytes, short-header form,
+ * nothing coalesced before it). Compared as an OR of XORs, no branch on the bytes; an
+ * all-zero token means "none" and never matches. The skb is untouched (qp_unprotect leaves
+ * it unchanged on every error). */
+static __always_inline int shim_is_stateless_reset(struct __sk_buff *skb, const struct shim_pkt *p,
+						   const struct shim_conn *conn)
+{
+	const __u64 *want = (const __u64 *)conn->reset_token;
+	__u64 tail[2];
+
+	if (p->qp.off != p->udp_off + 8 || p->qp.len < 21)
+		return 0;
+	if (bpf_skb_load_bytes(skb, p->udp_end - 16, tail, sizeof(tail)))
+		return 0;
+	return (want[0] | want[1]) != 0 && ((tail[0] ^ want[0]) | (tail[1] ^ want[1])) == 0;
+}
+
 int shim_ingress(struct __sk_buff *skb)
 {
 	__u32 zero = 0;
@@ -135,6 +156,13 @@ int shim_ingress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	}
 	ret = qp_unprotect(skb, &p->qp, conn, &s->cp, cfg->token);
+	if ((ret == QP_BAD_TAG || ret == QP_TOO_SHORT || ret == QP_NO_PHASE) &&
+	    shim_is_stateless_reset(skb, p, conn)) {
+		/* Userspace ends the connection; never marked verified, so the fast path does
+		 * not forward it (the verdict was cleared above). */
+		st->ingress_stateless_reset++;
+		return TC_ACT_UNSPEC;
+	}
 	switch (ret) {
 	case QP_OK:
 		st->ingress_decrypted++;

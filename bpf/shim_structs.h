@@ -71,6 +71,9 @@ struct shim_conn {
 					 * installed, plus one (0: none yet) */
 	__u32 current_phase;	/* key-phase bit of the current phase */
 	__u32 pad;
+	__u8 reset_token[16];	/* SHIM_DIR_RECV: the peer's stateless reset token for the
+				 * connection id in use (RFC 9000 §10.3); all zero: none. A
+				 * datagram that does not decrypt but ends in it is passed up. */
 };
 
 /* Global settings, one element. */
@@ -113,6 +116,10 @@ struct shim_stats {
 	/* Not a verdict: of ingress_decrypted, those verified with the previous phase's keys
 	 * (sent before the peer followed a key update, or reordered across one). */
 	__u64 ingress_previous_phase;
+	/* An ingress verdict (kept here, after the others, so the layout only grows): did not
+	 * decrypt but ends in the connection's stateless reset token: handed up unchanged,
+	 * without a verdict for the fast path. */
+	__u64 ingress_stateless_reset;
 };
 
 #endif /* FASTRELAY_SHIM_STRUCTS_H */

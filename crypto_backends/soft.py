@@ -184,6 +184,8 @@ class SoftBackend(CryptoBackend):
         self._keyed: dict[int, set[Direction]] = {}
         # connection -> the fast path's index of it, while the fast path holds it
         self._linked: dict[int, int] = {}
+        # connection -> the peer's stateless reset token for the receive entry
+        self._reset_tokens: dict[int, bytes] = {}
         self.connections_offloaded = 0
         self.connections_not_offloaded = 0
         self.not_offloaded_reasons: dict[str, int] = {}
@@ -260,6 +262,7 @@ class SoftBackend(CryptoBackend):
                 self._keyed.clear()
                 self._linked.clear()
                 self._where.clear()
+                self._reset_tokens.clear()
 
     # --- keys --------------------------------------------------------------------------
 
@@ -273,8 +276,10 @@ class SoftBackend(CryptoBackend):
         dcid_len = material.path.dcid_len if material.path is not None else 0
         if material.trigger is not KeyTrigger.INSTALL and self.phase_listener is not None:
             self.phase_listener(connection, material.direction, material.current.key_phase)
+        token = (self._reset_tokens.get(connection) if material.direction is Direction.RECV
+                 else None)
         try:
-            self._shim.install(where[0], where[1], material, dcid_len=dcid_len)
+            self._shim.install(where[0], where[1], material, dcid_len=dcid_len, reset_token=token)
         except (OSError, FastrelayError) as exc:  # e.g. the map is full
             # The pair falls back to userspace crypto and withdraws what the shim holds.
             if connection not in self._keyed:
@@ -332,6 +337,18 @@ class SoftBackend(CryptoBackend):
         if not keyed:
             del self._keyed[connection], self._where[connection]
             self._linked.pop(connection, None)
+            self._reset_tokens.pop(connection, None)
+
+    def set_reset_token(self, connection: int, token: bytes) -> bool:
+        """Keep the token for the connection's receive entry, and write it there if the
+        shim holds one (the shim passes a stateless reset up instead of dropping it)."""
+        where = self._where.get(connection)
+        if where is None or self._shim is None:
+            return False
+        self._reset_tokens[connection] = token
+        if Direction.RECV in self._keyed.get(connection, ()):
+            self._shim.set_reset_token(where[0], where[1], token)
+        return True
 
     def keyed_directions(self, connection: int) -> frozenset[Direction]:
         """The directions of `connection` the shim holds keys for."""

@@ -44,6 +44,8 @@ SHIM_STATE_NO_KEYS = 1
 SHIM_STATE_KEYS = 2
 SHIM_CONN_FASTPATH = 0x1
 SHIM_PHASE_PREVIOUS = 2
+#: shim_conn.reset_token: the peer's stateless reset token (RFC 9000 §10.3), zero: none.
+RESET_TOKEN_SIZE = 16
 
 #: The only suite the shim implements (RFC 9001 §5.3 AEAD, §5.4.4 header protection).
 SUPPORTED_SUITE = CipherSuite.CHACHA20_POLY1305_SHA256
@@ -81,6 +83,7 @@ class ShimConn(ctypes.Structure):
         ("phase_first_pn", ctypes.c_uint64 * 2),
         ("current_phase", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
+        ("reset_token", ctypes.c_uint8 * RESET_TOKEN_SIZE),
     ]
 
 
@@ -97,6 +100,7 @@ class ShimStats(ctypes.Structure):
         "egress_drop_no_keys", "egress_drop_too_short", "egress_drop_too_long", "egress_drop_gso",
         "egress_drop_no_phase", "egress_drop_error", "egress_drop_wrong_conn",
         "ingress_key_phase_1", "egress_key_phase_1", "ingress_previous_phase",
+        "ingress_stateless_reset",
     )]
 
 
@@ -122,10 +126,11 @@ def conn_key(local: Address, peer: Address, direction: Direction) -> bytes:
 
 
 def conn_value(material: KeyMaterial, *, dcid_len: int, next_pn: int = 0,
-               fastpath_conn: int | None = None) -> ShimConn:
+               fastpath_conn: int | None = None, reset_token: bytes = b"") -> ShimConn:
     """The shim_conns value for KeyMaterial: keys of both phases, indexed by key-phase bit,
     and the receive direction's previous phase after a key update (SHIM_PHASE_PREVIOUS);
-    `fastpath_conn`: the fast path's connection index (fr_conns) when it holds the connection.
+    `fastpath_conn`: the fast path's connection index (fr_conns) when it holds the connection;
+    `reset_token`: the peer's stateless reset token (receive direction; empty: none).
     No packet number of any phase is known yet (phase_first_pn: see carry_first_pns)."""
     if material.cipher_suite != SUPPORTED_SUITE:
         raise ValueError(f"the soft shim protects only {SUPPORTED_SUITE.name}, "
@@ -135,6 +140,7 @@ def conn_value(material: KeyMaterial, *, dcid_len: int, next_pn: int = 0,
     value = ShimConn(state=SHIM_STATE_KEYS, dcid_len=dcid_len, next_pn=next_pn,
                      current_phase=material.current.key_phase & 1)
     _link(value, fastpath_conn)
+    _set_token(value, reset_token)
     value.hp_key[:] = material.hp_key
     slots = [(material.current.key_phase & 1, material.current),
              (material.next.key_phase & 1, material.next)]
@@ -157,6 +163,12 @@ def carry_first_pns(old: ShimConn, new: ShimConn) -> None:
         if (before.valid and after.valid and bytes(before.key) == bytes(after.key)
                 and bytes(before.iv) == bytes(after.iv)):
             new.phase_first_pn[bit] = old.phase_first_pn[bit]
+
+
+def _set_token(value: ShimConn, token: bytes) -> None:
+    if token and len(token) != RESET_TOKEN_SIZE:
+        raise ValueError(f"a stateless reset token has {RESET_TOKEN_SIZE} bytes, not {len(token)}")
+    value.reset_token[:] = token or bytes(RESET_TOKEN_SIZE)
 
 
 def _link(value: ShimConn, fastpath_conn: int | None) -> None:
@@ -194,6 +206,8 @@ class ShimEntry:
     next_pn: int
     #: the fast path's connection index when it holds the connection (SHIM_CONN_FASTPATH)
     fastpath_conn: int | None = None
+    #: the peer's stateless reset token the shim passes up (zero: none)
+    reset_token: bytes = bytes(RESET_TOKEN_SIZE)
 
 
 class SoftShim:
@@ -223,20 +237,36 @@ class SoftShim:
     # --- keys ------------------------------------------------------------------------
 
     def install(self, local: Address, peer: Address, material: KeyMaterial, *, dcid_len: int,
-                next_pn: int | None = None) -> None:
+                next_pn: int | None = None, reset_token: bytes | None = None) -> None:
         """Write (or update on a key update) one direction's keys; keeps the packet-number
         state the shim has (the largest unless next_pn is given, the first of each phase
-        whose keys stay) and the link to the fast path."""
+        whose keys stay), the link to the fast path, and the stateless reset token
+        unless reset_token is given."""
         key = conn_key(local, peer, material.direction)
         raw = bpfload.map_lookup(self._conns_fd, key, ctypes.sizeof(ShimConn))
         old = ShimConn.from_buffer_copy(raw) if raw is not None else None
         if next_pn is None:
             next_pn = old.next_pn if old is not None else 0
+        if reset_token is None:
+            reset_token = bytes(old.reset_token) if old is not None else b""
         linked = old.fr_conn_idx if old is not None and old.flags & SHIM_CONN_FASTPATH else None
-        value = conn_value(material, dcid_len=dcid_len, next_pn=next_pn, fastpath_conn=linked)
+        value = conn_value(material, dcid_len=dcid_len, next_pn=next_pn, fastpath_conn=linked,
+                           reset_token=reset_token)
         if old is not None and old.state == SHIM_STATE_KEYS:
             carry_first_pns(old, value)
         bpfload.map_update(self._conns_fd, key, bytes(value))
+
+    def set_reset_token(self, local: Address, peer: Address, token: bytes) -> bool:
+        """The peer's stateless reset token (zero: none) for the receive entry: a datagram
+        that does not verify but ends in it is passed up, not dropped. False without entry."""
+        key = conn_key(local, peer, Direction.RECV)
+        raw = bpfload.map_lookup(self._conns_fd, key, ctypes.sizeof(ShimConn))
+        if raw is None:
+            return False
+        value = ShimConn.from_buffer_copy(raw)
+        _set_token(value, token)
+        bpfload.map_update(self._conns_fd, key, bytes(value))
+        return True
 
     def link_fastpath(self, local: Address, peer: Address, direction: Direction,
                       fastpath_conn: int | None) -> bool:
@@ -274,7 +304,7 @@ class SoftShim:
         value = ShimConn.from_buffer_copy(raw)
         linked = value.fr_conn_idx if value.flags & SHIM_CONN_FASTPATH else None
         return ShimEntry(state=value.state, dcid_len=value.dcid_len, next_pn=value.next_pn,
-                         fastpath_conn=linked)
+                         fastpath_conn=linked, reset_token=bytes(value.reset_token))
 
     # --- counters --------------------------------------------------------------------
 

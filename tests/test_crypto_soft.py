@@ -47,11 +47,15 @@ class EmulatedShim:
         self.token = self.kernel.verification_token
         self.entries: dict[tuple[Address, Address, Direction], int] = {}
         self.links: dict[tuple[Address, Address, Direction], int | None] = {}
+        #: the stateless reset token of each connection's receive entry
+        self.reset_tokens: dict[tuple[Address, Address], bytes] = {}
         self.closed = False
 
     def install(self, local: Address, peer: Address, material: KeyMaterial, *,
-                dcid_len: int) -> None:
+                dcid_len: int, reset_token: bytes | None = None) -> None:
         self.entries[(local, peer, material.direction)] = dcid_len
+        if reset_token is not None:
+            self.reset_tokens[(local, peer)] = reset_token
         self.kernel.install(material)
 
     def link_fastpath(self, local: Address, peer: Address, direction: Direction,
@@ -59,6 +63,10 @@ class EmulatedShim:
         if (local, peer, direction) not in self.entries:
             return False
         self.links[(local, peer, direction)] = conn_idx
+        return True
+
+    def set_reset_token(self, local: Address, peer: Address, token: bytes) -> bool:
+        self.reset_tokens[(local, peer)] = token
         return True
 
     def remove(self, local: Address, peer: Address, direction: Direction) -> None:
@@ -140,6 +148,28 @@ def test_key_updates_reach_the_shim(tmp_path: Path) -> None:
         assert pair.server._cryptos[Epoch.ONE_RTT].recv.key_phase == 1
     assert backend.key_updates == 2  # both directions rotate (RFC 9001 §6)
     assert [m.current.key_phase for m in shim.kernel.installs[-2:]] == [1, 1]
+
+
+def test_the_peers_reset_token_in_use_reaches_the_receive_entry(tmp_path: Path) -> None:
+    """The shim passes a datagram ending in it up (RFC 9000 §10.3); zero while the relay
+    uses the client's first connection id, which has no token; kept over key updates."""
+    backend, shim = relay_backend()
+    with client_and_server(tmp_path, server_backend=backend, stock_client=True) as pair:
+        pair.server.local_address = SERVER_ADDR
+        pair.to_server, pair.to_client = shim.kernel.ingress, shim.kernel.egress
+        assert exchange(pair) == PAYLOAD
+        assert shim.reset_tokens == {(SERVER_ADDR, CLIENT_ADDR): bytes(16)}
+        pair.server.change_connection_id()
+        pair.pump(100)
+        token = next(c.stateless_reset_token for c in pair.client._host_cids
+                     if c.cid == pair.server._peer_cid.cid)
+        assert shim.reset_tokens == {(SERVER_ADDR, CLIENT_ADDR): token}
+        pair.client.request_key_update()
+        stream = pair.client.get_next_available_stream_id()
+        pair.client.send_stream_data(stream, PAYLOAD, end_stream=True)
+        pair.pump(100)
+        assert backend.key_updates == 2
+        assert shim.reset_tokens == {(SERVER_ADDR, CLIENT_ADDR): token}
 
 
 def test_aes_only_client_is_served_in_userspace_and_counted(tmp_path: Path) -> None:

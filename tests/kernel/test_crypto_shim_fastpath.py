@@ -299,3 +299,55 @@ def test_a_half_keyed_connection_gets_protected_clones_once_keyed_both_ways(fres
     assert runtime.counters["keys_completed"] == 1
     backend.link_fastpath(send.connection, None)
     fp.update("fr_conns", SUB_CONN, L.FrConn())
+
+
+# --- stateless reset (RFC 9000 §10.3): the peer lost its state ------------------------------
+
+def _reset(rng: random.Random, size: int, token: bytes) -> bytes:
+    """A stateless reset as a peer sends it: short-header form, unpredictable bits (here
+    starting like a packet to the relay's connection id, the fast path's worst case), then
+    the token."""
+    body = (bytes([0x40 | rng.randrange(64)]) + IN.UP_CID)[:size - TAG]
+    return body + rng.randbytes(size - TAG - len(body)) + token
+
+
+# 21: smallest reset; 28: too short for a header-protection sample with an 8-byte CID; a tag
+# that does not verify from 29 on.
+@pytest.mark.parametrize("size", [21, 28, 29, 64, 1200])
+def test_stateless_reset_goes_up_unchanged_unmarked_and_counted(fresh, fp, size: int) -> None:
+    rng = random.Random(size)
+    token = rng.randbytes(TAG)
+    recv = material(os.urandom(32), Direction.RECV)
+    fresh.install(RELAY, PUBLISHER, recv, dcid_len=len(IN.UP_CID), next_pn=7, reset_token=token)
+    fresh.link_fastpath(RELAY, PUBLISHER, Direction.RECV, UP_CONN)
+    IN.World(protection=L.PROT_OFFLOAD_KEYS, tag_len=TAG).install(fp)
+    frame = IN.PUB.frame(_reset(rng, size, token))
+    stale = P.skb_ctx(cb=(L.CB_MAGIC | L.CB_VERIFIED, UP_CONN))
+    res = bpfload.prog_test_run(fresh.ingress.fd, frame, ctx=stale)
+    assert (res.retval, res.data) == (TC_ACT_UNSPEC, frame)
+    assert cb_of(res.ctx)[0] == 0  # never a verdict the fast path would forward on
+    assert shim_counts(fresh) == {"ingress_packets": 1, "ingress_stateless_reset": 1}
+    assert fresh.entry(RELAY, PUBLISHER, Direction.RECV).next_pn == 7
+    out = bpfload.prog_test_run(fp.ingress.fd, res.data, ctx=res.ctx)
+    assert out.retval == TC_ACT_UNSPEC
+    counts = {r: n for r, (n, _) in fp.counters().items()}
+    assert R.IN_CLONED not in counts and R.IN_CLONE not in counts, counts
+
+
+def test_without_the_token_a_bad_tag_is_still_dropped(fresh) -> None:
+    """Look-alikes: one bit off the token, a random tail, and a zero tail while no token is
+    installed (zero means none) are dropped as bad tags; a key update keeps the token."""
+    rng = random.Random(3)
+    token = rng.randbytes(TAG)
+    recv = material(os.urandom(32), Direction.RECV)
+    fresh.install(RELAY, PUBLISHER, recv, dcid_len=len(IN.UP_CID), next_pn=7, reset_token=token)
+    fresh.install(RELAY, PUBLISHER, recv, dcid_len=len(IN.UP_CID))  # e.g. a key update
+    assert fresh.entry(RELAY, PUBLISHER, Direction.RECV).reset_token == token
+    near = bytes([token[0] ^ 1]) + token[1:]
+    for tail in (near, rng.randbytes(TAG)):
+        res = bpfload.prog_test_run(fresh.ingress.fd, IN.PUB.frame(_reset(rng, 64, tail)))
+        assert res.retval == TC_ACT_SHOT
+    assert fresh.set_reset_token(RELAY, PUBLISHER, bytes(TAG))
+    res = bpfload.prog_test_run(fresh.ingress.fd, IN.PUB.frame(_reset(rng, 64, bytes(TAG))))
+    assert res.retval == TC_ACT_SHOT
+    assert shim_counts(fresh) == {"ingress_packets": 3, "ingress_drop_bad_tag": 3}

@@ -49,9 +49,9 @@ def test_ctypes_structs_match_shim_structs_h(cname: str) -> None:
 
 
 def test_sizes_are_what_the_kernel_sees() -> None:
-    # key 40 B, value 224 B: the verifier log of crypto_shim.c says ks=40, vs=224
+    # key 40 B, value 240 B: the verifier log of crypto_shim.c says ks=40, vs=240
     assert ctypes.sizeof(ShimConnKey) == 40
-    assert ctypes.sizeof(ShimConn) == 224
+    assert ctypes.sizeof(ShimConn) == 240
     assert ctypes.sizeof(ShimStats) % 8 == 0
 
 
@@ -62,6 +62,7 @@ def test_constants_match_shim_structs_h() -> None:
         assert int(defines[name]) == getattr(soft_shim, name), name
     flags = dict(re.findall(r"#define (SHIM_CONN_\w+) (0x[0-9a-f]+)", _header()))
     assert flags == {"SHIM_CONN_FASTPATH": "0x1"}
+    assert soft_shim.RESET_TOKEN_SIZE == 16  # shim_conn.reset_token[16], RFC 9000 §10.3
     for name, value in flags.items():
         assert int(value, 16) == getattr(soft_shim, name), name
     source = (BPF_DIR / soft_shim.SOURCE).read_text()
