@@ -118,9 +118,9 @@ static __always_inline int shim_is_stateless_reset(struct __sk_buff *skb, const 
 	const __u64 *want = (const __u64 *)conn->reset_token;
 	__u64 tail[2];
 
-	if (p->qp.off != p->udp_off + 8 || p->qp.len < 21)
+	if (p->qp.off != p->fr.quic_off || p->qp.len < 21)
 		return 0;
-	if (bpf_skb_load_bytes(skb, p->udp_end - 16, tail, sizeof(tail)))
+	if (bpf_skb_load_bytes(skb, p->fr.quic_end - 16, tail, sizeof(tail)))
 		return 0;
 	return (want[0] | want[1]) != 0 && ((tail[0] ^ want[0]) | (tail[1] ^ want[1])) == 0;
 }
