@@ -7,8 +7,9 @@ tests/kernel/test_crypto_shim_fastpath.py.
 
 A client's first connection id has no token (a client sends no stateless_reset_token
 transport parameter, RFC 9000 §18.2) and tokens of ids not in use must not be compared
-(§10.3.1): the relay side moves to one of the client's later ids (`change_connection_id`)
-before the client can reset it.
+(§10.3.1): the relay moves to the client's next id once the handshake is confirmed
+(`reset_detectable_peer_cid`, on in MoqtServer); the in-memory pairs do it by hand
+(`change_connection_id`).
 """
 
 from __future__ import annotations
@@ -196,10 +197,11 @@ def test_relay_session_ends_on_a_subscribers_reset(tmp_path: Path, crypto: str) 
                                crypto=backend()) as client:
                 (theirs,) = server.protocols
                 quic = theirs._quic
-                quic.change_connection_id()  # to an id with a token (module docstring)
-                theirs.transmit()
                 await client.ping()
+                # The relay moved off the client's first id on its own (module docstring).
+                assert quic._peer_cid.sequence_number != 0
                 token = token_of(client._quic, quic._peer_cid.cid)
+                assert quic.stateless_reset_tokens() == [token]
                 addr = quic.get_peer_address()
                 rng = random.Random(crypto)
                 relay_addr = (LOOPBACK, port)
@@ -238,3 +240,16 @@ def test_relay_session_ends_on_a_subscribers_reset(tmp_path: Path, crypto: str) 
     assert stats["sessions"] == 0 and stats["stateless_resets"] == 1, stats
     assert stats["sessions_failed"] == {}, stats
     assert sent_after == 0, "nothing is sent to the peer once its reset arrived"
+
+
+def test_server_moves_to_a_client_id_with_a_token_once(tmp_path: Path) -> None:
+    with client_and_server(tmp_path, extra_server_kwargs={"reset_detectable_peer_cid": True}) as pair:
+        first = pair.client._host_cids[0].cid
+        handshake(pair)
+        send_both_ways(pair, b"some traffic")
+        assert pair.server._peer_cid.sequence_number == 1
+        token = token_of(pair.client, pair.server._peer_cid.cid)
+        assert pair.server.stateless_reset_tokens() == [token]
+        assert first not in {c.cid for c in pair.client._host_cids}  # retired
+        send_both_ways(pair, b"more traffic")
+        assert pair.server._peer_cid.sequence_number == 1  # once, not on every datagram

@@ -435,7 +435,8 @@ class MoqtServer(QuicServer):
                 header.packet_type == QuicPacketType.INITIAL:
             connection = FastrelayQuicConnection(
                 configuration=self._configuration, crypto_backend=self._crypto,
-                original_destination_connection_id=header.destination_cid)
+                original_destination_connection_id=header.destination_cid,
+                reset_detectable_peer_cid=True)
             protocol = MoqtProtocol(connection, MoqtSession(self._session_config),
                                     on_event=self._on_event)
             protocol.connection_made(self._transport)

@@ -156,6 +156,7 @@ class FastrelayQuicConnection(QuicConnection):
                  stream_id_allocator: StreamIdAllocator | None = None,
                  listener: FastPathListener | None = None,
                  host_cid_factory: Callable[[int], bytes] | None = None,
+                 reset_detectable_peer_cid: bool = False,
                  **kwargs: Any) -> None:
         # aioquic assigns _streams_queue inside __init__: the priority table must exist first.
         #: (subscriber priority, publisher priority) of a stream, lower first; None = first.
@@ -196,6 +197,10 @@ class FastrelayQuicConnection(QuicConnection):
         self._rx_decrypted = 0
         self.stateless_reset_received = False
         self._exported_reset_token: bytes | None = None
+        #: Server side: move once off the client's first connection id, which has no token
+        #: (a client sends no stateless_reset_token, RFC 9000 §18.2), to the next one it
+        #: issues, so that its stateless reset can be recognised (§10.3.1).
+        self._switch_to_tokened_cid = reset_detectable_peer_cid
         super().__init__(configuration=configuration, **kwargs)
         # Nothing has captured the stock recovery yet; spaces are attached in _initialize.
         self._loss: FastPathRecovery = FastPathRecovery(
@@ -374,6 +379,8 @@ class FastrelayQuicConnection(QuicConnection):
 
     def _after_call(self) -> None:
         # Runs after every datagram: compare the raw values, build the snapshot on change.
+        if self._switch_to_tokened_cid and self._handshake_confirmed:
+            self._use_tokened_peer_cid()
         loss = self._loss
         last = self._last_congestion
         if last is None or (loss.congestion_window, loss.bytes_in_flight, loss.parked_packets,
@@ -393,6 +400,20 @@ class FastrelayQuicConnection(QuicConnection):
             self._last_peer_address = address
         if self.crypto_backend is not None and self._state not in END_STATES:
             self._export_reset_token()
+
+    def _use_tokened_peer_cid(self) -> None:
+        """Once the client issued a further connection id of the same length (the kernel
+        parses headers by that length), use it and retire the first (aioquic's
+        change_connection_id): the peer CID change reaches the fast path as an event."""
+        if self._state is not QuicConnectionState.CONNECTED or self._peer_cid.stateless_reset_token:
+            self._switch_to_tokened_cid = False
+            return
+        available = self._peer_cid_available
+        if not available:
+            return  # NEW_CONNECTION_ID not received yet
+        self._switch_to_tokened_cid = False
+        if len(available[0].cid) == len(self._peer_cid.cid) and available[0].stateless_reset_token:
+            super().change_connection_id()
 
     def _export_reset_token(self) -> None:
         """The kernel shim passes a datagram ending in this token up instead of dropping it
