@@ -353,8 +353,8 @@ class FastrelayQuicConnection(QuicConnection):
                 data, self.stateless_reset_tokens()):
             return False
         self.stateless_reset_received = True
-        logger.info("connection %d with %s: stateless reset received, connection ends",
-                    self.connection_number, self.get_peer_address())
+        logger.warning("connection %d with %s: stateless reset received, connection ends",
+                       self.connection_number, self.get_peer_address())
         self._close_event = events.ConnectionTerminated(
             error_code=QuicErrorCode.NO_ERROR,
             frame_type=QuicFrameType.PADDING,  # as aioquic's own silent ends (idle timeout)
