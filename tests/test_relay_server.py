@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -274,6 +275,26 @@ async def _until(what: str, condition: Callable[[], bool], timeout: float = 15.0
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@contextlib.asynccontextmanager
+async def _relay_and_peers(certificate: tuple[Path, Path, str], peers: tuple[_Peer, ...],
+                           config: RelayConfig | None = None
+                           ) -> AsyncIterator[tuple[RelayServer, str]]:
+    """A relay on loopback with every peer connected to it (the relay and its URL, for peers
+    that connect later); all closed after."""
+    cert, key, fingerprint = certificate
+    relay = RelayServer(config)
+    _, port = await relay.start(LOOPBACK, 0, cert, key)
+    url = f"moqt://{LOOPBACK}:{port}/r"
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for peer in peers:
+                peer.protocol = await stack.enter_async_context(
+                    connect(url, tls=TlsOptions(fingerprint=fingerprint), on_event=peer.on_event))
+            yield relay, url
+    finally:
+        await relay.stop()
+
+
 def _payload(group: int, obj: int) -> bytes:
     return f"g{group}o{obj}".encode() * 10
 
@@ -296,110 +317,100 @@ def test_late_joiner_fetch_cache_and_lifecycle_over_quic(
     - a standalone FETCH is served from the cache, one for groups the cache evicted is refused;
     - a subscriber that leaves does not disturb the other; the last one leaving a track sends
       UNSUBSCRIBE upstream; the publisher going away sends PUBLISH_DONE downstream."""
-    cert, key, fingerprint = certificate
-    tls = TlsOptions(fingerprint=fingerprint)
     pub, early, late, other = _Peer(), _Peer(), _Peer(), _Peer()
 
     async def scenario() -> dict[str, Any]:
-        relay = RelayServer(RelayConfig(cache=CacheConfig(max_groups=2)))
-        _, port = await relay.start(LOOPBACK, 0, cert, key)
-        url = f"moqt://{LOOPBACK}:{port}/r"
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                for peer in (pub, early, late, other):
-                    peer.protocol = await stack.enter_async_context(
-                        connect(url, tls=tls, on_event=peer.on_event))
-                pub.session.publish_namespace(NS)
+        async with _relay_and_peers(certificate, (pub, early, late, other),
+                                    RelayConfig(cache=CacheConfig(max_groups=2))) as (relay, _):
+            pub.session.publish_namespace(NS)
+            pub.flush()
+            await _until("PUBLISH_NAMESPACE_OK", lambda: any(
+                e.error_code is None for e in pub.of(PublishNamespaceAnswered)))
+
+            # Two subscribers of track v, two of track w: one upstream SUBSCRIBE each.
+            early_v = early.session.subscribe(NS, b"v")
+            early_w = early.session.subscribe(NS, b"w")
+            late_w = late.session.subscribe(NS, b"w")
+            for peer in (early, late):
+                peer.flush()
+            await _until("the relay's SUBSCRIBEs", lambda: len(
+                pub.of(SubscribeRequested)) == 2)
+            up = {e.message.track_name: e.request_id for e in pub.of(SubscribeRequested)}
+            pub.session.accept_subscribe(up[b"v"], 9)
+            pub.session.accept_subscribe(up[b"w"], 10)
+            pub.flush()
+            await _until("SUBSCRIBE_OKs", lambda: len(early.of(SubscribeAccepted)) == 2
+                         and len(late.of(SubscribeAccepted)) == 1)
+
+            def write_group(group: int, objects: range, *, end: bool) -> None:
+                sender = senders.get(group) or pub.session.open_subgroup(
+                    up[b"v"], group, 0, 128, end_of_group=True)
+                senders[group] = sender
+                for o in objects:
+                    sender.write(o, _payload(group, o), extensions=EXTENSIONS,
+                                 end_stream=end and o == objects[-1])
                 pub.flush()
-                await _until("PUBLISH_NAMESPACE_OK", lambda: any(
-                    e.error_code is None for e in pub.of(PublishNamespaceAnswered)))
 
-                # Two subscribers of track v, two of track w: one upstream SUBSCRIBE each.
-                early_v = early.session.subscribe(NS, b"v")
-                early_w = early.session.subscribe(NS, b"w")
-                late_w = late.session.subscribe(NS, b"w")
-                for peer in (early, late):
-                    peer.flush()
-                await _until("the relay's SUBSCRIBEs", lambda: len(
-                    pub.of(SubscribeRequested)) == 2)
-                up = {e.message.track_name: e.request_id for e in pub.of(SubscribeRequested)}
-                pub.session.accept_subscribe(up[b"v"], 9)
-                pub.session.accept_subscribe(up[b"w"], 10)
-                pub.flush()
-                await _until("SUBSCRIBE_OKs", lambda: len(early.of(SubscribeAccepted)) == 2
-                             and len(late.of(SubscribeAccepted)) == 1)
+            senders: dict[int, Any] = {}
+            for group in range(3):
+                write_group(group, range(GROUP), end=True)
+            write_group(3, range(3), end=False)  # group 3 is under way: 0..2 sent
+            await _until("group 3 half way at the early subscriber",
+                         lambda: (3, 2) in [o[:2] for o in early.objects(early_v)])
 
-                def write_group(group: int, objects: range, *, end: bool) -> None:
-                    sender = senders.get(group) or pub.session.open_subgroup(
-                        up[b"v"], group, 0, 128, end_of_group=True)
-                    senders[group] = sender
-                    for o in objects:
-                        sender.write(o, _payload(group, o), extensions=EXTENSIONS,
-                                     end_stream=end and o == objects[-1])
-                    pub.flush()
+            # The late joiner: Largest Object filter, then a joining FETCH (start 0 =
+            # the current group), as moq-rs does after every SUBSCRIBE.
+            late_v = late.session.subscribe(NS, b"v")
+            late.flush()
+            await _until("the late SUBSCRIBE_OK", lambda: bool(
+                late.of(SubscribeAccepted, request_id=late_v)))
+            joining = late.session.fetch(joining_request_id=late_v, joining_start=0)
+            late.flush()
+            await _until("the joining FETCH_OK", lambda: bool(
+                late.of(FetchAnswered, request_id=joining)))
+            write_group(3, range(3, GROUP), end=True)
+            write_group(4, range(GROUP), end=True)
+            await _until("group 4 at the late joiner",
+                         lambda: len(late.objects(late_v)) == 2 + GROUP)
+            await _until("the whole joining FETCH", lambda: len(late.objects(joining)) == 3)
 
-                senders: dict[int, Any] = {}
-                for group in range(3):
-                    write_group(group, range(GROUP), end=True)
-                write_group(3, range(3), end=False)  # group 3 is under way: 0..2 sent
-                await _until("group 3 half way at the early subscriber",
-                             lambda: (3, 2) in [o[:2] for o in early.objects(early_v)])
+            # Standalone FETCHes: groups 3..4 are cached, group 0 was evicted (2 groups).
+            cached = other.session.fetch(standalone=StandaloneFetch(
+                NS, b"v", Location(3, 0), Location(5, 0)))
+            evicted = other.session.fetch(standalone=StandaloneFetch(
+                NS, b"v", Location(0, 0), Location(1, 0)))
+            other.flush()
+            await _until("both FETCH answers", lambda: bool(
+                other.of(FetchAnswered, request_id=cached)) and bool(
+                other.of(FetchAnswered, request_id=evicted)))
+            await _until("the cached groups", lambda: len(other.objects(cached)) == 2 * GROUP)
 
-                # The late joiner: Largest Object filter, then a joining FETCH (start 0 =
-                # the current group), as moq-rs does after every SUBSCRIBE.
-                late_v = late.session.subscribe(NS, b"v")
-                late.flush()
-                await _until("the late SUBSCRIBE_OK", lambda: bool(
-                    late.of(SubscribeAccepted, request_id=late_v)))
-                joining = late.session.fetch(joining_request_id=late_v, joining_start=0)
-                late.flush()
-                await _until("the joining FETCH_OK", lambda: bool(
-                    late.of(FetchAnswered, request_id=joining)))
-                write_group(3, range(3, GROUP), end=True)
-                write_group(4, range(GROUP), end=True)
-                await _until("group 4 at the late joiner",
-                             lambda: len(late.objects(late_v)) == 2 + GROUP)
-                await _until("the whole joining FETCH", lambda: len(late.objects(joining)) == 3)
-
-                # Standalone FETCHes: groups 3..4 are cached, group 0 was evicted (2 groups).
-                cached = other.session.fetch(standalone=StandaloneFetch(
-                    NS, b"v", Location(3, 0), Location(5, 0)))
-                evicted = other.session.fetch(standalone=StandaloneFetch(
-                    NS, b"v", Location(0, 0), Location(1, 0)))
-                other.flush()
-                await _until("both FETCH answers", lambda: bool(
-                    other.of(FetchAnswered, request_id=cached)) and bool(
-                    other.of(FetchAnswered, request_id=evicted)))
-                await _until("the cached groups", lambda: len(other.objects(cached)) == 2 * GROUP)
-
-                # The late joiner leaves v: the early subscriber keeps getting everything.
-                late.session.unsubscribe(late_v)
-                late.flush()
-                await _until("the relay saw the UNSUBSCRIBE",
-                             lambda: relay.stats()["subscriptions"] == 3)
-                write_group(5, range(GROUP), end=True)
-                await _until("group 5 at the early subscriber",
-                             lambda: len(early.objects(early_v)) == 6 * GROUP)
-                # Track w: the first of its two subscribers leaving changes nothing upstream,
-                # the last one unsubscribes there.
-                early.session.unsubscribe(early_w)
-                early.flush()
-                await _until("the relay saw the first w UNSUBSCRIBE",
-                             lambda: relay.stats()["subscriptions"] == 2)
-                unsubscribed_after_first = list(pub.of(UnsubscribeReceived))
-                late.session.unsubscribe(late_w)
-                late.flush()
-                await _until("UNSUBSCRIBE upstream", lambda: bool(pub.of(UnsubscribeReceived)))
-                # The publisher goes away: the early subscriber gets PUBLISH_DONE for v.
-                pub.protocol.close_session()  # type: ignore[union-attr]
-                await _until("PUBLISH_DONE", lambda: bool(
-                    early.of(PublishDoneReceived, request_id=early_v)))
-                return {"late_v": late_v, "joining": joining, "early_v": early_v,
-                        "cached": cached, "evicted": evicted, "up": up,
-                        "unsubscribed_after_first": unsubscribed_after_first,
-                        "stats": relay.stats()}
-        finally:
-            await relay.stop()
+            # The late joiner leaves v: the early subscriber keeps getting everything.
+            late.session.unsubscribe(late_v)
+            late.flush()
+            await _until("the relay saw the UNSUBSCRIBE",
+                         lambda: relay.stats()["subscriptions"] == 3)
+            write_group(5, range(GROUP), end=True)
+            await _until("group 5 at the early subscriber",
+                         lambda: len(early.objects(early_v)) == 6 * GROUP)
+            # Track w: the first of its two subscribers leaving changes nothing upstream,
+            # the last one unsubscribes there.
+            early.session.unsubscribe(early_w)
+            early.flush()
+            await _until("the relay saw the first w UNSUBSCRIBE",
+                         lambda: relay.stats()["subscriptions"] == 2)
+            unsubscribed_after_first = list(pub.of(UnsubscribeReceived))
+            late.session.unsubscribe(late_w)
+            late.flush()
+            await _until("UNSUBSCRIBE upstream", lambda: bool(pub.of(UnsubscribeReceived)))
+            # The publisher goes away: the early subscriber gets PUBLISH_DONE for v.
+            pub.protocol.close_session()  # type: ignore[union-attr]
+            await _until("PUBLISH_DONE", lambda: bool(
+                early.of(PublishDoneReceived, request_id=early_v)))
+            return {"late_v": late_v, "joining": joining, "early_v": early_v,
+                    "cached": cached, "evicted": evicted, "up": up,
+                    "unsubscribed_after_first": unsubscribed_after_first,
+                    "stats": relay.stats()}
 
     r = asyncio.run(asyncio.wait_for(scenario(), 90))
     # One upstream SUBSCRIBE per track, two subscribers each.
@@ -575,40 +586,31 @@ def test_namespaces_are_pushed_to_namespace_subscribers(
     pub, early, late, narrow = _Peer(), _Peer(), _Peer(), _Peer()
 
     async def scenario() -> None:
-        relay = RelayServer()
-        _, port = await relay.start(LOOPBACK, 0, cert, key)
-        url = f"moqt://{LOOPBACK}:{port}/r"
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                for peer in (early, pub):
-                    peer.protocol = await stack.enter_async_context(
-                        connect(url, tls=tls, on_event=peer.on_event))
-                for peer in (early, pub):
-                    peer.session.subscribe_namespace(())  # moq-rs: every session does this
-                    peer.flush()
-                await _until("SUBSCRIBE_NAMESPACE_OKs", lambda: all(
-                    [e.error_code for e in p.of(SubscribeNamespaceAnswered)] == [None]
-                    for p in (early, pub)))
-                pub.session.publish_namespace((b"demo", b"a"))
-                pub.flush()
-                await _until("the push to the early one", lambda: bool(
-                    early.of(NamespacePublished)))
-                # Subscribers arriving after the namespace: pushed at once, if in their prefix.
-                async with connect(url, tls=tls, on_event=late.on_event) as late.protocol, \
-                        connect(url, tls=tls, on_event=narrow.on_event) as narrow.protocol:
-                    late.session.subscribe_namespace(())
-                    narrow.session.subscribe_namespace((b"other",))
-                    late.flush()
-                    narrow.flush()
-                    await _until("the push to the late one", lambda: bool(
-                        late.of(NamespacePublished)))
-                    await _until("narrow's SUBSCRIBE_NAMESPACE_OK", lambda: bool(
-                        narrow.of(SubscribeNamespaceAnswered)))
-                    pub.protocol.close_session()  # type: ignore[union-attr]
-                    await _until("PUBLISH_NAMESPACE_DONE", lambda: bool(
-                        early.of(NamespaceDone)) and bool(late.of(NamespaceDone)))
-        finally:
-            await relay.stop()
+        async with _relay_and_peers(certificate, (early, pub)) as (_, url):
+            for peer in (early, pub):
+                peer.session.subscribe_namespace(())  # moq-rs: every session does this
+                peer.flush()
+            await _until("SUBSCRIBE_NAMESPACE_OKs", lambda: all(
+                [e.error_code for e in p.of(SubscribeNamespaceAnswered)] == [None]
+                for p in (early, pub)))
+            pub.session.publish_namespace((b"demo", b"a"))
+            pub.flush()
+            await _until("the push to the early one", lambda: bool(
+                early.of(NamespacePublished)))
+            # Subscribers arriving after the namespace: pushed at once, if in their prefix.
+            async with connect(url, tls=tls, on_event=late.on_event) as late.protocol, \
+                    connect(url, tls=tls, on_event=narrow.on_event) as narrow.protocol:
+                late.session.subscribe_namespace(())
+                narrow.session.subscribe_namespace((b"other",))
+                late.flush()
+                narrow.flush()
+                await _until("the push to the late one", lambda: bool(
+                    late.of(NamespacePublished)))
+                await _until("narrow's SUBSCRIBE_NAMESPACE_OK", lambda: bool(
+                    narrow.of(SubscribeNamespaceAnswered)))
+                pub.protocol.close_session()  # type: ignore[union-attr]
+                await _until("PUBLISH_NAMESPACE_DONE", lambda: bool(
+                    early.of(NamespaceDone)) and bool(late.of(NamespaceDone)))
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
     for peer in (early, late):
@@ -650,52 +652,41 @@ def test_relay_command_cache_and_access_options_reach_the_core(
 def test_object_datagrams_through_the_relay(certificate: tuple[Path, Path, str]) -> None:
     """A publisher's OBJECT_DATAGRAMs reach every subscriber with only the alias changed (type,
     priority, extension headers, payload as sent) and are cached for FETCH."""
-    cert, key, fingerprint = certificate
-    tls = TlsOptions(fingerprint=fingerprint)
     pub, sub1, sub2, fetcher = _Peer(), _Peer(), _Peer(), _Peer()
     count = 12
 
     async def scenario() -> dict[str, Any]:
-        relay = RelayServer()
-        _, port = await relay.start(LOOPBACK, 0, cert, key)
-        url = f"moqt://{LOOPBACK}:{port}/r"
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                for peer in (pub, sub1, sub2, fetcher):
-                    peer.protocol = await stack.enter_async_context(
-                        connect(url, tls=tls, on_event=peer.on_event))
-                pub.session.publish_namespace(NS)
+        async with _relay_and_peers(certificate, (pub, sub1, sub2, fetcher)) as (relay, _):
+            pub.session.publish_namespace(NS)
+            pub.flush()
+            await _until("PUBLISH_NAMESPACE_OK", lambda: bool(pub.of(PublishNamespaceAnswered)))
+            r = {"sub1": sub1.session.subscribe(NS, b"d"),
+                 "sub2": sub2.session.subscribe(NS, b"d")}
+            sub1.flush()
+            sub2.flush()
+            await _until("the relay's SUBSCRIBE", lambda: bool(pub.of(SubscribeRequested)))
+            (req,) = pub.of(SubscribeRequested)
+            pub.session.accept_subscribe(req.request_id, 17)
+            pub.flush()
+            await _until("SUBSCRIBE_OKs", lambda: bool(sub1.of(SubscribeAccepted))
+                         and bool(sub2.of(SubscribeAccepted)))
+            sent = []
+            for i in range(count):
+                group, obj = divmod(i, 4)
+                sent.append(pub.session.send_datagram(
+                    req.request_id, group, obj, 0 if obj == 0 else 64, _payload(group, obj),
+                    extensions=EXTENSIONS, end_of_group=obj == 3))
                 pub.flush()
-                await _until("PUBLISH_NAMESPACE_OK", lambda: bool(pub.of(PublishNamespaceAnswered)))
-                r = {"sub1": sub1.session.subscribe(NS, b"d"),
-                     "sub2": sub2.session.subscribe(NS, b"d")}
-                sub1.flush()
-                sub2.flush()
-                await _until("the relay's SUBSCRIBE", lambda: bool(pub.of(SubscribeRequested)))
-                (req,) = pub.of(SubscribeRequested)
-                pub.session.accept_subscribe(req.request_id, 17)
-                pub.flush()
-                await _until("SUBSCRIBE_OKs", lambda: bool(sub1.of(SubscribeAccepted))
-                             and bool(sub2.of(SubscribeAccepted)))
-                sent = []
-                for i in range(count):
-                    group, obj = divmod(i, 4)
-                    sent.append(pub.session.send_datagram(
-                        req.request_id, group, obj, 0 if obj == 0 else 64, _payload(group, obj),
-                        extensions=EXTENSIONS, end_of_group=obj == 3))
-                    pub.flush()
-                    await asyncio.sleep(0.005)  # no burst beyond the first congestion window
-                await _until("every datagram at both", lambda: all(
-                    len(p.of(ObjectReceived, stream_id=None)) == count for p in (sub1, sub2)))
-                r["fetch"] = fetcher.session.fetch(standalone=StandaloneFetch(
-                    NS, b"d", Location(0, 0), Location(3, 0)))
-                fetcher.flush()
-                await _until("the FETCH", lambda: len(fetcher.objects(r["fetch"])) == count)
-                r["sent"] = sent
-                r["stats"] = relay.stats()
-                return r
-        finally:
-            await relay.stop()
+                await asyncio.sleep(0.005)  # no burst beyond the first congestion window
+            await _until("every datagram at both", lambda: all(
+                len(p.of(ObjectReceived, stream_id=None)) == count for p in (sub1, sub2)))
+            r["fetch"] = fetcher.session.fetch(standalone=StandaloneFetch(
+                NS, b"d", Location(0, 0), Location(3, 0)))
+            fetcher.flush()
+            await _until("the FETCH", lambda: len(fetcher.objects(r["fetch"])) == count)
+            r["sent"] = sent
+            r["stats"] = relay.stats()
+            return r
 
     r = asyncio.run(asyncio.wait_for(scenario(), 60))
     for peer in (sub1, sub2):
