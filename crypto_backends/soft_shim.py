@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +172,11 @@ def _set_token(value: ShimConn, token: bytes) -> None:
     value.reset_token[:] = token or bytes(RESET_TOKEN_SIZE)
 
 
+def _linked(value: ShimConn) -> int | None:
+    """The fast path's connection index an entry carries (_link's inverse)."""
+    return value.fr_conn_idx if value.flags & SHIM_CONN_FASTPATH else None
+
+
 def _link(value: ShimConn, fastpath_conn: int | None) -> None:
     value.flags = SHIM_CONN_FASTPATH if fastpath_conn is not None else 0
     value.fr_conn_idx = fastpath_conn or 0
@@ -243,13 +249,12 @@ class SoftShim:
         whose keys stay), the link to the fast path, and the stateless reset token
         unless reset_token is given."""
         key = conn_key(local, peer, material.direction)
-        raw = bpfload.map_lookup(self._conns_fd, key, ctypes.sizeof(ShimConn))
-        old = ShimConn.from_buffer_copy(raw) if raw is not None else None
+        old = self._read(key)
         if next_pn is None:
             next_pn = old.next_pn if old is not None else 0
         if reset_token is None:
             reset_token = bytes(old.reset_token) if old is not None else b""
-        linked = old.fr_conn_idx if old is not None and old.flags & SHIM_CONN_FASTPATH else None
+        linked = _linked(old) if old is not None else None
         value = conn_value(material, dcid_len=dcid_len, next_pn=next_pn, fastpath_conn=linked,
                            reset_token=reset_token)
         if old is not None and old.state == SHIM_STATE_KEYS:
@@ -259,25 +264,26 @@ class SoftShim:
     def set_reset_token(self, local: Address, peer: Address, token: bytes) -> bool:
         """The peer's stateless reset token (zero: none) for the receive entry: a datagram
         that does not verify but ends in it is passed up, not dropped. False without entry."""
-        key = conn_key(local, peer, Direction.RECV)
-        raw = bpfload.map_lookup(self._conns_fd, key, ctypes.sizeof(ShimConn))
-        if raw is None:
-            return False
-        value = ShimConn.from_buffer_copy(raw)
-        _set_token(value, token)
-        bpfload.map_update(self._conns_fd, key, bytes(value))
-        return True
+        return self._rewrite(conn_key(local, peer, Direction.RECV),
+                             lambda value: _set_token(value, token))
 
     def link_fastpath(self, local: Address, peer: Address, direction: Direction,
                       fastpath_conn: int | None) -> bool:
         """Tell one direction's entry the fast path's connection index (None: the fast path
         no longer holds it). False when the shim has no entry for it."""
-        key = conn_key(local, peer, direction)
+        return self._rewrite(conn_key(local, peer, direction),
+                             lambda value: _link(value, fastpath_conn))
+
+    def _read(self, key: bytes) -> ShimConn | None:
         raw = bpfload.map_lookup(self._conns_fd, key, ctypes.sizeof(ShimConn))
-        if raw is None:
+        return ShimConn.from_buffer_copy(raw) if raw is not None else None
+
+    def _rewrite(self, key: bytes, change: Callable[[ShimConn], None]) -> bool:
+        """Change one field group of an existing entry; False when there is none."""
+        value = self._read(key)
+        if value is None:
             return False
-        value = ShimConn.from_buffer_copy(raw)
-        _link(value, fastpath_conn)
+        change(value)
         bpfload.map_update(self._conns_fd, key, bytes(value))
         return True
 
@@ -297,14 +303,11 @@ class SoftShim:
             pass
 
     def entry(self, local: Address, peer: Address, direction: Direction) -> ShimEntry | None:
-        raw = bpfload.map_lookup(self._conns_fd, conn_key(local, peer, direction),
-                                 ctypes.sizeof(ShimConn))
-        if raw is None:
+        value = self._read(conn_key(local, peer, direction))
+        if value is None:
             return None
-        value = ShimConn.from_buffer_copy(raw)
-        linked = value.fr_conn_idx if value.flags & SHIM_CONN_FASTPATH else None
         return ShimEntry(state=value.state, dcid_len=value.dcid_len, next_pn=value.next_pn,
-                         fastpath_conn=linked, reset_token=bytes(value.reset_token))
+                         fastpath_conn=_linked(value), reset_token=bytes(value.reset_token))
 
     # --- counters --------------------------------------------------------------------
 
