@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import pytest
@@ -102,15 +101,6 @@ def plain_packet(rng: random.Random, size: int, dcid_len: int, expected: int, *,
 
 
 # --- the shim ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def shim() -> Iterator:
-    from crypto_backends.soft_shim import SoftShim
-
-    loaded = SoftShim()
-    yield loaded
-    loaded.close()
-
 
 @pytest.fixture
 def fresh(shim):

@@ -40,15 +40,6 @@ UP_CONN, SUB_CONN = 0, 1                     # fr_conns indexes in both worlds
 
 
 @pytest.fixture(scope="module")
-def shim() -> Iterator:
-    from crypto_backends.soft_shim import SoftShim
-
-    loaded = SoftShim()
-    yield loaded
-    loaded.close()
-
-
-@pytest.fixture(scope="module")
 def fp() -> Iterator[FastPath]:
     fastpath = FastPath()
     yield fastpath

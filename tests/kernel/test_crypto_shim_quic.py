@@ -73,21 +73,12 @@ class ShimBackend(CryptoBackend):
         return TO_CLIENT.payload(result.data)
 
 
-@pytest.fixture(scope="module")
-def loaded_shim():
-    from crypto_backends.soft_shim import SoftShim
-
-    loaded = SoftShim()
-    yield loaded
-    loaded.close()
-
-
 @pytest.fixture
-def backend(loaded_shim) -> ShimBackend:
+def backend(shim) -> ShimBackend:
     for direction in Direction:
-        loaded_shim.remove(SERVER_ADDR, CLIENT_ADDR, direction)
-    loaded_shim.clear_stats()
-    return ShimBackend(loaded_shim)
+        shim.remove(SERVER_ADDR, CLIENT_ADDR, direction)
+    shim.clear_stats()
+    return ShimBackend(shim)
 
 
 def is_event(event: object, kind: type) -> bool:
@@ -166,7 +157,7 @@ def test_peer_packets_in_flight_over_a_relay_key_update(tmp_path: Path, backend:
 
 
 def test_peers_stateless_reset_through_the_shim_ends_the_connection(tmp_path: Path,
-                                                                    loaded_shim) -> None:
+                                                                    backend: ShimBackend) -> None:
     """The soft backend (crypto_backends/soft.py) puts the token of the client's connection
     id in use into the shim's receive entry; the client's reset then passes the shim
     unchanged (a look-alike is dropped), and the relay's connection ends without a word and
@@ -179,12 +170,9 @@ def test_peers_stateless_reset_through_the_shim_ends_the_connection(tmp_path: Pa
     from relay.quic.connection import STATELESS_RESET_REASON
     from tests.test_quic_reset import reset_datagram, token_of
 
-    for direction in Direction:
-        loaded_shim.remove(SERVER_ADDR, CLIENT_ADDR, direction)
-    loaded_shim.clear_stats()
+    shim, wire = backend.shim, backend  # wire: datagrams through the programs
     soft = SoftBackend()
-    soft.use_shim(loaded_shim)
-    wire = ShimBackend(loaded_shim)  # its ingress/egress: datagrams through the programs
+    soft.use_shim(shim)
     with client_and_server(tmp_path, server_backend=soft, stock_client=True,
                            extra_server_kwargs={"reset_detectable_peer_cid": True}) as pair:
         pair.server.local_address = SERVER_ADDR
@@ -192,7 +180,7 @@ def test_peers_stateless_reset_through_the_shim_ends_the_connection(tmp_path: Pa
         pair.pump()
         exchange(pair, MARKER * 20)
         token = token_of(pair.client, pair.server._peer_cid.cid)
-        assert loaded_shim.entry(SERVER_ADDR, CLIENT_ADDR, Direction.RECV).reset_token == token
+        assert shim.entry(SERVER_ADDR, CLIENT_ADDR, Direction.RECV).reset_token == token
         rng = random.Random(5)
         near = token[:8] + bytes([token[8] ^ 4]) + token[9:]
         assert wire.ingress(reset_datagram(rng, near, dcid=pair.server.host_cid)) is None
@@ -203,7 +191,7 @@ def test_peers_stateless_reset_through_the_shim_ends_the_connection(tmp_path: Pa
         pair._drain_events()
         assert [e.reason_phrase for e in pair.server_events
                 if isinstance(e, ConnectionTerminated)] == [STATELESS_RESET_REASON]
-        stats = loaded_shim.stats()
+        stats = shim.stats()
         assert (stats["ingress_stateless_reset"], stats["ingress_drop_bad_tag"]) == (1, 1), stats
-        assert all(loaded_shim.entry(SERVER_ADDR, CLIENT_ADDR, d) is None for d in Direction)
+        assert all(shim.entry(SERVER_ADDR, CLIENT_ADDR, d) is None for d in Direction)
         assert soft.entries() == {}
